@@ -1,0 +1,181 @@
+"""How an N-D kernel maps to the (m, n) matrix that gets factorized.
+
+A :class:`Layout` is static, hashable metadata stored on every :class:`jlr.LowRank`.
+It records the original kernel shape (without leading "stacked layer" axes) and the
+matricization rule:
+
+===============  =======================  ==========================================
+kind             kernel shape             matrix (m, n)
+===============  =======================  ==========================================
+``dense``        (in, out)                (in, out)
+``dense_general``(a..., b...)             (prod a, prod b), split after ``n_in`` axes
+``embed``        (vocab, dim)             (vocab, dim)
+``conv_channel`` (*spatial, cin, cout)    (prod(spatial) * cin, cout): a full-size
+                                          conv to r channels, then a 1x1 conv
+``conv_spatial`` (kh, kw, cin, cout)      (kh * cin, kw * cout): a kh x 1 conv to r
+                                          channels, then a 1 x kw conv (Jaderberg et
+                                          al. 2014; TRP's "spatial-wise" scheme)
+===============  =======================  ==========================================
+
+The channel-wise and spatial-wise schemes are the two decompositions of
+Xu et al., "Trained Rank Pruning", arXiv 1812.02402, Sec. 3.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Mapping, Union
+
+import jax.numpy as jnp
+
+KINDS = ("dense", "dense_general", "embed", "conv_channel", "conv_spatial")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Static description of a kernel's matricization.
+
+  Attributes:
+    kind: one of ``KINDS``.
+    shape: the original kernel shape, without leading stacked-layer axes.
+    n_in: number of leading kernel axes that form the rows ``m`` (ignored for
+      ``conv_spatial``, whose rows are ``(kh, cin)``).
+  """
+
+  kind: str
+  shape: tuple[int, ...]
+  n_in: int = 1
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f"unknown layout kind {self.kind!r}; expected one of {KINDS}")
+    object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+    if len(self.shape) < 2:
+      raise ValueError(f"a layout needs a kernel with >= 2 axes, got shape {self.shape}")
+    if self.kind == "conv_spatial":
+      if len(self.shape) != 4:
+        raise ValueError(
+            f"conv_spatial needs a 2-D conv kernel (kh, kw, cin, cout), got shape {self.shape}")
+    elif not 1 <= self.n_in < len(self.shape):
+      raise ValueError(f"n_in={self.n_in} must split shape {self.shape} into two non-empty parts")
+    if self.kind in ("dense", "embed") and len(self.shape) != 2:
+      raise ValueError(f"{self.kind} layout needs a 2-D kernel, got shape {self.shape}")
+    if self.kind == "conv_channel" and self.n_in != len(self.shape) - 1:
+      raise ValueError("conv_channel rows are (*spatial, cin): n_in must be ndim - 1")
+
+  @property
+  def matrix_shape(self) -> tuple[int, int]:
+    """The (m, n) shape of the matricized kernel."""
+    if self.kind == "conv_spatial":
+      kh, kw, cin, cout = self.shape
+      return kh * cin, kw * cout
+    return math.prod(self.shape[: self.n_in]), math.prod(self.shape[self.n_in:])
+
+  @property
+  def max_rank(self) -> int:
+    return min(self.matrix_shape)
+
+  @property
+  def size(self) -> int:
+    """Number of parameters of the dense kernel."""
+    return math.prod(self.shape)
+
+  def factor_size(self, rank: int) -> int:
+    """Number of parameters of the factors at ``rank``: ``rank * (m + n)``."""
+    m, n = self.matrix_shape
+    return rank * (m + n)
+
+  def to_matrix(self, w):
+    """(..., *shape) kernel -> (..., m, n) matrix (batched over leading axes)."""
+    lead = w.shape[: w.ndim - len(self.shape)]
+    if tuple(w.shape[len(lead):]) != self.shape:
+      raise ValueError(f"kernel shape {w.shape} does not end with layout shape {self.shape}")
+    if self.kind == "conv_spatial":
+      b = len(lead)
+      w = jnp.moveaxis(w, b + 2, b + 1)  # (kh, kw, cin, cout) -> (kh, cin, kw, cout)
+    return w.reshape(lead + self.matrix_shape)
+
+  def from_matrix(self, mat):
+    """(..., m, n) matrix -> (..., *shape) kernel; inverse of :meth:`to_matrix`."""
+    lead = mat.shape[:-2]
+    if self.kind == "conv_spatial":
+      kh, kw, cin, cout = self.shape
+      w = mat.reshape(lead + (kh, cin, kw, cout))
+      return jnp.moveaxis(w, len(lead) + 1, len(lead) + 2)
+    return mat.reshape(lead + self.shape)
+
+  def u_kernel_shape(self, rank: int) -> tuple[int, ...]:
+    """Shape of the left factor reshaped as a kernel of the first (thin) layer."""
+    if self.kind == "conv_spatial":
+      kh, _, cin, _ = self.shape
+      return (kh, 1, cin, rank)
+    return self.shape[: self.n_in] + (rank,)
+
+  def v_kernel_shape(self, rank: int) -> tuple[int, ...]:
+    """Shape of the right factor reshaped as a kernel of the second layer."""
+    if self.kind == "conv_spatial":
+      _, kw, _, cout = self.shape
+      return (1, kw, rank, cout)
+    return (rank,) + self.shape[self.n_in:]
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """A partial layout, completed from a leaf's shape by :func:`infer`.
+
+  Attributes:
+    kind: force a layout kind (e.g. ``"conv_spatial"``); ``None`` infers it.
+    n_in: force the row/column split for ``dense_general``.
+    batch_ndim: number of leading stacked-layer axes (scan-over-layers models).
+  """
+
+  kind: str | None = None
+  n_in: int | None = None
+  batch_ndim: int = 0
+
+
+def _most_square_split(shape: tuple[int, ...]) -> int:
+  """The split point that maximizes min(m, n): the largest attainable rank."""
+  best, best_n_in = -1, 1
+  for n_in in range(1, len(shape)):
+    r = min(math.prod(shape[:n_in]), math.prod(shape[n_in:]))
+    if r > best:
+      best, best_n_in = r, n_in
+  return best_n_in
+
+
+def infer(name: str, shape: tuple[int, ...], spec: Spec = Spec()) -> tuple[Layout, int]:
+  """Infer ``(layout, batch_ndim)`` for a kernel leaf called ``name`` of ``shape``.
+
+  Rules (override any of them with a :class:`Spec`):
+    * ``embedding`` 2-D leaves are ``embed``; other 2-D leaves are ``dense``.
+    * 4-D kernels are 2-D convolutions (HWIO): ``conv_channel``.
+    * Other N-D kernels are ``dense_general`` split where ``min(m, n)`` is largest
+      (this picks (features | heads, head_dim) for attention q/k/v, (heads, head_dim
+      | features) for the output projection, and (k, cin | cout) for 1-D convs).
+  """
+  b = spec.batch_ndim
+  kshape = tuple(shape[b:])
+  if len(kshape) < 2:
+    raise ValueError(
+        f"cannot matricize a leaf of shape {tuple(shape)} with batch_ndim={b}: "
+        "a kernel needs at least 2 axes")
+  kind = spec.kind
+  if kind is None:
+    if len(kshape) == 2:
+      kind = "embed" if name == "embedding" else "dense"
+    elif len(kshape) == 4 and spec.n_in is None:
+      kind = "conv_channel"
+    else:
+      kind = "dense_general"
+  if kind == "conv_channel":
+    n_in = len(kshape) - 1
+  elif kind in ("dense", "embed", "conv_spatial"):
+    n_in = 1
+  else:
+    n_in = spec.n_in if spec.n_in is not None else _most_square_split(kshape)
+  return Layout(kind, kshape, n_in), b
+
+
+LayoutArg = Union[None, str, Spec, Layout, Mapping[str, Any], Callable[[str, Any], Any]]

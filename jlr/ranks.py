@@ -1,0 +1,247 @@
+"""Rank rules: how many singular components each factorized leaf keeps.
+
+A rule is resolved per leaf from its layout and (when it needs them) its singular
+values. Every rule names its unit:
+
+* :func:`fixed` ``(r)`` -- exactly ``r`` components.
+* :func:`ratio` ``(x)`` -- keep a fraction ``x`` of the leaf's *parameters*:
+  ``r = floor(x * m * n / (m + n))``. ``ratio(0.25)`` makes the factors 1/4 the size.
+* :func:`energy` ``(e)`` -- smallest ``r`` with ``sum_{i<=r} s_i^2 >= e * sum_i s_i^2``
+  (the energy threshold of TRP, Xu et al. 2019, arXiv 1812.02402).
+* :func:`value` ``(t)`` -- keep singular values ``s_i > t`` (TRP's decoupling rule).
+* :func:`budget` ``(fraction | params=)`` -- one global parameter budget over all
+  leaves that share the rule, allocated greedily by largest marginal energy per
+  parameter (``s_j^2 / (m + n)``).
+* :func:`round_up` ``(rule, multiple)`` -- round another rule's rank up to a hardware
+  multiple (8, 128), capped at full rank.
+
+For stacked leaves (leading batch axes) one rank serves the whole stack: spectrum
+rules take the largest rank any member needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import numpy as np
+
+from jlr.layouts import Layout
+
+
+class Rule:
+  """Base class. ``needs_spectrum`` says whether ``resolve`` reads singular values."""
+
+  needs_spectrum: bool = False
+  is_global: bool = False
+
+  def resolve(self, layout: Layout, s: np.ndarray | None) -> int:
+    raise NotImplementedError
+
+  def describe(self) -> str:
+    return repr(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class fixed(Rule):  # noqa: N801 - rules read as functions: ranks.fixed(64)
+  """Exactly ``rank`` components."""
+
+  rank: int
+
+  def __post_init__(self):
+    if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)):
+      raise TypeError(f"fixed rank must be an int, got {self.rank!r}")
+
+  def resolve(self, layout, s):
+    return int(self.rank)
+
+  def describe(self):
+    return f"fixed {self.rank}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ratio(Rule):  # noqa: N801
+  """Keep a fraction ``keep`` in (0, 1] of the leaf's parameters."""
+
+  keep: float
+
+  def __post_init__(self):
+    if not 0.0 < float(self.keep) <= 1.0:
+      raise ValueError(f"ratio(keep) is the fraction of parameters kept, in (0, 1]; got {self.keep}")
+
+  def resolve(self, layout, s):
+    m, n = layout.matrix_shape
+    r = math.floor(self.keep * m * n / (m + n))
+    return max(1, min(r, layout.max_rank))
+
+  def describe(self):
+    return f"{self.keep:.0%} of params"
+
+
+@dataclasses.dataclass(frozen=True)
+class energy(Rule):  # noqa: N801
+  """Smallest rank whose squared singular values reach fraction ``threshold``."""
+
+  threshold: float
+  needs_spectrum = True
+
+  def __post_init__(self):
+    if not 0.0 < float(self.threshold) <= 1.0:
+      raise ValueError(f"energy threshold must be in (0, 1], got {self.threshold}")
+
+  def resolve(self, layout, s):
+    s2 = np.asarray(s, np.float64) ** 2
+    s2 = s2.reshape(-1, s2.shape[-1])
+    total = s2.sum(-1, keepdims=True)
+    frac = np.cumsum(s2, -1) / np.where(total > 0, total, 1.0)
+    # tolerance so that energy(1.0) does not fail on rounding of the last term
+    need = (frac < self.threshold - 1e-9).sum(-1) + 1
+    return int(min(max(1, need.max()), s2.shape[-1]))
+
+  def describe(self):
+    return f"{self.threshold:.0%} energy"
+
+
+@dataclasses.dataclass(frozen=True)
+class value(Rule):  # noqa: N801
+  """Keep every singular value strictly above ``threshold`` (at least one)."""
+
+  threshold: float
+  needs_spectrum = True
+
+  def __post_init__(self):
+    if not float(self.threshold) >= 0.0:
+      raise ValueError(f"value threshold must be >= 0, got {self.threshold}")
+
+  def resolve(self, layout, s):
+    s = np.asarray(s).reshape(-1, np.shape(s)[-1])
+    return int(max(1, (s > self.threshold).sum(-1).max()))
+
+  def describe(self):
+    return f"s > {self.threshold:g}"
+
+
+@dataclasses.dataclass(frozen=True)
+class round_up(Rule):  # noqa: N801
+  """Round ``rule``'s rank up to a multiple of ``multiple``, capped at full rank."""
+
+  rule: Rule
+  multiple: int
+
+  def __post_init__(self):
+    if self.multiple < 1:
+      raise ValueError(f"multiple must be >= 1, got {self.multiple}")
+    if getattr(self.rule, "is_global", False):
+      raise TypeError("round a budget with budget(..., multiple=k), not round_up")
+    object.__setattr__(self, "rule", as_rule(self.rule))
+
+  @property
+  def needs_spectrum(self):
+    return self.rule.needs_spectrum
+
+  def resolve(self, layout, s):
+    r = self.rule.resolve(layout, s)
+    return min(-(-r // self.multiple) * self.multiple, layout.max_rank)
+
+  def describe(self):
+    return f"{self.rule.describe()}, x{self.multiple}"
+
+
+@dataclasses.dataclass(frozen=True)
+class budget(Rule):  # noqa: N801
+  """One parameter budget shared by every leaf that uses this rule.
+
+  Give either ``fraction`` (of those leaves' dense parameter count) or ``params``
+  (an absolute count). Every leaf starts at rank ``multiple``; then components are
+  added in chunks of ``multiple`` in order of marginal energy per parameter,
+  ``sum(s_j^2) / (multiple * (m + n))`` (per-leaf normalized energy
+  ``s_j^2 / ||W||_F^2`` when ``normalize=True``, which makes layers of different
+  scale comparable), while the total stays within the budget. Because each leaf's
+  spectrum is non-increasing, this greedy is the optimal allocation of total kept
+  energy up to one chunk per leaf.
+  """
+
+  fraction: float | None = None
+  params: int | None = None
+  multiple: int = 1
+  normalize: bool = False
+  needs_spectrum = True
+  is_global = True
+
+  def __post_init__(self):
+    if (self.fraction is None) == (self.params is None):
+      raise ValueError("budget needs exactly one of fraction= or params=")
+    if self.fraction is not None and not 0.0 < self.fraction <= 1.0:
+      raise ValueError(f"budget fraction is the share of parameters kept, in (0, 1]; got {self.fraction}")
+    if self.params is not None and self.params <= 0:
+      raise ValueError(f"budget params must be positive, got {self.params}")
+
+  def describe(self):
+    what = f"{self.fraction:.0%}" if self.fraction is not None else f"{self.params:,} params"
+    return f"budget {what}"
+
+  def allocate(self, items: Sequence[tuple[str, Layout, np.ndarray]]) -> list[int]:
+    """Ranks for ``items = [(path, layout, s)]``; ``s`` is ``(batch..., k)``."""
+    k = self.multiple
+    sizes, costs, gains = [], [], []
+    for _, layout, s in items:
+      s2 = np.asarray(s, np.float64) ** 2
+      s2 = s2.reshape(-1, s2.shape[-1])
+      count = s2.shape[0]
+      if self.normalize:
+        s2 = s2 / np.maximum(s2.sum(-1, keepdims=True), 1e-300)
+      m, n = layout.matrix_shape
+      sizes.append(count * layout.size)
+      costs.append(count * (m + n))
+      gains.append(s2.sum(0))
+    total = self.params if self.params is not None else self.fraction * sum(sizes)
+    ranks = [min(k, len(g)) for g in gains]
+    spent = sum(r * c for r, c in zip(ranks, costs))
+    if spent > total:
+      raise ValueError(
+          f"budget of {int(total):,} params is below the minimum of {spent:,} "
+          f"(rank {k} in each of {len(items)} leaves)")
+    chunks = []  # (score, leaf, chunk start)
+    for i, g in enumerate(gains):
+      for start in range(ranks[i], len(g), k):
+        stop = min(start + k, len(g))
+        chunks.append((g[start:stop].sum() / ((stop - start) * costs[i]), i, start, stop))
+    chunks.sort(key=lambda c: (-c[0], c[1], c[2]))
+    closed = set()
+    for _, i, start, stop in chunks:
+      if i in closed or ranks[i] != start:
+        continue
+      extra = (stop - start) * costs[i]
+      if spent + extra > total:
+        closed.add(i)
+        continue
+      ranks[i], spent = stop, spent + extra
+    return ranks
+
+
+def as_rule(rank) -> Rule:
+  """Coerce an int to :func:`fixed`; pass rules through; refuse ambiguous floats."""
+  if isinstance(rank, Rule):
+    return rank
+  if isinstance(rank, bool):
+    raise TypeError(f"rank must be an int or a jlr.ranks rule, got {rank!r}")
+  if isinstance(rank, (int, np.integer)):
+    return fixed(int(rank))
+  if isinstance(rank, float):
+    raise TypeError(
+        f"rank={rank} is ambiguous: use jlr.ranks.ratio({rank}) (fraction of parameters "
+        f"kept) or jlr.ranks.energy({rank}) (fraction of spectral energy kept)")
+  raise TypeError(f"rank must be an int or a jlr.ranks rule, got {type(rank).__name__}: {rank!r}")
+
+
+def parse(text: str) -> Rule:
+  """``"ratio:0.25"``, ``"energy:0.95"``, ``"fixed:64"``, ``"value:0.05"``, ``"budget:0.4"``."""
+  kind, _, arg = text.partition(":")
+  makers = {"ratio": lambda a: ratio(float(a)), "energy": lambda a: energy(float(a)),
+            "fixed": lambda a: fixed(int(a)), "value": lambda a: value(float(a)),
+            "budget": lambda a: budget(float(a))}
+  if kind not in makers or not arg:
+    raise ValueError(f"cannot parse rank rule {text!r}; expected one of "
+                     "ratio:X, energy:X, fixed:N, value:T, budget:X")
+  return makers[kind](arg)

@@ -1,0 +1,297 @@
+"""Pure transforms on parameter pytrees: ``plan``, ``factorize``, ``merge``, ``truncate``.
+
+They work on any pytree -- linen variables, ``nnx.state(model)``, plain dicts -- and never
+mutate their input: every call returns a new tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jlr import layouts as layouts_lib
+from jlr import ranks as ranks_lib
+from jlr import svd as svd_lib
+from jlr.layouts import Layout
+from jlr.lowrank import LowRank, from_svd, is_lowrank
+from jlr.paths import first_match, leaf_name, matches, path_str
+
+KERNEL_NAMES = ("kernel", "embedding")
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """One leaf of a :class:`Plan`: where it is, how it is matricized, which rank."""
+
+  path: str
+  layout: Layout
+  batch_shape: tuple[int, ...]
+  rank: int
+  rule: str
+
+
+class Plan(dict):
+  """``{path: Entry}``, the resolved ranks of a factorization, before it is applied.
+
+  Pass it to :func:`factorize` to apply it, or to :func:`jlr.summary` to see its cost.
+  """
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _leaves(tree):
+  flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_lowrank)
+  return [(path_str(p), x) for p, x in flat], treedef
+
+
+def _is_array(x) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray)) or hasattr(x, "__jax_array__")
+
+
+def _is_concrete(x) -> bool:
+  return not isinstance(x, jax.core.Tracer)
+
+
+def _default_select(path: str, leaf) -> bool:
+  return (leaf_name(path) in KERNEL_NAMES and _is_array(leaf) and jnp.ndim(leaf) >= 2
+          and jnp.issubdtype(jnp.result_type(leaf), jnp.floating))
+
+
+def _selector(select) -> Callable[[str, Any], bool]:
+  if select is None:
+    return _default_select
+  if isinstance(select, str):
+    return lambda path, leaf: matches(select, path)
+  if callable(select):
+    return select
+  if isinstance(select, Iterable):
+    patterns = tuple(select)
+    return lambda path, leaf: any(matches(p, path) for p in patterns)
+  raise TypeError(f"select must be a callable (path, leaf) -> bool or path patterns, got {select!r}")
+
+
+def _rule_for(rank, path: str, leaf):
+  """The rule for one leaf, or None when a per-path ``rank`` leaves it out."""
+  if isinstance(rank, Mapping):
+    r = first_match(rank, path)
+  elif callable(rank) and not isinstance(rank, ranks_lib.Rule):
+    r = rank(path, leaf)
+  else:
+    r = rank
+  return None if r is None else ranks_lib.as_rule(r)
+
+
+def _spec_for(layout, path: str, leaf) -> layouts_lib.Spec | Layout:
+  if isinstance(layout, Mapping):
+    layout = first_match(layout, path)
+  elif callable(layout) and not isinstance(layout, (layouts_lib.Spec, Layout)):
+    layout = layout(path, leaf)
+  if layout is None:
+    return layouts_lib.Spec()
+  if isinstance(layout, str):
+    return layouts_lib.Spec(kind=layout)
+  if isinstance(layout, (layouts_lib.Spec, Layout)):
+    return layout
+  raise TypeError(f"{path}: layout must be a kind, a jlr.layouts.Spec or Layout, got {layout!r}")
+
+
+def _layout_for(layout_arg, path: str, leaf) -> tuple[Layout, int]:
+  spec = _spec_for(layout_arg, path, leaf)
+  shape = tuple(jnp.shape(leaf))
+  try:
+    if isinstance(spec, Layout):
+      b = len(shape) - len(spec.shape)
+      if b < 0 or shape[b:] != spec.shape:
+        raise ValueError(f"layout shape {spec.shape} does not match leaf shape {shape}")
+      return spec, b
+    return layouts_lib.infer(leaf_name(path), shape, spec)
+  except ValueError as e:
+    raise ValueError(f"{path}: {e}") from None
+
+
+def _check_values(path: str, leaf) -> None:
+  if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+    raise ValueError(f"{path}: cannot factorize a leaf of dtype {jnp.result_type(leaf)}; need floats")
+  if _is_concrete(leaf) and not bool(jnp.isfinite(leaf).all()):
+    raise ValueError(f"{path}: kernel contains NaN or Inf; refusing to factorize it")
+
+
+def _check_rank(path: str, layout: Layout, rank: int) -> None:
+  m, n = layout.matrix_shape
+  if not 1 <= rank <= layout.max_rank:
+    raise ValueError(
+        f"{path}: rank {rank} is out of range [1, {layout.max_rank}] for its "
+        f"{m}x{n} matrix ({layout.kind} kernel of shape {layout.shape})")
+
+
+def _resolve(items, what: str) -> list[int]:
+  """``items = [(path, layout, rule, spectrum_thunk)]`` -> ranks; budgets pooled by rule."""
+  spectra = {}
+  for i, (path, layout, rule, spectrum) in enumerate(items):
+    if rule.needs_spectrum:
+      s = spectrum()
+      if not _is_concrete(s):
+        raise ValueError(
+            f"{path}: rule {rule.describe()!r} reads singular values, which are not "
+            f"concrete under jit; {what} with ranks.fixed or ranks.ratio inside jit")
+      spectra[i] = np.asarray(s)
+  out = [0] * len(items)
+  pools: dict[ranks_lib.Rule, list[int]] = {}
+  for i, (path, layout, rule, _) in enumerate(items):
+    if rule.is_global:
+      pools.setdefault(rule, []).append(i)
+    else:
+      out[i] = rule.resolve(layout, spectra.get(i))
+  for rule, idx in pools.items():
+    for i, r in zip(idx, rule.allocate([(items[i][0], items[i][1], spectra[i]) for i in idx])):
+      out[i] = r
+  for (path, layout, _, _), r in zip(items, out):
+    _check_rank(path, layout, r)
+  return out
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+def plan(params, rank, *, select=None, layout=None) -> Plan:
+  """Resolve which leaves get factorized, with which layout and rank.
+
+  Args:
+    params: any pytree of arrays (``LowRank`` leaves are left alone).
+    rank: an int, a :mod:`jlr.ranks` rule, a mapping ``{path pattern: rule}`` (leaves
+      matching no pattern stay dense), or a callable ``(path, leaf) -> rule | None``.
+    select: which leaves to consider: a callable ``(path, leaf) -> bool``, a path
+      pattern or a list of them. Default: float ``kernel``/``embedding`` leaves with
+      >= 2 axes, kept only where the resolved rank saves parameters
+      (``r (m + n) < m n``). An explicit ``select`` is obeyed even past break-even.
+    layout: matricization: ``None`` (infer, see :func:`jlr.layouts.infer`), a kind
+      such as ``"conv_spatial"``, a :class:`jlr.layouts.Spec`, a mapping
+      ``{path pattern: kind | Spec}`` or a callable ``(path, leaf) -> kind | Spec``.
+
+  Returns:
+    A :class:`Plan` ``{path: Entry}`` in tree order.
+  """
+  chosen = _selector(select)
+  items, meta = [], []
+  for path, leaf in _leaves(params)[0]:
+    if is_lowrank(leaf) or not _is_array(leaf) or not chosen(path, leaf):
+      continue
+    rule = _rule_for(rank, path, leaf)
+    if rule is None:
+      continue
+    lay, b = _layout_for(layout, path, leaf)
+    _check_values(path, leaf)
+    leaf_ = leaf
+    items.append((path, lay, rule,
+                  lambda leaf_=leaf_, lay=lay: svd_lib.svdvals(lay.to_matrix(leaf_))))
+    meta.append((lay, tuple(jnp.shape(leaf))[:b], rule))
+  result = Plan()
+  for (path, *_), (lay, batch, rule), r in zip(items, meta, _resolve(items, "factorize")):
+    if select is None and lay.factor_size(r) >= lay.size:
+      continue  # break-even: factorizing would not save parameters
+    result[path] = Entry(path, lay, batch, r, rule.describe())
+  return result
+
+
+# ----------------------------------------------------------------------------- factorize
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "rank", "method", "split", "oversample", "n_iter"))
+def _factor(w, key, *, layout, rank, method, split, oversample, n_iter):
+  mat = layout.to_matrix(w)
+  kw = dict(oversample=oversample, n_iter=n_iter) if method == "randomized" else {}
+  u, s, vt = svd_lib.truncated(mat, rank, method=method, key=key, **kw)
+  return from_svd(u, s, vt, layout, split=split, dtype=w.dtype)
+
+
+def factorize(params, rank=None, *, select=None, layout=None, method: str = "svd", key=None,
+              split: str = "balanced", oversample: int = 10, n_iter: int = 2):
+  """Replace selected kernels by their best rank-``r`` :class:`LowRank` factors.
+
+  ``W ~ u v`` with ``u v`` the truncated SVD of the matricized kernel (Eckart-Young:
+  optimal in Frobenius and spectral norm for ``method="svd"``; Halko-Martinsson-Tropp
+  randomized range finder with ``oversample`` extra columns and ``n_iter`` power
+  iterations for ``method="randomized"``, which needs ``key``). The SVD runs in
+  float32; factors come back in each leaf's dtype.
+
+  Args:
+    params: any pytree. Not mutated.
+    rank: see :func:`plan`; or a :class:`Plan` returned by it.
+    select, layout: see :func:`plan` (ignored when ``rank`` is a Plan).
+    method: ``"svd"`` (exact) or ``"randomized"``.
+    key: PRNG key for ``method="randomized"``; each leaf uses ``fold_in(key, i)``.
+    split: how singular values are folded into the factors (``"balanced"``:
+      ``sqrt(s)`` on each side; ``"left"``; ``"right"``).
+
+  Returns:
+    A new tree with a ``LowRank`` wherever a kernel was factorized.
+  """
+  if method not in svd_lib.METHODS:
+    raise ValueError(f"method must be one of {svd_lib.METHODS}, got {method!r}")
+  if method == "randomized" and key is None:
+    raise ValueError("method='randomized' needs a PRNG key: pass key=jax.random.key(0)")
+  if rank is None:
+    raise TypeError("factorize needs a rank: an int, a jlr.ranks rule, a mapping or a Plan")
+  the_plan = rank if isinstance(rank, Plan) else plan(params, rank, select=select, layout=layout)
+  leaves, treedef = _leaves(params)
+  out = []
+  for i, (path, leaf) in enumerate(leaves):
+    entry = the_plan.get(path)
+    if entry is None or is_lowrank(leaf):
+      out.append(leaf)
+      continue
+    k = jax.random.fold_in(key, i) if key is not None else None
+    out.append(_factor(leaf, k, layout=entry.layout, rank=entry.rank, method=method,
+                       split=split, oversample=oversample, n_iter=n_iter))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+# ----------------------------------------------------------------------------- merge / truncate
+
+
+def merge(params):
+  """Every :class:`LowRank` back to a dense kernel of its original shape and dtype."""
+  return jax.tree_util.tree_map(
+      lambda x: x.dense().astype(x.dtype) if is_lowrank(x) else x, params, is_leaf=is_lowrank)
+
+
+@functools.partial(jax.jit, static_argnames=("rank", "split"))
+def _retruncate(f: LowRank, *, rank, split):
+  p, s, qt = svd_lib.of_product(f.u, f.v)
+  return from_svd(p[..., :rank], s[..., :rank], qt[..., :rank, :], f.layout, split=split,
+                  dtype=f.dtype)
+
+
+def truncate(params, rank, *, split: str = "balanced"):
+  """Re-rank every :class:`LowRank` leaf optimally.
+
+  The factors are re-orthogonalized first (QR of ``u`` and ``v^T``, SVD of the small
+  core; see :func:`jlr.svd.of_product`), so the result is the best rank-``r``
+  approximation of ``u v`` -- not a slice of the old factors -- and no ``m x n``
+  matrix is formed. ``rank`` takes the same forms as in :func:`plan`; a mapping or
+  callable that gives ``None`` leaves a leaf as it is. Ranks cannot grow.
+  """
+  leaves, treedef = _leaves(params)
+  items, where = [], []
+  for i, (path, leaf) in enumerate(leaves):
+    if not is_lowrank(leaf):
+      continue
+    leaf.check(path)
+    rule = _rule_for(rank, path, leaf)
+    if rule is None:
+      continue
+    items.append((path, leaf.layout, rule, lambda leaf=leaf: svd_lib.of_product(leaf.u, leaf.v)[1]))
+    where.append(i)
+  out = [x for _, x in leaves]
+  for (path, *_), i, r in zip(items, where, _resolve(items, "truncate")):
+    f = out[i]
+    if r > f.rank:
+      raise ValueError(f"{path}: cannot truncate a rank-{f.rank} LowRank to rank {r}")
+    out[i] = _retruncate(f, rank=r, split=split)
+  return jax.tree_util.tree_unflatten(treedef, out)
