@@ -105,19 +105,23 @@ class Layout:
       return jnp.moveaxis(w, len(lead) + 1, len(lead) + 2)
     return mat.reshape(lead + self.shape)
 
-  def u_kernel_shape(self, rank: int) -> tuple[int, ...]:
-    """Shape of the left factor reshaped as a kernel of the first (thin) layer."""
+  def u_kernel(self, u):
+    """The ``(m, r)`` left factor as the kernel of the first (thin) layer:
+    ``(*in_axes, r)``; ``(kh, 1, cin, r)`` for conv_spatial."""
+    r = u.shape[-1]
     if self.kind == "conv_spatial":
       kh, _, cin, _ = self.shape
-      return (kh, 1, cin, rank)
-    return self.shape[: self.n_in] + (rank,)
+      return u.reshape((kh, 1, cin, r))
+    return u.reshape(self.shape[: self.n_in] + (r,))
 
-  def v_kernel_shape(self, rank: int) -> tuple[int, ...]:
-    """Shape of the right factor reshaped as a kernel of the second layer."""
+  def v_kernel(self, v):
+    """The ``(r, n)`` right factor as the kernel of the second layer:
+    ``(r, *out_axes)``; ``(1, kw, r, cout)`` for conv_spatial."""
+    r = v.shape[-2]
     if self.kind == "conv_spatial":
       _, kw, _, cout = self.shape
-      return (1, kw, rank, cout)
-    return (rank,) + self.shape[self.n_in:]
+      return jnp.swapaxes(v.reshape((r, kw, cout)), 0, 1)[None]
+    return v.reshape((r,) + self.shape[self.n_in:])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,226 @@
+"""Run unchanged Flax linen models with :class:`jlr.LowRank` kernels.
+
+``apply(model, variables, *args)`` is ``model.apply(variables, *args)`` under a
+``flax.linen.intercept_methods`` interceptor: every ``nn.Dense``, ``nn.DenseGeneral``
+(also inside ``nn.MultiHeadDotProductAttention``), ``nn.Conv`` and ``nn.Embed`` whose
+kernel is a ``LowRank`` computes with the factors (see :mod:`jlr.ops`); every other
+module runs as written. ``u @ v`` is never formed.
+
+``LowRankDense`` and ``LowRankConv`` are linen layers for models built factorized from
+the start; their ``kernel`` param is a ``LowRank`` too, so ``jlr.summary``, ``truncate``
+and ``merge`` apply to them unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.linen.dtypes import promote_dtype
+
+from jlr import ops
+from jlr.layouts import Layout
+from jlr.lowrank import LowRank
+
+_KERNEL_NAMES = ("kernel", "embedding")
+
+
+def _lowrank_param(module: nn.Module, name: str):
+  if module.scope is None or not module.has_variable("params", name):
+    return None
+  value = module.get_variable("params", name)
+  return value if isinstance(value, LowRank) else None
+
+
+def _where(module: nn.Module) -> str:
+  return "/".join(module.scope.path) if module.scope is not None else type(module).__name__
+
+
+def _bias(module: nn.Module):
+  return module.get_variable("params", "bias") if getattr(module, "use_bias", False) else None
+
+
+def _dense_general(module, f: LowRank, inputs, axis, n_features):
+  batch_dims = getattr(module, "batch_dims", ())
+  if batch_dims:
+    raise ValueError(f"{_where(module)}: DenseGeneral with batch_dims cannot use a LowRank kernel")
+  bias = _bias(module)
+  inputs, u, v, bias = promote_dtype(inputs, f.u, f.v, bias, dtype=module.dtype)
+  f = LowRank(u, v, f.layout)
+  axis = tuple(a % inputs.ndim for a in axis)
+  expected = tuple(inputs.shape[a] for a in axis)
+  if f.layout.shape[: len(axis)] != expected or len(f.layout.shape) != len(axis) + n_features:
+    raise ValueError(f"{_where(module)}: LowRank kernel of shape {f.layout.shape} does not fit "
+                     f"inputs {inputs.shape} contracted over axes {axis}")
+  y = ops.dense_general(inputs, f, axis, precision=module.precision)
+  return y if bias is None else y + bias
+
+
+def _conv(module: nn.Conv, f: LowRank, inputs):
+  where = _where(module)
+  if module.feature_group_count != 1:
+    raise ValueError(f"{where}: grouped/depthwise convolutions (feature_group_count="
+                     f"{module.feature_group_count}) are not supported with a LowRank kernel")
+  if module.mask is not None:
+    raise ValueError(f"{where}: masked convolutions are not supported with a LowRank kernel")
+  ks = (module.kernel_size,) if isinstance(module.kernel_size, int) else tuple(module.kernel_size)
+  bc = lambda x: (1,) * len(ks) if x is None else ((x,) * len(ks) if isinstance(x, int) else tuple(x))  # noqa: E731
+  strides, in_dil, k_dil = bc(module.strides), bc(module.input_dilation), bc(module.kernel_dilation)
+  nb = inputs.ndim - (len(ks) + 1)
+  batch_shape = inputs.shape[:nb]
+  if nb != 1:
+    inputs = inputs.reshape((-1,) + inputs.shape[nb:])
+  padding = nn.linear.canonicalize_padding(module.padding, len(ks))
+  if padding in ("CIRCULAR", "REFLECT"):
+    dil = [(k - 1) * d + 1 for k, d in zip(ks, k_dil)]
+    pads = [(0, 0)] + [((k - 1) // 2, k // 2) for k in dil] + [(0, 0)]
+    inputs = jnp.pad(inputs, pads, mode={"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding])
+    padding = "VALID"
+  elif padding == "CAUSAL":
+    inputs = jnp.pad(inputs, [(0, 0), (k_dil[0] * (ks[0] - 1), 0), (0, 0)])
+    padding = "VALID"
+  if f.layout.shape[:-2] != ks or f.layout.shape[-2] != inputs.shape[-1]:
+    raise ValueError(f"{where}: LowRank kernel of shape {f.layout.shape} does not fit kernel "
+                     f"size {ks} and {inputs.shape[-1]} input channels")
+  bias = _bias(module)
+  inputs, u, v, bias = promote_dtype(inputs, f.u, f.v, bias, dtype=module.dtype)
+  try:
+    y = ops.conv(inputs, LowRank(u, v, f.layout), strides=strides, padding=padding,
+                 input_dilation=in_dil, kernel_dilation=k_dil, precision=module.precision)
+  except ValueError as e:
+    raise ValueError(f"{where}: {e}") from None
+  if bias is not None:
+    y = y + bias
+  if nb != 1:
+    y = y.reshape(batch_shape + y.shape[1:])
+  return y
+
+
+def _interceptor(next_fun, args, kwargs, context):
+  module, method = context.module, context.method_name
+  if isinstance(module, nn.Embed):
+    f = _lowrank_param(module, "embedding")
+    if f is None:
+      return next_fun(*args, **kwargs)
+    if method == "setup":
+      return None  # the dense setup would shape-check `embedding` against (vocab, dim)
+    if method == "__call__":
+      (ids,) = args
+      if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError("Input type must be an integer or unsigned integer.")
+      u, v = promote_dtype(f.u, f.v, dtype=module.dtype, inexact=False)
+      return ops.embed(ids, LowRank(u, v, f.layout))
+    if method == "attend":
+      (q,) = args
+      q, u, v = promote_dtype(q, f.u, f.v, dtype=module.dtype)
+      return ops.attend(q, LowRank(u, v, f.layout), precision=None)
+    return next_fun(*args, **kwargs)
+  if method != "__call__":
+    return next_fun(*args, **kwargs)
+  f = _lowrank_param(module, "kernel")
+  if f is None:
+    return next_fun(*args, **kwargs)
+  (inputs,) = args
+  if isinstance(module, nn.Dense):
+    return _dense_general(module, f, inputs, (-1,), 1)
+  if isinstance(module, nn.DenseGeneral):
+    axis = (module.axis,) if isinstance(module.axis, int) else tuple(module.axis)
+    nf = 1 if isinstance(module.features, int) else len(module.features)
+    return _dense_general(module, f, inputs, axis, nf)
+  if isinstance(module, nn.Conv) and getattr(module, "shared_weights", True):
+    return _conv(module, f, inputs)
+  if isinstance(module, (LowRankDense, LowRankConv)):
+    return next_fun(*args, **kwargs)
+  raise ValueError(f"{_where(module)}: {type(module).__name__} has a LowRank kernel but jlr "
+                   "supports Dense, DenseGeneral, Conv and Embed only; merge this leaf back "
+                   "(jlr.merge) or leave it out of factorize(select=...)")
+
+
+def apply(model: nn.Module, variables, *args, **kwargs):
+  """``model.apply(variables, *args, **kwargs)`` with ``LowRank`` kernels computed
+  factorized. Accepts every keyword ``Module.apply`` does (``method``, ``mutable``,
+  ``rngs``, ...)."""
+  with nn.intercept_methods(_interceptor):
+    return model.apply(variables, *args, **kwargs)
+
+
+def intercept():
+  """Context manager form: ``with jlr.flax.intercept(): model.apply(...)``."""
+  return nn.intercept_methods(_interceptor)
+
+
+# ----------------------------------------------------------------------------- factorized layers
+
+
+def _factor_init(rng, layout: Layout, rank: int, dtype) -> LowRank:
+  """``u ~ N(0, 1/m)``, ``v ~ N(0, 1/r)``: ``x u v`` keeps lecun-normal output variance."""
+  m, n = layout.matrix_shape
+  ku, kv = jax.random.split(rng)
+  u = jax.random.normal(ku, (m, rank), dtype) / math.sqrt(m)
+  v = jax.random.normal(kv, (rank, n), dtype) / math.sqrt(rank)
+  return LowRank(u, v, layout)
+
+
+class LowRankDense(nn.Module):
+  """A Dense layer built factorized: ``y = (x @ u) @ v + b`` with ``kernel = LowRank``."""
+
+  features: int
+  rank: int
+  use_bias: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, inputs):
+    layout = Layout("dense", (inputs.shape[-1], self.features))
+    if not 1 <= self.rank <= layout.max_rank:
+      raise ValueError(f"{_where(self)}: rank {self.rank} out of range [1, {layout.max_rank}]")
+    f = self.param("kernel", lambda k: _factor_init(k, layout, self.rank, self.param_dtype))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype) \
+        if self.use_bias else None
+    inputs, u, v, bias = promote_dtype(inputs, f.u, f.v, bias, dtype=self.dtype)
+    y = ops.dense_general(inputs, LowRank(u, v, layout), (-1,), precision=self.precision)
+    return y if bias is None else y + bias
+
+
+class LowRankConv(nn.Module):
+  """A Conv layer built factorized (``layout="channel"`` or ``"spatial"``)."""
+
+  features: int
+  kernel_size: Sequence[int]
+  rank: int
+  strides: Sequence[int] | int = 1
+  padding: Any = "SAME"
+  kernel_dilation: Sequence[int] | int = 1
+  layout: str = "channel"
+  use_bias: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, inputs):
+    ks = tuple(self.kernel_size)
+    bc = lambda x: (x,) * len(ks) if isinstance(x, int) else tuple(x)  # noqa: E731
+    shape = ks + (inputs.shape[-1], self.features)
+    kind = {"channel": "conv_channel", "spatial": "conv_spatial"}[self.layout]
+    layout = Layout(kind, shape, len(shape) - 1 if kind == "conv_channel" else 1)
+    if not 1 <= self.rank <= layout.max_rank:
+      raise ValueError(f"{_where(self)}: rank {self.rank} out of range [1, {layout.max_rank}]")
+    f = self.param("kernel", lambda k: _factor_init(k, layout, self.rank, self.param_dtype))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype) \
+        if self.use_bias else None
+    inputs, u, v, bias = promote_dtype(inputs, f.u, f.v, bias, dtype=self.dtype)
+    padding = nn.linear.canonicalize_padding(self.padding, len(ks))
+    y = ops.conv(inputs, LowRank(u, v, layout), strides=bc(self.strides), padding=padding,
+                 input_dilation=(1,) * len(ks), kernel_dilation=bc(self.kernel_dilation),
+                 precision=self.precision)
+    return y if bias is None else y + bias
+
+
+del np
