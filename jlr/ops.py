@@ -100,3 +100,38 @@ def attend(q, f: LowRank, *, precision=None):
   """``q @ W^T = (q @ v^T) @ u^T`` (weight-tied output logits)."""
   t = lax.dot_general(q, f.v, (((q.ndim - 1,), (1,)), ((), ())), precision=precision)
   return lax.dot_general(t, f.u, (((t.ndim - 1,), (1,)), ((), ())), precision=precision)
+
+
+def conv_like_flax(x, f: LowRank, *, kernel_size: Sequence[int], strides=1, padding="SAME",
+                   input_dilation=1, kernel_dilation=1, precision=None):
+  """:func:`conv` with Flax ``Conv`` conventions (linen and NNX alike): any number of
+  leading batch axes (or none), int-or-tuple strides/dilations, and ``padding`` as a
+  string (``SAME``, ``VALID``, ``CIRCULAR``, ``REFLECT``, ``CAUSAL``), an int, or pairs.
+  """
+  ks = tuple(kernel_size)
+  bc = lambda v: (1,) * len(ks) if v is None else ((v,) * len(ks) if isinstance(v, int) else tuple(v))  # noqa: E731
+  strides, input_dilation, kernel_dilation = bc(strides), bc(input_dilation), bc(kernel_dilation)
+  nb = x.ndim - (len(ks) + 1)
+  batch_shape = x.shape[:nb]
+  if nb != 1:
+    x = x.reshape((-1,) + x.shape[nb:])
+  if isinstance(padding, int):
+    padding = [(padding, padding)] * len(ks)
+  elif not isinstance(padding, str):
+    padding = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
+  if padding in ("CIRCULAR", "REFLECT"):
+    dil = [(k - 1) * d + 1 for k, d in zip(ks, kernel_dilation)]
+    pads = [(0, 0)] + [((k - 1) // 2, k // 2) for k in dil] + [(0, 0)]
+    x = jnp.pad(x, pads, mode={"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding])
+    padding = "VALID"
+  elif padding == "CAUSAL":
+    if len(ks) != 1:
+      raise ValueError("causal padding is only defined for 1-D convolutions")
+    x = jnp.pad(x, [(0, 0), (kernel_dilation[0] * (ks[0] - 1), 0), (0, 0)])
+    padding = "VALID"
+  if f.layout.shape[:-2] != ks or f.layout.shape[-2] != x.shape[-1]:
+    raise ValueError(f"LowRank kernel of shape {f.layout.shape} does not fit kernel size {ks} "
+                     f"and {x.shape[-1]} input channels")
+  y = conv(x, f, strides=strides, padding=padding, input_dilation=input_dilation,
+           kernel_dilation=kernel_dilation, precision=precision)
+  return y.reshape(batch_shape + y.shape[1:]) if nb != 1 else y

@@ -19,7 +19,6 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax.linen.dtypes import promote_dtype
 
 from jlr import ops
@@ -68,36 +67,15 @@ def _conv(module: nn.Conv, f: LowRank, inputs):
   if module.mask is not None:
     raise ValueError(f"{where}: masked convolutions are not supported with a LowRank kernel")
   ks = (module.kernel_size,) if isinstance(module.kernel_size, int) else tuple(module.kernel_size)
-  bc = lambda x: (1,) * len(ks) if x is None else ((x,) * len(ks) if isinstance(x, int) else tuple(x))  # noqa: E731
-  strides, in_dil, k_dil = bc(module.strides), bc(module.input_dilation), bc(module.kernel_dilation)
-  nb = inputs.ndim - (len(ks) + 1)
-  batch_shape = inputs.shape[:nb]
-  if nb != 1:
-    inputs = inputs.reshape((-1,) + inputs.shape[nb:])
-  padding = nn.linear.canonicalize_padding(module.padding, len(ks))
-  if padding in ("CIRCULAR", "REFLECT"):
-    dil = [(k - 1) * d + 1 for k, d in zip(ks, k_dil)]
-    pads = [(0, 0)] + [((k - 1) // 2, k // 2) for k in dil] + [(0, 0)]
-    inputs = jnp.pad(inputs, pads, mode={"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding])
-    padding = "VALID"
-  elif padding == "CAUSAL":
-    inputs = jnp.pad(inputs, [(0, 0), (k_dil[0] * (ks[0] - 1), 0), (0, 0)])
-    padding = "VALID"
-  if f.layout.shape[:-2] != ks or f.layout.shape[-2] != inputs.shape[-1]:
-    raise ValueError(f"{where}: LowRank kernel of shape {f.layout.shape} does not fit kernel "
-                     f"size {ks} and {inputs.shape[-1]} input channels")
   bias = _bias(module)
   inputs, u, v, bias = promote_dtype(inputs, f.u, f.v, bias, dtype=module.dtype)
   try:
-    y = ops.conv(inputs, LowRank(u, v, f.layout), strides=strides, padding=padding,
-                 input_dilation=in_dil, kernel_dilation=k_dil, precision=module.precision)
+    y = ops.conv_like_flax(inputs, LowRank(u, v, f.layout), kernel_size=ks, strides=module.strides,
+                           padding=module.padding, input_dilation=module.input_dilation,
+                           kernel_dilation=module.kernel_dilation, precision=module.precision)
   except ValueError as e:
     raise ValueError(f"{where}: {e}") from None
-  if bias is not None:
-    y = y + bias
-  if nb != 1:
-    y = y.reshape(batch_shape + y.shape[1:])
-  return y
+  return y if bias is None else y + bias
 
 
 def _interceptor(next_fun, args, kwargs, context):
@@ -206,7 +184,6 @@ class LowRankConv(nn.Module):
   @nn.compact
   def __call__(self, inputs):
     ks = tuple(self.kernel_size)
-    bc = lambda x: (x,) * len(ks) if isinstance(x, int) else tuple(x)  # noqa: E731
     shape = ks + (inputs.shape[-1], self.features)
     kind = {"channel": "conv_channel", "spatial": "conv_spatial"}[self.layout]
     layout = Layout(kind, shape, len(shape) - 1 if kind == "conv_channel" else 1)
@@ -216,11 +193,8 @@ class LowRankConv(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype) \
         if self.use_bias else None
     inputs, u, v, bias = promote_dtype(inputs, f.u, f.v, bias, dtype=self.dtype)
-    padding = nn.linear.canonicalize_padding(self.padding, len(ks))
-    y = ops.conv(inputs, LowRank(u, v, layout), strides=bc(self.strides), padding=padding,
-                 input_dilation=(1,) * len(ks), kernel_dilation=bc(self.kernel_dilation),
-                 precision=self.precision)
+    y = ops.conv_like_flax(inputs, LowRank(u, v, layout), kernel_size=ks, strides=self.strides,
+                           padding=self.padding, kernel_dilation=self.kernel_dilation,
+                           precision=self.precision)
     return y if bias is None else y + bias
 
-
-del np

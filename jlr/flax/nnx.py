@@ -1,0 +1,199 @@
+"""NNX model surgery: ``compress(model, rank)`` returns a new model in which every
+``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Conv`` and ``nnx.Embed`` chosen by the plan
+is replaced by its low-rank twin. The twin holds the factors as one
+``nnx.Param(LowRank)`` named like the kernel it replaces (``kernel`` / ``embedding``), so
+``nnx.state(model, nnx.Param)`` is a tree that ``jlr.summary``, ``jlr.truncate`` and
+``jlr.merge`` understand. The input model is not touched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx
+
+from jlr import ops
+from jlr.lowrank import LowRank
+from jlr.paths import path_str
+from jlr.transforms import Plan, factorize, plan as make_plan
+
+SUPPORTED = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Embed)
+
+
+def _promote(module, *xs, inexact=True):
+  dtype = module.dtype
+  if dtype is None:
+    dtype = jnp.result_type(*[x for x in xs if x is not None])
+  return [None if x is None else jnp.asarray(x, dtype) for x in xs]
+
+
+class LowRankLinear(nnx.Module):
+  """Twin of ``nnx.Linear`` / ``nnx.LinearGeneral``: ``y = (x . u) . v + b``."""
+
+  def __init__(self, kernel: LowRank, bias, *, axis=(-1,), dtype=None, precision=None):
+    self.kernel = nnx.Param(kernel)
+    self.bias = nnx.Param(bias) if bias is not None else nnx.data(None)
+    self.axis = tuple(axis)
+    self.dtype = dtype
+    self.precision = precision
+
+  def __call__(self, x):
+    f = self.kernel.get_value()
+    bias = self.bias.get_value() if self.bias is not None else None
+    x, u, v, bias = _promote(self, x, f.u, f.v, bias)
+    y = ops.dense_general(x, LowRank(u, v, f.layout), self.axis, precision=self.precision)
+    return y if bias is None else y + bias
+
+
+class LowRankConv(nnx.Module):
+  """Twin of ``nnx.Conv``: two thin convolutions (see :func:`jlr.ops.conv`)."""
+
+  def __init__(self, kernel: LowRank, bias, *, kernel_size, strides=1, padding="SAME",
+               input_dilation=1, kernel_dilation=1, dtype=None, precision=None):
+    self.kernel = nnx.Param(kernel)
+    self.bias = nnx.Param(bias) if bias is not None else nnx.data(None)
+    self.kernel_size = tuple(kernel_size)
+    self.strides, self.padding = strides, padding
+    self.input_dilation, self.kernel_dilation = input_dilation, kernel_dilation
+    self.dtype, self.precision = dtype, precision
+
+  def __call__(self, x):
+    f = self.kernel.get_value()
+    bias = self.bias.get_value() if self.bias is not None else None
+    x, u, v, bias = _promote(self, x, f.u, f.v, bias)
+    y = ops.conv_like_flax(x, LowRank(u, v, f.layout), kernel_size=self.kernel_size,
+                           strides=self.strides, padding=self.padding,
+                           input_dilation=self.input_dilation,
+                           kernel_dilation=self.kernel_dilation, precision=self.precision)
+    return y if bias is None else y + bias
+
+
+class LowRankEmbed(nnx.Module):
+  """Twin of ``nnx.Embed``: ``u[ids] @ v``; ``attend(q) = (q v^T) u^T``."""
+
+  def __init__(self, embedding: LowRank, *, dtype=None):
+    self.embedding = nnx.Param(embedding)
+    self.dtype = dtype
+
+  def __call__(self, ids):
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+      raise ValueError("Input type must be an integer or unsigned integer.")
+    f = self.embedding.get_value()
+    u, v = _promote(self, f.u, f.v)
+    return ops.embed(ids, LowRank(u, v, f.layout))
+
+  def attend(self, q):
+    f = self.embedding.get_value()
+    q, u, v = _promote(self, q, f.u, f.v)
+    return ops.attend(q, LowRank(u, v, f.layout))
+
+
+def _twin(module, f: LowRank):
+  bias = getattr(module, "bias", None)
+  bias = bias.get_value() if bias is not None else None
+  if isinstance(module, nnx.Embed):
+    return LowRankEmbed(f, dtype=module.dtype)
+  if isinstance(module, nnx.Linear):
+    return LowRankLinear(f, bias, dtype=module.dtype, precision=module.precision)
+  if isinstance(module, nnx.LinearGeneral):
+    return LowRankLinear(f, bias, axis=module.axis, dtype=module.dtype, precision=module.precision)
+  return LowRankConv(f, bias, kernel_size=module.kernel_size, strides=module.strides,
+                     padding=module.padding, input_dilation=module.input_dilation,
+                     kernel_dilation=module.kernel_dilation, dtype=module.dtype,
+                     precision=module.precision)
+
+
+def _unsupported(module) -> str | None:
+  if isinstance(module, nnx.Conv):
+    if module.feature_group_count != 1:
+      return (f"grouped/depthwise convolutions (feature_group_count="
+              f"{module.feature_group_count}) are not supported")
+    if module.mask is not None:
+      return "masked convolutions are not supported"
+  if isinstance(module, nnx.LinearGeneral) and module.batch_axis:
+    return "LinearGeneral with batch_axis is not supported"
+  return None
+
+
+def _layers(model) -> dict[str, Any]:
+  """``{kernel path: module}`` for every supported layer, in graph order."""
+  out = {}
+  for path, node in nnx.iter_graph(model):
+    if isinstance(node, SUPPORTED):
+      name = "embedding" if isinstance(node, nnx.Embed) else "kernel"
+      out["/".join(map(str, path + (name,)))] = node
+  return out
+
+
+def plan(model, rank, *, select=None, layout=None) -> Plan:
+  """The :class:`jlr.Plan` that :func:`compress` would apply (to inspect its cost with
+  ``jlr.summary(nnx.state(model, nnx.Param), the_plan)``)."""
+  layers = _layers(model)
+  user_select = select
+
+  def chosen(path, leaf):
+    if path not in layers:
+      return False
+    if user_select is None:
+      return _unsupported(layers[path]) is None
+    from jlr.transforms import _selector
+    if not _selector(user_select)(path, leaf):
+      return False
+    problem = _unsupported(layers[path])
+    if problem:
+      raise ValueError(f"{path}: {problem}")
+    return True
+
+  def layout_for(path, leaf):
+    module = layers[path]
+    if isinstance(layout, dict) or callable(layout):
+      from jlr.transforms import _spec_for
+      spec = _spec_for(layout, path, leaf)
+    else:
+      spec = layout
+    if isinstance(module, nnx.LinearGeneral) and spec is None:
+      from jlr.layouts import Spec
+      return Spec(kind="dense_general", n_in=len(module.axis))
+    return spec
+
+  state = nnx.state(model, nnx.Param)
+  p = make_plan(state, rank, select=chosen, layout=layout_for)
+  if user_select is None:  # same break-even rule as the default select of jlr.plan
+    p = Plan({k: e for k, e in p.items() if e.layout.factor_size(e.rank) < e.layout.size})
+  return p
+
+
+def compress(model, rank, *, select=None, layout=None, method: str = "svd", key=None,
+             split: str = "balanced"):
+  """A new NNX model with chosen layers replaced by low-rank twins.
+
+  ``rank``, ``select`` and ``layout`` take the same forms as in :func:`jlr.factorize`,
+  with paths as in ``nnx.state(model)`` (``layers/0/kernel``); ``rank`` may also be a
+  Plan from :func:`plan`. Only Linear, LinearGeneral, Conv and Embed layers are
+  candidates; grouped or masked convs are skipped by default and rejected with a
+  ``ValueError`` naming the path when selected explicitly. LinearGeneral kernels are
+  split between their contracted and output axes.
+  """
+  the_plan = rank if isinstance(rank, Plan) else plan(model, rank, select=select, layout=layout)
+  new = nnx.clone(model)
+  layers = _layers(new)
+  state = factorize(nnx.state(new, nnx.Param), the_plan, method=method, key=key, split=split)
+  flat = {path_str(p): v for p, v in _flatten_lowrank(state)}
+  for kpath in the_plan:
+    *parent_path, attr = kpath.split("/")[:-1]
+    parent = new
+    for k in parent_path:
+      parent = parent[int(k)] if k.isdigit() and not hasattr(parent, k) else getattr(parent, k)
+    twin = _twin(layers[kpath], flat[kpath])
+    if attr.isdigit() and not hasattr(parent, attr):
+      parent[int(attr)] = twin
+    else:
+      setattr(parent, attr, twin)
+  return new
+
+
+def _flatten_lowrank(tree):
+  import jax
+  from jlr.lowrank import is_lowrank
+  return jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_lowrank)[0]
