@@ -94,7 +94,7 @@ class energy(Rule):  # noqa: N801
     s2 = np.asarray(s, np.float64) ** 2
     s2 = s2.reshape(-1, s2.shape[-1])
     total = s2.sum(-1, keepdims=True)
-    frac = np.cumsum(s2, -1) / np.where(total > 0, total, 1.0)
+    frac = np.where(total > 0, np.cumsum(s2, -1) / np.where(total > 0, total, 1.0), 1.0)
     # tolerance so that energy(1.0) does not fail on rounding of the last term
     need = (frac < self.threshold - 1e-9).sum(-1) + 1
     return int(min(max(1, need.max()), s2.shape[-1]))

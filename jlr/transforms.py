@@ -130,8 +130,12 @@ def _check_rank(path: str, layout: Layout, rank: int) -> None:
         f"{m}x{n} matrix ({layout.kind} kernel of shape {layout.shape})")
 
 
-def _resolve(items, what: str) -> list[int]:
-  """``items = [(path, layout, rule, spectrum_thunk)]`` -> ranks; budgets pooled by rule."""
+def _resolve(items, what: str, lenient: bool = False) -> list[int | None]:
+  """``items = [(path, layout, rule, spectrum_thunk)]`` -> ranks; budgets pooled by rule.
+
+  Out-of-range ranks raise, except that with ``lenient`` a rank above a leaf's full rank
+  (which could never save parameters) gives ``None``: leave that leaf dense.
+  """
   spectra = {}
   for i, (path, layout, rule, spectrum) in enumerate(items):
     if rule.needs_spectrum:
@@ -151,7 +155,10 @@ def _resolve(items, what: str) -> list[int]:
   for rule, idx in pools.items():
     for i, r in zip(idx, rule.allocate([(items[i][0], items[i][1], spectra[i]) for i in idx])):
       out[i] = r
-  for (path, layout, _, _), r in zip(items, out):
+  for i, ((path, layout, _, _), r) in enumerate(zip(items, out)):
+    if lenient and r > layout.max_rank:
+      out[i] = None
+      continue
     _check_rank(path, layout, r)
   return out
 
@@ -191,9 +198,12 @@ def plan(params, rank, *, select=None, layout=None) -> Plan:
     items.append((path, lay, rule,
                   lambda leaf_=leaf_, lay=lay: svd_lib.svdvals(lay.to_matrix(leaf_))))
     meta.append((lay, tuple(jnp.shape(leaf))[:b], rule))
+  # One global rank for the default selection: leaves it cannot shrink stay dense.
+  # A rank the user aimed at a leaf (select, a per-path mapping or callable) must fit.
+  lenient = select is None and isinstance(rank, (int, ranks_lib.Rule))
   result = Plan()
-  for (path, *_), (lay, batch, rule), r in zip(items, meta, _resolve(items, "factorize")):
-    if select is None and lay.factor_size(r) >= lay.size:
+  for (path, *_), (lay, batch, rule), r in zip(items, meta, _resolve(items, "factorize", lenient)):
+    if r is None or (select is None and lay.factor_size(r) >= lay.size):
       continue  # break-even: factorizing would not save parameters
     result[path] = Entry(path, lay, batch, r, rule.describe())
   return result

@@ -1,0 +1,77 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jlr import layouts
+from jlr.layouts import Layout, Spec
+
+
+def _rand(shape, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).normal(size=shape).astype(np.float32))
+
+
+@pytest.mark.parametrize("layout", [
+    Layout("dense", (5, 7)),
+    Layout("embed", (11, 4)),
+    Layout("dense_general", (6, 2, 3), n_in=1),
+    Layout("dense_general", (2, 3, 6), n_in=2),
+    Layout("conv_channel", (3, 3, 4, 5), n_in=3),
+    Layout("conv_channel", (3, 4, 5), n_in=2),
+    Layout("conv_spatial", (3, 2, 4, 5)),
+])
+def test_to_from_matrix_roundtrip(layout):
+  w = _rand((2,) + layout.shape)  # with one stacked-layer axis
+  mat = layout.to_matrix(w)
+  assert mat.shape == (2,) + layout.matrix_shape
+  np.testing.assert_array_equal(layout.from_matrix(mat), w)
+
+
+def test_conv_spatial_matrix_entries():
+  # M[(h, c), (w, o)] = W[h, w, c, o]
+  w = np.random.default_rng(0).normal(size=(3, 2, 4, 5)).astype(np.float32)
+  mat = np.asarray(Layout("conv_spatial", w.shape).to_matrix(jnp.asarray(w)))
+  for h, ww, c, o in [(0, 0, 0, 0), (2, 1, 3, 4), (1, 0, 2, 3)]:
+    assert mat[h * 4 + c, ww * 5 + o] == w[h, ww, c, o]
+
+
+def test_factor_kernels_compose_to_the_kernel():
+  layout = Layout("conv_spatial", (3, 2, 4, 5))
+  u, v = _rand((12, 6)), _rand((6, 10), 1)
+  uk, vk = layout.u_kernel(u), layout.v_kernel(v)
+  assert uk.shape == (3, 1, 4, 6) and vk.shape == (1, 2, 6, 5)
+  w = jnp.einsum("hcr,wro->hwco", uk[:, 0], vk[0])
+  np.testing.assert_allclose(w, layout.from_matrix(u @ v), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,shape,expected", [
+    ("kernel", (8, 4), ("dense", 1)),
+    ("embedding", (100, 8), ("embed", 1)),
+    ("kernel", (3, 3, 16, 32), ("conv_channel", 3)),
+    ("kernel", (64, 4, 16), ("dense_general", 1)),  # attention q/k/v
+    ("kernel", (4, 16, 64), ("dense_general", 2)),  # attention out
+    ("kernel", (3, 32, 64), ("dense_general", 2)),  # 1-D conv
+])
+def test_infer(name, shape, expected):
+  layout, b = layouts.infer(name, shape)
+  assert (layout.kind, layout.n_in) == expected and b == 0
+
+
+def test_infer_with_spec():
+  layout, b = layouts.infer("kernel", (6, 8, 4), Spec(batch_ndim=1))
+  assert layout == Layout("dense", (8, 4)) and b == 1
+  layout, _ = layouts.infer("kernel", (3, 3, 2, 4), Spec(kind="conv_spatial"))
+  assert layout.matrix_shape == (6, 12)
+
+
+@pytest.mark.parametrize("kind,shape", [("dense", (3,)), ("conv_spatial", (3, 4, 5)),
+                                        ("dense", (2, 3, 4)), ("nope", (2, 2))])
+def test_bad_layouts(kind, shape):
+  with pytest.raises(ValueError):
+    Layout(kind, shape)
+
+
+def test_layout_is_static_and_hashable():
+  a, b = Layout("dense", (3, 4)), Layout("dense", [3, 4])
+  assert a == b and hash(a) == hash(b)
+  jax.jit(lambda x, layout: layout.to_matrix(x), static_argnums=1)(jnp.ones((3, 4)), a)

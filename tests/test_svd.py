@@ -1,0 +1,67 @@
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jlr import svd
+
+
+def decaying(m, n, seed=0, decay=0.8):
+  rng = np.random.default_rng(seed)
+  p, _ = np.linalg.qr(rng.normal(size=(m, m)))
+  q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+  k = min(m, n)
+  s = decay ** np.arange(k)
+  return (p[:, :k] * s) @ q[:, :k].T
+
+
+def optimal_error(a, r):
+  s = np.linalg.svd(a, compute_uv=False)
+  return np.sqrt((s[r:] ** 2).sum())
+
+
+@pytest.mark.parametrize("m,n,r", [(40, 30, 5), (30, 40, 30), (17, 17, 1)])
+def test_exact_is_eckart_young_optimal(m, n, r):
+  a = np.random.default_rng(1).normal(size=(m, n))
+  u, s, vt = svd.exact(jnp.asarray(a, jnp.float32), r)
+  chex.assert_shape([u, s, vt], [(m, r), (r,), (r, n)])
+  err = np.linalg.norm(a - np.asarray((u * s) @ vt))
+  np.testing.assert_allclose(err, optimal_error(a, r), rtol=1e-4, atol=1e-4)
+
+
+def test_randomized_within_5_percent_of_optimal():
+  a = decaying(300, 200)
+  for r in (5, 20, 50):
+    u, s, vt = svd.randomized(jnp.asarray(a, jnp.float32), r, jax.random.key(0))
+    err = np.linalg.norm(a - np.asarray((u * s) @ vt))
+    assert err <= 1.05 * optimal_error(a, r) + 1e-6
+
+
+def test_randomized_needs_key():
+  with pytest.raises(ValueError, match="key"):
+    svd.truncated(jnp.ones((4, 4)), 2, method="randomized")
+
+
+def test_batched_and_bf16_computes_in_float32():
+  a = jnp.asarray(np.random.default_rng(0).normal(size=(3, 12, 8)), jnp.bfloat16)
+  u, s, vt = svd.exact(a, 4)
+  chex.assert_shape([u, s, vt], [(3, 12, 4), (3, 4), (3, 4, 8)])
+  chex.assert_type([u, s, vt], jnp.float32)
+  ref = np.linalg.svd(np.asarray(a, np.float32), compute_uv=False)[:, :4]
+  np.testing.assert_allclose(s, ref, rtol=1e-4)
+
+
+def test_of_product_matches_svd_of_the_product_without_forming_it():
+  rng = np.random.default_rng(2)
+  u, v = rng.normal(size=(50, 6)), rng.normal(size=(6, 40))
+  p, s, qt = svd.of_product(jnp.asarray(u, jnp.float32), jnp.asarray(v, jnp.float32))
+  np.testing.assert_allclose(s, np.linalg.svd(u @ v, compute_uv=False)[:6], rtol=1e-4)
+  np.testing.assert_allclose((p * s) @ qt, u @ v, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(p.T @ p, np.eye(6), atol=1e-5)
+
+
+def test_jit_with_static_rank():
+  f = jax.jit(svd.truncated, static_argnames=("rank", "method"))
+  u, s, vt = f(jnp.ones((6, 5)), rank=2)
+  chex.assert_shape(u, (6, 2))
