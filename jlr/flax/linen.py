@@ -36,7 +36,8 @@ def _lowrank_param(module: nn.Module, name: str):
 
 
 def _where(module: nn.Module) -> str:
-  return "/".join(module.scope.path) if module.scope is not None else type(module).__name__
+  path = "/".join(module.scope.path) if module.scope is not None else ""
+  return path or type(module).__name__
 
 
 def _bias(module: nn.Module):
@@ -50,7 +51,7 @@ def _dense_general(module, f: LowRank, inputs, axis, n_features):
   bias = _bias(module)
   inputs, u, v, bias = promote_dtype(inputs, f.u, f.v, bias, dtype=module.dtype)
   f = LowRank(u, v, f.layout)
-  axis = tuple(a % inputs.ndim for a in axis)
+  axis = tuple(sorted(a % inputs.ndim for a in axis))  # Flax's kernel-axis order
   expected = tuple(inputs.shape[a] for a in axis)
   if f.layout.shape[: len(axis)] != expected or len(f.layout.shape) != len(axis) + n_features:
     raise ValueError(f"{_where(module)}: LowRank kernel of shape {f.layout.shape} does not fit "

@@ -42,7 +42,8 @@ class LowRankLinear(nnx.Module):
     f = self.kernel.get_value()
     bias = self.bias.get_value() if self.bias is not None else None
     x, u, v, bias = _promote(self, x, f.u, f.v, bias)
-    y = ops.dense_general(x, LowRank(u, v, f.layout), self.axis, precision=self.precision)
+    axis = tuple(sorted(a % x.ndim for a in self.axis))  # Flax's kernel-axis order
+    y = ops.dense_general(x, LowRank(u, v, f.layout), axis, precision=self.precision)
     return y if bias is None else y + bias
 
 
