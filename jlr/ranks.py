@@ -25,6 +25,8 @@ import dataclasses
 import math
 from typing import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jlr.layouts import Layout
@@ -38,6 +40,14 @@ class Rule:
 
   def resolve(self, layout: Layout, s: np.ndarray | None) -> int:
     raise NotImplementedError
+
+  def mask(self, layout: Layout, s: jax.Array) -> jax.Array:
+    """Jittable boolean mask over ``s`` (``(..., k)``, descending) of the components
+    this rule keeps, per matrix. Static shapes: used by TRP's in-step projection.
+    Energy sums run in float32 here, so thresholds within ~1e-7 of 1.0 may keep one
+    component fewer than :meth:`resolve` (float64) would."""
+    r = self.resolve(layout, None)
+    return jnp.broadcast_to(jnp.arange(s.shape[-1]) < r, s.shape)
 
   def describe(self) -> str:
     return repr(self)
@@ -99,6 +109,12 @@ class energy(Rule):  # noqa: N801
     need = (frac < self.threshold - 1e-9).sum(-1) + 1
     return int(min(max(1, need.max()), s2.shape[-1]))
 
+  def mask(self, layout, s):
+    s2 = jnp.square(s.astype(jnp.float32))
+    total = s2.sum(-1, keepdims=True)
+    before = jnp.cumsum(s2, -1) - s2  # energy of the components ahead of each one
+    return (before < (self.threshold - 1e-9) * total) | (jnp.arange(s.shape[-1]) == 0)
+
   def describe(self):
     return f"{self.threshold:.0%} energy"
 
@@ -117,6 +133,9 @@ class value(Rule):  # noqa: N801
   def resolve(self, layout, s):
     s = np.asarray(s).reshape(-1, np.shape(s)[-1])
     return int(max(1, (s > self.threshold).sum(-1).max()))
+
+  def mask(self, layout, s):
+    return (s > self.threshold) | (jnp.arange(s.shape[-1]) == 0)
 
   def describe(self):
     return f"s > {self.threshold:g}"
@@ -143,6 +162,11 @@ class round_up(Rule):  # noqa: N801
   def resolve(self, layout, s):
     r = self.rule.resolve(layout, s)
     return min(-(-r // self.multiple) * self.multiple, layout.max_rank)
+
+  def mask(self, layout, s):
+    r = self.rule.mask(layout, s).sum(-1, keepdims=True)
+    r = -(-r // self.multiple) * self.multiple
+    return jnp.arange(s.shape[-1]) < r
 
   def describe(self):
     return f"{self.rule.describe()}, x{self.multiple}"
@@ -176,6 +200,10 @@ class budget(Rule):  # noqa: N801
       raise ValueError(f"budget fraction is the share of parameters kept, in (0, 1]; got {self.fraction}")
     if self.params is not None and self.params <= 0:
       raise ValueError(f"budget params must be positive, got {self.params}")
+
+  def mask(self, layout, s):
+    raise ValueError("a global budget needs every leaf's spectrum at once on the host; "
+                     "it cannot be resolved inside a jitted step (use energy, value or fixed)")
 
   def describe(self):
     what = f"{self.fraction:.0%}" if self.fraction is not None else f"{self.params:,} params"

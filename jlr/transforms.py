@@ -185,10 +185,11 @@ def plan(params, rank, *, select=None, layout=None) -> Plan:
     A :class:`Plan` ``{path: Entry}`` in tree order.
   """
   chosen = _selector(select)
-  items, meta = [], []
+  items, meta, seen = [], [], []
   for path, leaf in _leaves(params)[0]:
     if is_lowrank(leaf) or not _is_array(leaf) or not chosen(path, leaf):
       continue
+    seen.append(path)
     rule = _rule_for(rank, path, leaf)
     if rule is None:
       continue
@@ -198,6 +199,13 @@ def plan(params, rank, *, select=None, layout=None) -> Plan:
     items.append((path, lay, rule,
                   lambda leaf_=leaf_, lay=lay: svd_lib.svdvals(lay.to_matrix(leaf_))))
     meta.append((lay, tuple(jnp.shape(leaf))[:b], rule))
+  for name, arg in (("rank", rank), ("layout", layout)):
+    if isinstance(arg, Mapping):
+      for pattern in arg:
+        if not any(matches(pattern, path) for path in seen):
+          raise ValueError(
+              f"{name} pattern {pattern!r} matches no selected leaf (patterns match whole "
+              f"path components, e.g. 'Conv_0' or 'Conv_\\d+'); selected: {seen[:6]}")
   # One global rank for the default selection: leaves it cannot shrink stay dense.
   # A rank the user aimed at a leaf (select, a per-path mapping or callable) must fit.
   lenient = select is None and isinstance(rank, (int, ranks_lib.Rule))

@@ -1,7 +1,9 @@
 import os
 
-# Tests run on CPU; keep XLA from grabbing every core for each of many tiny ops.
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+# Eight simulated CPU devices, so sharding tests can build 1x8, 2x4 and 8x1 meshes;
+# unsharded tests run on device 0 as usual. Must be set before JAX initializes.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
 
 import hypothesis  # noqa: E402
 

@@ -124,3 +124,17 @@ def test_parse():
   assert ranks.parse("budget:0.4") == ranks.budget(0.4)
   with pytest.raises(ValueError):
     ranks.parse("half")
+
+
+@pytest.mark.parametrize("rule", [ranks.fixed(4), ranks.ratio(0.3), ranks.energy(0.5),
+                                  ranks.energy(0.9), ranks.energy(0.99), ranks.value(0.2),
+                                  ranks.round_up(ranks.energy(0.8), 4)])
+def test_jittable_keep_mask_agrees_with_resolve(rule):
+  import jax
+  layout = Layout("dense", (30, 20))
+  rng = np.random.default_rng(0)
+  s = np.sort(np.abs(rng.normal(size=(3, 20))) * 0.8 ** np.arange(20), -1)[:, ::-1].copy()
+  mask = np.asarray(jax.jit(lambda x: rule.mask(layout, x))(jax.numpy.asarray(s, "float32")))
+  for i in range(3):
+    r = rule.resolve(layout, s[i])
+    np.testing.assert_array_equal(mask[i], np.arange(20) < r)

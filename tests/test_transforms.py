@@ -203,3 +203,10 @@ def test_nnx_state_is_a_params_tree():
   merged = jlr.merge(f)
   nnx.update(model, merged)  # merged state loads back into the dense model
   chex.assert_shape(model.layers[0].kernel[...], (32, 64))
+
+
+def test_a_pattern_that_matches_nothing_is_an_error():
+  with pytest.raises(ValueError, match="'Conv' matches no selected leaf"):
+    jlr.factorize(tree(), {"Conv": 4})
+  with pytest.raises(ValueError, match="layout pattern 'Conv' matches no"):
+    jlr.factorize(tree(), 4, layout={"Conv": "conv_spatial"})

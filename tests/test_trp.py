@@ -1,0 +1,152 @@
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import jlr
+from jlr import ranks, trp
+
+
+def params(seed=0):
+  rng = np.random.default_rng(seed)
+  return {"Dense_0": {"kernel": jnp.asarray(rng.normal(size=(24, 16)), jnp.float32),
+                      "bias": jnp.asarray(rng.normal(size=(16,)), jnp.float32)},
+          "Conv_0": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 4, 8)), jnp.float32)}}
+
+
+def grads(p, seed):
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), p)
+
+
+def np_low_rank_point(mat, energy):
+  u, s, vt = np.linalg.svd(np.asarray(mat, np.float64), full_matrices=False)
+  frac = np.cumsum(s ** 2) / (s ** 2).sum()
+  k = int((frac < energy - 1e-9).sum()) + 1
+  return (u[:, :k] * s[:k]) @ vt[:k], k
+
+
+@pytest.mark.parametrize("layout", ["conv_channel", "conv_spatial"])
+def test_project_lands_exactly_on_the_truncated_svd_every_m_steps(layout):
+  every, energy = 3, 0.7
+  tx = optax.chain(optax.sgd(0.05), trp.project(every, ranks.energy(energy), layout={"Conv_0": layout}))
+  p = params()
+  state = tx.init(p)
+  step = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(*tx.update(g, s, p)))
+  for t in range(1, 7):
+    prev = p
+    p, state = step(p, state, grads(p, t))
+    plain = jax.tree.map(lambda a, g: a - 0.05 * g, prev, grads(prev, t))
+    if t % every:
+      chex.assert_trees_all_close(p, plain, rtol=1e-5, atol=1e-6)
+      continue
+    for name in ("Dense_0", "Conv_0"):
+      w = plain[name]["kernel"]
+      lay, _ = jlr.layouts.infer("kernel", w.shape, jlr.layouts.Spec(
+          kind=layout if name == "Conv_0" else None))
+      want, k = np_low_rank_point(lay.to_matrix(w), energy)
+      got = np.asarray(lay.to_matrix(p[name]["kernel"]))
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+      assert np.linalg.matrix_rank(got, tol=1e-4) == k < min(got.shape)
+    np.testing.assert_allclose(p["Dense_0"]["bias"], plain["Dense_0"]["bias"], rtol=1e-6)
+
+
+def test_momentum_survives_projections():
+  every = 2
+  inner = optax.sgd(0.1, momentum=0.9)
+  tx = optax.chain(inner, trp.project(every, ranks.energy(0.5)))
+  p = params()
+  s_trp, s_ref = tx.init(p), inner.init(p)
+  for t in range(4):
+    g = grads(p, t)
+    u, s_trp = tx.update(g, s_trp, p)
+    _, s_ref = inner.update(g, s_ref, p)
+    p = optax.apply_updates(p, u)
+  chex.assert_trees_all_close(s_trp[0], s_ref, rtol=1e-6)  # same trace, never reset
+  assert int(s_trp[1].count) == 4
+
+
+def test_nuclear_norm_adds_the_subgradient():
+  p = params()
+  g = grads(p, 1)
+  lam = 3e-4
+  for rank, every in [(None, 1), (ranks.energy(0.6), 1)]:
+    tx = trp.nuclear_norm(lam, rank=rank, every=every)
+    out, _ = tx.update(g, tx.init(p), p)
+    w = np.asarray(p["Dense_0"]["kernel"], np.float64)
+    u, s, vt = np.linalg.svd(w, full_matrices=False)
+    k = len(s) if rank is None else np_low_rank_point(w, 0.6)[1]
+    want = np.asarray(g["Dense_0"]["kernel"]) + lam * u[:, :k] @ vt[:k]
+    np.testing.assert_allclose(out["Dense_0"]["kernel"], want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(out["Dense_0"]["bias"], g["Dense_0"]["bias"])
+
+
+def test_nuclear_norm_on_schedule_only():
+  p, g = params(), grads(params(), 2)
+  tx = trp.nuclear_norm(1e-2, every=3)
+  s = tx.init(p)
+  for t in range(1, 4):
+    out, s = tx.update(g, s, p)
+    changed = not np.allclose(out["Dense_0"]["kernel"], g["Dense_0"]["kernel"])
+    assert changed == (t == 3)
+
+
+def test_trp_training_reduces_rank_and_decouples():
+  # regression onto a rank-3 map with a full-rank start: TRP finds the low-rank solution
+  rng = np.random.default_rng(0)
+  a = rng.normal(size=(20, 3)) @ rng.normal(size=(3, 12))
+  x = jnp.asarray(rng.normal(size=(256, 20)), jnp.float32)
+  y = x @ jnp.asarray(a, jnp.float32)
+  p = {"lin": {"kernel": jnp.asarray(rng.normal(size=(20, 12)) * 0.3, jnp.float32)}}
+  tx = trp.trp(optax.sgd(0.05, momentum=0.9), every=10, energy=0.95, nuclear=1e-3)
+  state = tx.init(p)
+
+  @jax.jit
+  def step(p, state):
+    loss, g = jax.value_and_grad(lambda p: jnp.mean((x @ p["lin"]["kernel"] - y) ** 2))(p)
+    u, state = tx.update(g, state, p)
+    return optax.apply_updates(p, u), state, loss
+
+  for _ in range(300):
+    p, state, loss = step(p, state)
+  assert float(loss) < 1e-2
+  f = trp.decouple(p, ranks.value(0.05))
+  assert f["lin"]["kernel"].rank == 3
+  np.testing.assert_allclose(f["lin"]["kernel"].dense(), p["lin"]["kernel"], atol=5e-2)
+
+
+def test_works_on_nnx_state():
+  model = nnx.Sequential(nnx.Linear(16, 12, rngs=nnx.Rngs(0)), nnx.Linear(12, 4, rngs=nnx.Rngs(1)))
+  state = nnx.state(model, nnx.Param)
+  tx = trp.trp(optax.sgd(0.1), every=1, energy=0.5)
+  u, _ = tx.update(jax.tree.map(jnp.zeros_like, state), tx.init(state), state)
+  new = optax.apply_updates(state, u)
+  nnx.update(model, new)
+  k = np.asarray(model.layers[0].kernel[...])
+  assert np.linalg.matrix_rank(k, tol=1e-5) < 12
+
+
+@pytest.mark.parametrize("shape", [(1, 8), (2, 4), (8, 1)])
+def test_sharded_step_matches_unsharded(shape):
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(shape), ("data", "model"))
+  p = {"k": {"kernel": jnp.asarray(np.random.default_rng(0).normal(size=(32, 16)), jnp.float32)}}
+  tx = trp.trp(optax.sgd(0.1, momentum=0.9), every=2, energy=0.8, nuclear=1e-3)
+
+  def run(p):
+    s = tx.init(p)
+    step = jax.jit(lambda p, s: (lambda u, s: (optax.apply_updates(p, u), s))(
+        *tx.update(jax.tree.map(lambda a: 0.01 * a, p), s, p)))
+    for _ in range(4):
+      p, s = step(p, s)
+    return p
+
+  ref = run(p)
+  sharding = NamedSharding(mesh, P("data", "model"))
+  sp = jax.device_put(p, sharding)
+  got = run(sp)
+  chex.assert_trees_all_close(got, ref, rtol=1e-4, atol=1e-5)
+  assert got["k"]["kernel"].sharding.is_equivalent_to(sharding, 2)
