@@ -3,7 +3,7 @@
 A rule is resolved per leaf from its layout and (when it needs them) its singular
 values. Every rule names its unit:
 
-* :func:`fixed` ``(r)`` -- exactly ``r`` components.
+* :func:`fixed` ``(r)`` -- exactly ``r`` components; :func:`full` ``()`` -- ``min(m, n)``.
 * :func:`ratio` ``(x)`` -- keep a fraction ``x`` of the leaf's *parameters*:
   ``r = floor(x * m * n / (m + n))``. ``ratio(0.25)`` makes the factors 1/4 the size.
 * :func:`energy` ``(e)`` -- smallest ``r`` with ``sum_{i<=r} s_i^2 >= e * sum_i s_i^2``
@@ -68,6 +68,17 @@ class fixed(Rule):  # noqa: N801 - rules read as functions: ranks.fixed(64)
 
   def describe(self):
     return f"fixed {self.rank}"
+
+
+@dataclasses.dataclass(frozen=True)
+class full(Rule):  # noqa: N801
+  """Full rank ``min(m, n)``: an exact factorization (Maestro's starting point)."""
+
+  def resolve(self, layout, s):
+    return layout.max_rank
+
+  def describe(self):
+    return "full"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,205 @@
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jlr
+from jlr import lod
+
+
+def rnd(shape, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+def two_layers():
+  return {"a": {"kernel": rnd((12, 8), 0), "bias": rnd((8,), 1)}, "b": {"kernel": rnd((8, 4), 2)}}
+
+
+def test_init_is_exact_full_rank_and_balanced():
+  p = two_layers()
+  f = lod.init(p)
+  a = f["a"]["kernel"]
+  assert a.rank == 8 and f["b"]["kernel"].rank == 4
+  np.testing.assert_allclose(a.dense(), p["a"]["kernel"], atol=1e-5)
+  s = np.linalg.svd(np.asarray(p["a"]["kernel"]), compute_uv=False)
+  np.testing.assert_allclose(np.linalg.norm(a.u, axis=0), np.sqrt(s), rtol=1e-4)  # u = P sqrt(S)
+  np.testing.assert_allclose(np.linalg.norm(a.v, axis=1), np.sqrt(s), rtol=1e-4)  # v = sqrt(S) Q^T
+
+
+def test_layer_sampler_distribution_chi_square():
+  f = lod.init(two_layers())  # ranks 8 and 4
+  keys = jax.random.split(jax.random.key(0), 6000)
+  draws = jax.jit(jax.vmap(lambda k: lod.sample_ranks(f, k)))(keys)
+  a, b = np.asarray(draws["a/kernel"]), np.asarray(draws["b/kernel"])
+  assert not ((a < 8) & (b < 4)).any()  # one layer at a time
+  # P(layer i, rank b) = r_i / sum r * 1 / r_i = 1/12 for each of the 12 (layer, b) cells;
+  # the two "full rank" cells (a at 8, b at 4) look alike, so they are pooled.
+  counts = np.array([((a == k) & (b == 4)).sum() for k in range(1, 8)] +
+                    [((b == k) & (a == 8)).sum() for k in range(1, 4)] +
+                    [((a == 8) & (b == 4)).sum()])
+  expected = len(keys) * np.array([1 / 12] * 10 + [2 / 12])
+  chi2 = ((counts - expected) ** 2 / expected).sum()
+  assert chi2 < 23.2  # chi-square, 10 dof, p = 0.01
+
+
+def test_independent_and_fixed_samplers():
+  f = lod.init(two_layers())
+  keys = jax.random.split(jax.random.key(1), 4000)
+  draws = jax.vmap(lambda k: lod.sample_ranks(f, k, sampler="independent"))(keys)
+  for path, r in (("a/kernel", 8), ("b/kernel", 4)):
+    counts = np.bincount(np.asarray(draws[path]) - 1, minlength=r)
+    assert counts.shape == (r,)
+    np.testing.assert_allclose(counts / len(keys), 1 / r, atol=0.03)
+  fixed = lod.sample_ranks(f, keys[0], sampler="fixed", fraction=0.3)
+  assert int(fixed["a/kernel"]) == 3 and int(fixed["b/kernel"]) == 2
+  with pytest.raises(ValueError):
+    lod.sample_ranks(f, keys[0], sampler="nope")
+
+
+def test_sample_zeroes_exactly_the_tail():
+  f = lod.init(two_layers())
+  sub = lod.with_ranks(f, {"a/kernel": 3})
+  a = sub["a"]["kernel"]
+  np.testing.assert_array_equal(a.u[:, 3:], 0)
+  np.testing.assert_array_equal(a.v[3:], 0)
+  np.testing.assert_array_equal(a.u[:, :3], f["a"]["kernel"].u[:, :3])
+  assert sub["b"]["kernel"] is f["b"]["kernel"]
+
+
+def test_group_lasso_closed_form_and_nan_safe_at_zero():
+  u, v = rnd((5, 3), 1), rnd((3, 4), 2)
+  f = {"k": jlr.LowRank(u, v, jlr.Layout("dense", (5, 4)))}
+  un, vn = np.asarray(u), np.asarray(v)
+  want = sum(np.linalg.norm(vn[j:]) + np.linalg.norm(un[:, j:]) for j in range(3))
+  np.testing.assert_allclose(lod.group_lasso(f), want, rtol=1e-5)
+  z = {"k": jlr.LowRank(jnp.zeros((5, 3)), jnp.zeros((3, 4)), jlr.Layout("dense", (5, 4)))}
+  g = jax.grad(lod.group_lasso)(z)
+  assert np.isfinite(np.asarray(g["k"].u)).all() and np.isfinite(np.asarray(g["k"].v)).all()
+
+
+def _train(loss, params, steps, lr, key=jax.random.key(0)):
+  tx = optax.adam(lr)
+
+  @jax.jit
+  def run(params, key):
+    def body(carry, k):
+      p, s = carry
+      g = jax.grad(loss)(p, k)
+      u, s = tx.update(g, s, p)
+      return (optax.apply_updates(p, u), s), None
+    (p, _), _ = jax.lax.scan(body, (params, tx.init(params)), jax.random.split(key, steps))
+    return p
+
+  return run(params, key)
+
+
+def test_linear_svd_recovery_theorem():
+  # y = x A with isotropic x (basis vectors): LoD recovers A's SVD in order.
+  rng = np.random.default_rng(0)
+  m, n, true_rank = 8, 6, 4
+  p_, _ = np.linalg.qr(rng.normal(size=(m, m)))
+  q_, _ = np.linalg.qr(rng.normal(size=(n, n)))
+  sig = np.array([4.0, 3.0, 2.0, 1.0])
+  a = (p_[:, :true_rank] * sig) @ q_[:, :true_rank].T
+  init = {"w": jlr.LowRank(rnd((m, n), 3) * 0.3, rnd((n, n), 4) * 0.3, jlr.Layout("dense", (m, n)))}
+  x = jnp.eye(m)
+  y = jnp.asarray(a, jnp.float32)
+
+  def loss(p, key):
+    sub = lod.sample(p, key, sampler="layer")
+    w = sub["w"]
+    return jnp.sum((x @ w.u @ w.v - y) ** 2)
+
+  f = _train(loss, init, 6000, 3e-3)["w"]
+  norms = np.linalg.norm(f.u, axis=0) * np.linalg.norm(f.v, axis=1)
+  np.testing.assert_allclose(norms[:true_rank], sig, rtol=0.05)
+  assert (norms[true_rank:] < 0.05).all()  # surplus components vanish
+  for k in range(true_rank):
+    cos_u = abs(np.dot(f.u[:, k], p_[:, k])) / np.linalg.norm(f.u[:, k])
+    cos_v = abs(np.dot(f.v[k], q_[:, k])) / np.linalg.norm(f.v[k])
+    assert cos_u > 0.98 and cos_v > 0.98
+  for k in range(1, n + 1):  # every prefix is the best rank-k approximation
+    best = (p_[:, :min(k, 4)] * sig[:k]) @ q_[:, :min(k, 4)].T
+    np.testing.assert_allclose(np.asarray(f.u[:, :k] @ f.v[:k]), best, atol=0.1)
+
+
+def test_linear_autoencoder_keeps_exactly_the_data_rank():
+  rng = np.random.default_rng(1)
+  d = 10
+  x = jnp.asarray(rng.normal(size=(256, 3)) @ rng.normal(size=(3, d)), jnp.float32)
+  init = lod.init({"w": {"kernel": rnd((d, d), 5) * 0.3}})
+
+  def loss(p, key):
+    sub = lod.sample(p, key)
+    w = sub["w"]["kernel"]
+    return jnp.mean(jnp.sum((x @ w.u @ w.v - x) ** 2, -1)) + 0.02 * lod.group_lasso(p)
+
+  f = _train(loss, init, 4000, 3e-3)["w"]["kernel"]
+  imp = np.asarray(lod.importance(f))
+  assert (imp[:3] > 0.3).all() and (imp[3:] < 0.05).all(), imp
+  assert lod.shrink({"w": f}, 0.05)["w"].rank == 3
+
+
+def test_shrink_keeps_a_prefix_within_its_eps_bound():
+  f = lod.init({"k": {"kernel": rnd((20, 12), 7) * jnp.asarray(0.7 ** np.arange(12), jnp.float32)}})
+  eps = 0.5
+  s = lod.shrink(f, eps)
+  full, small = f["k"]["kernel"], s["k"]["kernel"]
+  k = small.rank
+  assert 1 <= k < full.rank
+  np.testing.assert_array_equal(small.u, full.u[:, :k])  # a prefix, not a re-fit
+  assert np.linalg.norm(np.asarray(full.dense() - small.dense())) <= eps
+  # loss of the full model grows by at most ||X||_2 * eps (triangle inequality)
+  x = rnd((64, 20), 8)
+  y = rnd((64, 12), 9)
+  loss = lambda w: float(jnp.linalg.norm(x @ w - y))  # noqa: E731
+  assert loss(small.dense()) <= loss(full.dense()) + np.linalg.norm(np.asarray(x), 2) * eps + 1e-5
+  assert lod.shrink(f, eps, multiple=8)["k"]["kernel"].rank == 8
+
+
+def test_optimizer_state_is_sliced_not_reset():
+  f = lod.init(two_layers())
+  tx = optax.adam(1e-2)
+  state = tx.init(f)
+  g = jax.tree.map(jnp.ones_like, f)
+  _, state = tx.update(g, state, f)
+  small = lod.extract(f, ranks={"a/kernel": 3})
+  sliced = lod.slice_opt_state(tx, state, small)
+  mu = sliced[0].mu["a"]["kernel"]
+  chex.assert_shape([mu.u, mu.v], [(12, 3), (3, 8)])
+  np.testing.assert_array_equal(mu.u, state[0].mu["a"]["kernel"].u[:, :3])
+  assert int(sliced[0].count) == 1
+  u, _ = tx.update(jax.tree.map(jnp.ones_like, small), sliced, small)  # usable as is
+  chex.assert_trees_all_equal_shapes(u, small)
+
+
+def test_extract_and_deploy():
+  f = lod.init(two_layers())
+  chex.assert_trees_all_equal(lod.extract(f, width=1.0), f)
+  half = lod.extract(f, width=0.5)
+  assert half["a"]["kernel"].rank == 4 and half["b"]["kernel"].rank == 2
+  with pytest.raises(ValueError, match="a/kernel: rank 9"):
+    lod.extract(f, ranks={"a/kernel": 9})
+  d = lod.deploy(lod.extract(f, ranks={"a/kernel": 2}))
+  assert isinstance(d["a"]["kernel"], jlr.LowRank)  # 2 * 20 < 96
+  assert not isinstance(d["b"]["kernel"], jlr.LowRank)  # full rank 4 * 12 >= 32
+  np.testing.assert_allclose(d["b"]["kernel"], two_layers()["b"]["kernel"], atol=1e-5)
+
+
+def test_search_reaches_the_budget_greedily():
+  rng = np.random.default_rng(2)
+  w = (rng.normal(size=(16, 16)) * 0.8 ** np.arange(16)).astype(np.float32)
+  w2 = (rng.normal(size=(16, 16)) * 0.5 ** np.arange(16)).astype(np.float32)
+  f = lod.init({"a": {"kernel": jnp.asarray(w)}, "b": {"kernel": jnp.asarray(w2)}})
+  x = rnd((32, 16), 3)
+  target = x @ jnp.asarray(w) @ jnp.asarray(w2)
+  score = lambda p: -float(jnp.mean((x @ p["a"]["kernel"].dense() @ p["b"]["kernel"].dense() - target) ** 2))  # noqa: E731
+  out, hist = lod.search(f, score, params_budget=200, step=0.2)
+  assert hist[-1][0] <= 200 and hist[0][0] > 200
+  assert [c for c, _ in hist] == sorted([c for c, _ in hist], reverse=True)
+  # the fast-decaying layer b is cut harder than a
+  assert out["b"]["kernel"].rank <= out["a"]["kernel"].rank
