@@ -79,3 +79,44 @@ def of_product(u: jax.Array, v: jax.Array):
   qv, rv = jnp.linalg.qr(jnp.swapaxes(v, -1, -2).astype(dt))
   p, s, wt = jnp.linalg.svd(ru @ jnp.swapaxes(rv, -1, -2), full_matrices=False)
   return qu @ p, s, wt @ jnp.swapaxes(qv, -1, -2)
+
+
+def whitener(gram: jax.Array | None = None, row_weights: jax.Array | None = None, *,
+             damping: float = 1e-2):
+  """``(R, R^{-1})`` with ``||R (W - W')||_F`` the data-aware error of a kernel ``W``.
+
+  * activation-whitened (SVD-LLM, Wang et al. 2024; ASVD, Yuan et al. 2023): ``gram`` is
+    ``X^T X`` of the layer's inputs; ``||X (W - W')||_F = ||G^{1/2} (W - W')||_F``, so
+    ``R = G^{1/2}``. ``X^T X`` is often singular (rank-deficient activations), so
+    ``damping * mean(diag G)`` is added and the square root comes from an
+    eigendecomposition with eigenvalues clipped at that floor -- no Cholesky failure.
+  * Fisher-weighted (FWSVD, Hsu et al. 2022): ``row_weights`` are per-row sums of squared
+    loss gradients; ``R = diag(sqrt(w))`` after the same relative damping.
+  """
+  if (gram is None) == (row_weights is None):
+    raise ValueError("whitener needs exactly one of gram= or row_weights=")
+  if gram is not None:
+    g = jnp.asarray(gram, jnp.float32)
+    g = (g + jnp.swapaxes(g, -1, -2)) / 2
+    floor = damping * jnp.mean(jnp.diagonal(g, axis1=-2, axis2=-1), -1, keepdims=True)
+    floor = jnp.maximum(floor, 1e-12)
+    lam, e = jnp.linalg.eigh(g)
+    lam = jnp.maximum(lam, 0.0) + floor
+    r = (e * jnp.sqrt(lam)[..., None, :]) @ jnp.swapaxes(e, -1, -2)
+    r_inv = (e / jnp.sqrt(lam)[..., None, :]) @ jnp.swapaxes(e, -1, -2)
+    return r, r_inv
+  w = jnp.asarray(row_weights, jnp.float32)
+  w = jnp.maximum(w, 0.0) + jnp.maximum(damping * jnp.mean(w, -1, keepdims=True), 1e-12)
+  s = jnp.sqrt(w)
+  return s[..., :, None] * jnp.eye(w.shape[-1]), (1.0 / s)[..., :, None] * jnp.eye(w.shape[-1])
+
+
+def weighted(a: jax.Array, rank: int, r: jax.Array, r_inv: jax.Array):
+  """Best rank-``rank`` ``W'`` under ``||R (W - W')||_F``: ``W' = R^{-1} (R W)_rank``.
+
+  Returns ``(u, s, vt)`` with ``W' = u diag(s) vt`` (``u = R^{-1} P``, not orthonormal):
+  ``s`` are the singular values of the whitened ``R W``.
+  """
+  a = a.astype(compute_dtype(a.dtype))
+  p, s, vt = jnp.linalg.svd(r @ a, full_matrices=False)
+  return r_inv @ p[..., :rank], s[..., :rank], vt[..., :rank, :]

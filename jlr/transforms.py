@@ -163,10 +163,36 @@ def _resolve(items, what: str, lenient: bool = False) -> list[int | None]:
   return out
 
 
+def _whitening(stats, path: str, layout: Layout, batch: tuple[int, ...], damping: float):
+  """``(R, R^{-1})`` for a leaf with calibration statistics, else ``(None, None)``."""
+  from jlr.stats import Gram, RowWeights  # stats imports this module lazily too
+
+  st = None if stats is None else stats.get(path)
+  if st is None:
+    return None, None
+  m = layout.matrix_shape[0]
+  if isinstance(st, Gram):
+    arr, want = np.asarray(st.matrix), batch + (m, m)
+    r = svd_lib.whitener(gram=arr, damping=damping) if arr.shape == want else None
+  elif isinstance(st, RowWeights):
+    arr, want = np.asarray(st.weights), batch + (m,)
+    r = svd_lib.whitener(row_weights=arr, damping=damping) if arr.shape == want else None
+  else:
+    raise TypeError(f"{path}: stats must be jlr.stats.Gram or RowWeights, got {type(st).__name__}")
+  if r is None:
+    raise ValueError(
+        f"{path}: calibration statistics of shape {arr.shape} do not fit this kernel's "
+        f"{layout.kind} matrix with {m} rows (expected {want}); the rows of the matrix must "
+        "be the layer's inputs")
+  if not bool(np.isfinite(arr).all()):
+    raise ValueError(f"{path}: calibration statistics contain NaN or Inf")
+  return r
+
+
 # ----------------------------------------------------------------------------- plan
 
 
-def plan(params, rank, *, select=None, layout=None) -> Plan:
+def plan(params, rank, *, select=None, layout=None, stats=None, damping: float = 1e-2) -> Plan:
   """Resolve which leaves get factorized, with which layout and rank.
 
   Args:
@@ -180,6 +206,9 @@ def plan(params, rank, *, select=None, layout=None) -> Plan:
     layout: matricization: ``None`` (infer, see :func:`jlr.layouts.infer`), a kind
       such as ``"conv_spatial"``, a :class:`jlr.layouts.Spec`, a mapping
       ``{path pattern: kind | Spec}`` or a callable ``(path, leaf) -> kind | Spec``.
+    stats: ``{path: jlr.stats.Gram | jlr.stats.RowWeights}`` for data-aware
+      factorization; rank rules then read the whitened spectrum of ``R W``.
+    damping: relative damping of the statistics (see :func:`jlr.svd.whitener`).
 
   Returns:
     A :class:`Plan` ``{path: Entry}`` in tree order.
@@ -195,9 +224,13 @@ def plan(params, rank, *, select=None, layout=None) -> Plan:
       continue
     lay, b = _layout_for(layout, path, leaf)
     _check_values(path, leaf)
-    leaf_ = leaf
-    items.append((path, lay, rule,
-                  lambda leaf_=leaf_, lay=lay: svd_lib.svdvals(lay.to_matrix(leaf_))))
+    r_w, _ = _whitening(stats, path, lay, tuple(jnp.shape(leaf))[:b], damping)
+
+    def spectrum(leaf=leaf, lay=lay, r_w=r_w):
+      mat = lay.to_matrix(leaf)
+      return svd_lib.svdvals(mat if r_w is None else r_w @ mat.astype(jnp.float32))
+
+    items.append((path, lay, rule, spectrum))
     meta.append((lay, tuple(jnp.shape(leaf))[:b], rule))
   for name, arg in (("rank", rank), ("layout", layout)):
     if isinstance(arg, Mapping):
@@ -221,15 +254,19 @@ def plan(params, rank, *, select=None, layout=None) -> Plan:
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "rank", "method", "split", "oversample", "n_iter"))
-def _factor(w, key, *, layout, rank, method, split, oversample, n_iter):
+def _factor(w, key, r_w, r_inv, *, layout, rank, method, split, oversample, n_iter):
   mat = layout.to_matrix(w)
-  kw = dict(oversample=oversample, n_iter=n_iter) if method == "randomized" else {}
-  u, s, vt = svd_lib.truncated(mat, rank, method=method, key=key, **kw)
+  if r_w is not None:
+    u, s, vt = svd_lib.weighted(mat, rank, r_w, r_inv)
+  else:
+    kw = dict(oversample=oversample, n_iter=n_iter) if method == "randomized" else {}
+    u, s, vt = svd_lib.truncated(mat, rank, method=method, key=key, **kw)
   return from_svd(u, s, vt, layout, split=split, dtype=w.dtype)
 
 
 def factorize(params, rank=None, *, select=None, layout=None, method: str = "svd", key=None,
-              split: str = "balanced", oversample: int = 10, n_iter: int = 2):
+              split: str = "balanced", oversample: int = 10, n_iter: int = 2, stats=None,
+              damping: float = 1e-2):
   """Replace selected kernels by their best rank-``r`` :class:`LowRank` factors.
 
   ``W ~ u v`` with ``u v`` the truncated SVD of the matricized kernel (Eckart-Young:
@@ -246,6 +283,9 @@ def factorize(params, rank=None, *, select=None, layout=None, method: str = "svd
     key: PRNG key for ``method="randomized"``; each leaf uses ``fold_in(key, i)``.
     split: how singular values are folded into the factors (``"balanced"``:
       ``sqrt(s)`` on each side; ``"left"``; ``"right"``).
+    stats, damping: data-aware factorization (see :func:`plan` and :mod:`jlr.stats`):
+      listed kernels minimize ``||R (W - W')||_F`` -- activation-whitened (SVD-LLM) for
+      a ``Gram``, Fisher-weighted (FWSVD) for ``RowWeights`` -- with an exact SVD.
 
   Returns:
     A new tree with a ``LowRank`` wherever a kernel was factorized.
@@ -256,7 +296,8 @@ def factorize(params, rank=None, *, select=None, layout=None, method: str = "svd
     raise ValueError("method='randomized' needs a PRNG key: pass key=jax.random.key(0)")
   if rank is None:
     raise TypeError("factorize needs a rank: an int, a jlr.ranks rule, a mapping or a Plan")
-  the_plan = rank if isinstance(rank, Plan) else plan(params, rank, select=select, layout=layout)
+  the_plan = rank if isinstance(rank, Plan) else plan(
+      params, rank, select=select, layout=layout, stats=stats, damping=damping)
   leaves, treedef = _leaves(params)
   out = []
   for i, (path, leaf) in enumerate(leaves):
@@ -265,8 +306,9 @@ def factorize(params, rank=None, *, select=None, layout=None, method: str = "svd
       out.append(leaf)
       continue
     k = jax.random.fold_in(key, i) if key is not None else None
-    out.append(_factor(leaf, k, layout=entry.layout, rank=entry.rank, method=method,
-                       split=split, oversample=oversample, n_iter=n_iter))
+    r_w, r_inv = _whitening(stats, path, entry.layout, entry.batch_shape, damping)
+    out.append(_factor(leaf, k, r_w, r_inv, layout=entry.layout, rank=entry.rank,
+                       method=method, split=split, oversample=oversample, n_iter=n_iter))
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
