@@ -20,6 +20,7 @@ from jlr import svd as svd_lib
 from jlr.layouts import Layout
 from jlr.lowrank import LowRank, from_svd, is_lowrank
 from jlr.paths import first_match, leaf_name, matches, path_str
+from jlr.sharding import follow
 
 KERNEL_NAMES = ("kernel", "embedding")
 
@@ -309,7 +310,7 @@ def factorize(params, rank=None, *, select=None, layout=None, method: str = "svd
     r_w, r_inv = _whitening(stats, path, entry.layout, entry.batch_shape, damping)
     out.append(_factor(leaf, k, r_w, r_inv, layout=entry.layout, rank=entry.rank,
                        method=method, split=split, oversample=oversample, n_iter=n_iter))
-  return jax.tree_util.tree_unflatten(treedef, out)
+  return follow(jax.tree_util.tree_unflatten(treedef, out), params)
 
 
 # ----------------------------------------------------------------------------- merge / truncate
@@ -317,8 +318,9 @@ def factorize(params, rank=None, *, select=None, layout=None, method: str = "svd
 
 def merge(params):
   """Every :class:`LowRank` back to a dense kernel of its original shape and dtype."""
-  return jax.tree_util.tree_map(
+  merged = jax.tree_util.tree_map(
       lambda x: x.dense().astype(x.dtype) if is_lowrank(x) else x, params, is_leaf=is_lowrank)
+  return follow(merged, params)
 
 
 @functools.partial(jax.jit, static_argnames=("rank", "split"))
@@ -354,4 +356,4 @@ def truncate(params, rank, *, split: str = "balanced"):
     if r > f.rank:
       raise ValueError(f"{path}: cannot truncate a rank-{f.rank} LowRank to rank {r}")
     out[i] = _retruncate(f, rank=r, split=split)
-  return jax.tree_util.tree_unflatten(treedef, out)
+  return follow(jax.tree_util.tree_unflatten(treedef, out), params)
