@@ -6,8 +6,10 @@
 2. For each ratio, ``jlr.factorize(variables, jlr.ranks.ratio(r))`` replaces every
    conv and dense kernel that it shrinks by its best rank-``r`` factors (truncated
    SVD), and ``jlr.flax.apply`` runs the *unchanged* model with them.
-3. Prints params, kernel FLOPs, the FLOP speed-up and the test accuracy per ratio,
-   then ``jlr.summary`` of one factorized tree.
+3. Prints params, kernel FLOPs, the FLOP speed-up and the test accuracy per ratio --
+   once for every kernel (the default ``select``), once with the first conv and the
+   classifier kept dense (``select=[...]``): those two small, near-full-rank matrices
+   are where a uniform ratio hurts most -- then ``jlr.summary`` of one factorized tree.
 
 Ratio 1.0 is the dense model as trained: ``ratio(1.0)`` would still factorize the
 kernels whose full-rank factors are smaller than the kernel itself.
@@ -40,6 +42,9 @@ import jlr.flax  # noqa: E402
 from data import NAMES, batches, load  # noqa: E402
 
 DEFAULT_EPOCHS = {"digits": 30, "mnist": 2, "fashion_mnist": 3}
+# The middle layers. The first conv (a 9x32 matrix: 1 input channel) and the classifier
+# (128x10) are tiny and near full rank; a uniform ratio cuts most of their rank.
+INNER = ("Conv_1/kernel", "Dense_0/kernel")
 
 
 class CNN(nn.Module):
@@ -93,6 +98,29 @@ def accuracy(predict, variables, x, y, batch_size: int = 1000) -> float:
   return correct / len(x)
 
 
+def compare(predict, variables, x_test, y_test, ratios, select=None) -> dict:
+  """Print one row per ratio; return ``{ratio: jlr.summary}``."""
+  head = ("ratio", "params", "compression", "kernel FLOPs", "FLOP speed-up", "test acc")
+  rows, reports = [], {}
+  for r in ratios:
+    if r >= 1.0:
+      tree, name = variables, "1.0 (dense)"
+    else:
+      tree, name = jlr.factorize(variables, jlr.ranks.ratio(r), select=select), f"{r:g}"
+    rep = reports[r] = jlr.summary(tree)
+    acc = accuracy(predict, tree, x_test, y_test)
+    rows.append((name, f"{rep.total_params:,}", f"{rep.compression:.2f}x", f"{rep.flops:,}",
+                 f"{rep.flop_speedup:.2f}x", f"{acc:.2%}"))
+  widths = [max(len(c[i]) for c in (head, *rows)) for i in range(len(head))]
+  line = lambda cells: "  ".join(  # noqa: E731
+      c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+  print(line(head))
+  print("-" * len(line(head)))
+  for row in rows:
+    print(line(row))
+  return reports
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -121,33 +149,21 @@ def main(argv=None):
 
   # One jitted function serves every ratio; it retraces per tree structure/shapes.
   predict = jax.jit(lambda v, x: jlr.flax.apply(model, v, x))
-  head = ("ratio", "params", "compression", "kernel FLOPs", "FLOP speed-up", "test acc")
-  rows, shown = [], None
-  for r in args.ratios:
-    if r >= 1.0:
-      tree, name = variables, "1.0 (dense)"
-    else:
-      tree, name = jlr.factorize(variables, jlr.ranks.ratio(r)), f"{r:g}"
-    rep = jlr.summary(tree)
-    acc = accuracy(predict, tree, x_test, y_test)
-    rows.append((name, f"{rep.total_params:,}", f"{rep.compression:.2f}x", f"{rep.flops:,}",
-                 f"{rep.flop_speedup:.2f}x", f"{acc:.2%}"))
-    if np.isclose(r, args.show):
-      shown = (r, rep)
-
-  widths = [max(len(c[i]) for c in (head, *rows)) for i in range(len(head))]
-  line = lambda cells: "  ".join(  # noqa: E731
-      c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-  print(line(head))
-  print("-" * len(line(head)))
-  for row in rows:
-    print(line(row))
+  shown = None
+  for title, select in (
+      ("every kernel that ratio(r) shrinks (default select)", None),
+      ("first conv and classifier kept dense (select=%s)" % list(INNER), list(INNER))):
+    print(title + ":")
+    reports = compare(predict, variables, x_test, y_test, args.ratios, select)
+    shown = reports.get(args.show, shown)
+    print()
   print("params: all leaves (biases included); kernel FLOPs: per layer application (one "
-        "input row / conv output position), summed over layers, as jlr.summary counts them")
+        "input row / conv output position),\nsummed over layers, as jlr.summary counts them")
 
   if shown is not None:
-    print(f"\njlr.summary(jlr.factorize(variables, jlr.ranks.ratio({shown[0]:g}))):\n")
-    print(shown[1])
+    print(f"\njlr.summary(jlr.factorize(variables, jlr.ranks.ratio({args.show:g}), "
+          f"select={list(INNER)})):\n")
+    print(shown)
   print(f"\ntotal {time.perf_counter() - t0:.1f}s")
 
 
