@@ -224,6 +224,10 @@ def plan(params, rank, *, select=None, layout=None, stats=None, damping: float =
     if rule is None:
       continue
     lay, b = _layout_for(layout, path, leaf)
+    if lay.max_rank == 0 or 0 in jnp.shape(leaf):
+      if select is None:
+        continue  # nothing to factorize
+      raise ValueError(f"{path}: cannot factorize an empty kernel of shape {jnp.shape(leaf)}")
     _check_values(path, leaf)
     r_w, _ = _whitening(stats, path, lay, tuple(jnp.shape(leaf))[:b], damping)
 
