@@ -5,7 +5,9 @@ One data type (:class:`LowRank`), pure transforms on parameter pytrees
 rank rules (:mod:`jlr.ranks`) and Flax integration (:mod:`jlr.flax`).
 """
 
-from jlr import layouts, ranks, svd
+import importlib
+
+from jlr import layouts, lod, ranks, sharding, stats, svd, trp
 from jlr.layouts import Layout
 from jlr.lowrank import LowRank, is_lowrank
 from jlr.report import Report, summary
@@ -13,7 +15,15 @@ from jlr.transforms import Entry, Plan, factorize, merge, plan, truncate
 
 __version__ = "0.1.0"
 
+_LAZY = ("flax", "train", "checkpoint", "cli", "models")
+
+
+def __getattr__(name):  # jlr.flax etc. on first use: the core does not import Flax glue
+  if name in _LAZY:
+    return importlib.import_module(f"jlr.{name}")
+  raise AttributeError(f"module 'jlr' has no attribute {name!r}")
+
 __all__ = [
     "Entry", "Layout", "LowRank", "Plan", "Report", "factorize", "is_lowrank", "layouts",
-    "merge", "plan", "ranks", "summary", "svd", "truncate",
+    "lod", "merge", "plan", "ranks", "sharding", "stats", "summary", "svd", "trp", "truncate",
 ]

@@ -12,11 +12,10 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import jax
 import jax.numpy as jnp
 
 from jlr.lowrank import is_lowrank
-from jlr.transforms import KERNEL_NAMES, Plan, _is_array, _leaves, plan as make_plan
+from jlr.transforms import KERNEL_NAMES, Plan, _is_array, _layout_for, _leaves, plan as make_plan
 from jlr.paths import leaf_name
 
 
@@ -129,8 +128,6 @@ def summary(params, rank=None, **plan_kwargs) -> Report:
   With ``rank`` (and optionally ``select``/``layout``, as in :func:`jlr.plan`), or a
   :class:`jlr.Plan`, reports the cost of that plan *before* applying it.
   """
-  from jlr.transforms import _layout_for  # local: shared inference, no cycle
-
   the_plan = None
   if rank is not None:
     the_plan = rank if isinstance(rank, Plan) else make_plan(params, rank, **plan_kwargs)

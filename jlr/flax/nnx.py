@@ -13,15 +13,19 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
+import jax
+
 from jlr import ops
-from jlr.lowrank import LowRank
+from jlr.layouts import Spec
+from jlr.lowrank import LowRank, is_lowrank
 from jlr.paths import path_str
-from jlr.transforms import Plan, factorize, plan as make_plan
+from jlr.transforms import Plan, _selector, _spec_for, factorize, plan as make_plan
 
 SUPPORTED = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Embed)
 
 
-def _promote(module, *xs, inexact=True):
+def _promote(module, *xs):
+  """Cast to the module's ``dtype`` (or the inputs' common type), keeping ``None``s."""
   dtype = module.dtype
   if dtype is None:
     dtype = jnp.result_type(*[x for x in xs if x is not None])
@@ -138,7 +142,6 @@ def plan(model, rank, *, select=None, layout=None) -> Plan:
       return False
     if user_select is None:
       return _unsupported(layers[path]) is None
-    from jlr.transforms import _selector
     if not _selector(user_select)(path, leaf):
       return False
     problem = _unsupported(layers[path])
@@ -148,13 +151,8 @@ def plan(model, rank, *, select=None, layout=None) -> Plan:
 
   def layout_for(path, leaf):
     module = layers[path]
-    if isinstance(layout, dict) or callable(layout):
-      from jlr.transforms import _spec_for
-      spec = _spec_for(layout, path, leaf)
-    else:
-      spec = layout
-    if isinstance(module, nnx.LinearGeneral) and spec is None:
-      from jlr.layouts import Spec
+    spec = _spec_for(layout, path, leaf) if layout is not None else None
+    if isinstance(module, nnx.LinearGeneral) and (spec is None or spec == Spec()):
       return Spec(kind="dense_general", n_in=len(module.axis))
     return spec
 
@@ -180,7 +178,8 @@ def compress(model, rank, *, select=None, layout=None, method: str = "svd", key=
   new = nnx.clone(model)
   layers = _layers(new)
   state = factorize(nnx.state(new, nnx.Param), the_plan, method=method, key=key, split=split)
-  flat = {path_str(p): v for p, v in _flatten_lowrank(state)}
+  flat = {path_str(p): v
+          for p, v in jax.tree_util.tree_flatten_with_path(state, is_leaf=is_lowrank)[0]}
   for kpath in the_plan:
     *parent_path, attr = kpath.split("/")[:-1]
     parent = new
@@ -192,9 +191,3 @@ def compress(model, rank, *, select=None, layout=None, method: str = "svd", key=
     else:
       setattr(parent, attr, twin)
   return new
-
-
-def _flatten_lowrank(tree):
-  import jax
-  from jlr.lowrank import is_lowrank
-  return jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_lowrank)[0]
