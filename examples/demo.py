@@ -3,19 +3,19 @@
 1. Trains a flax.linen CNN (two 3x3 convs, two dense layers) with Adam on
    scikit-learn's bundled 8x8 digits (``--data mnist`` / ``fashion_mnist`` for the
    28x28 sets; see ``data.py``). Everything runs offline on CPU.
-2. For each ratio, ``jlr.factorize(variables, jlr.ranks.ratio(r))`` replaces every
-   conv and dense kernel that it shrinks by its best rank-``r`` factors (truncated
-   SVD), and ``jlr.flax.apply`` runs the *unchanged* model with them.
-3. Prints params, kernel FLOPs, the FLOP speed-up and the test accuracy per ratio --
-   once for every kernel (the default ``select``), once with the first conv and the
-   classifier kept dense (``select=[...]``): those two small, near-full-rank matrices
-   are where a uniform ratio hurts most -- then ``jlr.summary`` of one factorized tree.
+2. For each kept fraction r it factorizes the trained kernels three ways and runs the
+   *unchanged* model on them with ``jlr.flax.apply`` (``x @ u @ v``, never ``u @ v``):
+   uniform ``jlr.ranks.ratio(r)`` on every kernel it shrinks; one global
+   ``jlr.ranks.budget(r)`` spread by spectral energy per parameter; and uniform with the
+   first conv and the classifier kept dense (those two small, near-full-rank matrices
+   are where a uniform ratio hurts most).
+3. Prints params and test accuracy per strategy, then ``jlr.summary`` of one tree.
 
 Ratio 1.0 is the dense model as trained: ``ratio(1.0)`` would still factorize the
 kernels whose full-rank factors are smaller than the kernel itself.
 
     python examples/demo.py                     # digits, < 1 minute on 2 CPU cores
-    python examples/demo.py --data mnist --epochs 2 --ratios 1 0.5 0.25 0.1 0.05
+    python examples/demo.py --data mnist        # 1 epoch: about 1.5 minutes more
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import jlr  # noqa: E402
 import jlr.flax  # noqa: E402
 from data import NAMES, batches, load  # noqa: E402
 
-DEFAULT_EPOCHS = {"digits": 30, "mnist": 2, "fashion_mnist": 3}
+DEFAULT_EPOCHS = {"digits": 30, "mnist": 1, "fashion_mnist": 1}
 # The middle layers. The first conv (a 9x32 matrix: 1 input channel) and the classifier
 # (128x10) are tiny and near full rank; a uniform ratio cuts most of their rank.
 INNER = ("Conv_1/kernel", "Dense_0/kernel")
@@ -98,19 +98,35 @@ def accuracy(predict, variables, x, y, batch_size: int = 1000) -> float:
   return correct / len(x)
 
 
-def compare(predict, variables, x_test, y_test, ratios, select=None) -> dict:
-  """Print one row per ratio; return ``{ratio: jlr.summary}``."""
-  head = ("ratio", "params", "compression", "kernel FLOPs", "FLOP speed-up", "test acc")
+STRATEGIES = {
+    # name: (rank rule for a kept fraction r, select)
+    "uniform": (jlr.ranks.ratio, None),
+    "budget": (jlr.ranks.budget, None),
+    "ends dense": (jlr.ranks.ratio, list(INNER)),
+}
+
+
+def compare(predict, variables, x_test, y_test, ratios) -> dict:
+  """One row per kept fraction r, one (params, accuracy) pair per strategy:
+
+  * uniform    -- ``ranks.ratio(r)``: every kernel keeps a fraction r of its params;
+  * budget     -- ``ranks.budget(r)``: one global budget of r x (all kernel params),
+                  allocated by marginal spectral energy per parameter;
+  * ends dense -- ``ranks.ratio(r)`` on the inner layers only (``select=INNER``).
+
+  Returns ``{(strategy, r): jlr.summary}``.
+  """
+  head = ["kept r"]
+  for name in STRATEGIES:
+    head += [f"{name} params", f"{name} acc"]
   rows, reports = [], {}
   for r in ratios:
-    if r >= 1.0:
-      tree, name = variables, "1.0 (dense)"
-    else:
-      tree, name = jlr.factorize(variables, jlr.ranks.ratio(r), select=select), f"{r:g}"
-    rep = reports[r] = jlr.summary(tree)
-    acc = accuracy(predict, tree, x_test, y_test)
-    rows.append((name, f"{rep.total_params:,}", f"{rep.compression:.2f}x", f"{rep.flops:,}",
-                 f"{rep.flop_speedup:.2f}x", f"{acc:.2%}"))
+    row = ["1.0 (dense)" if r >= 1.0 else f"{r:g}"]
+    for name, (rule, select) in STRATEGIES.items():
+      tree = variables if r >= 1.0 else jlr.factorize(variables, rule(r), select=select)
+      rep = reports[name, r] = jlr.summary(tree)
+      row += [f"{rep.total_params:,}", f"{accuracy(predict, tree, x_test, y_test):.2%}"]
+    rows.append(row)
   widths = [max(len(c[i]) for c in (head, *rows)) for i in range(len(head))]
   line = lambda cells: "  ".join(  # noqa: E731
       c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
@@ -145,24 +161,18 @@ def main(argv=None):
   model = CNN(classes=int(y_train.max()) + 1)
   variables = train(model, x_train, y_train, epochs=epochs, batch_size=args.batch_size,
                     lr=args.lr, seed=args.seed)
-  print(f"trained {epochs} epochs in {time.perf_counter() - t0:.1f}s\n")
+  print(f"trained {epochs} epoch{'s' * (epochs != 1)} in {time.perf_counter() - t0:.1f}s\n")
 
   # One jitted function serves every ratio; it retraces per tree structure/shapes.
   predict = jax.jit(lambda v, x: jlr.flax.apply(model, v, x))
-  shown = None
-  for title, select in (
-      ("every kernel that ratio(r) shrinks (default select)", None),
-      ("first conv and classifier kept dense (select=%s)" % list(INNER), list(INNER))):
-    print(title + ":")
-    reports = compare(predict, variables, x_test, y_test, args.ratios, select)
-    shown = reports.get(args.show, shown)
-    print()
-  print("params: all leaves (biases included); kernel FLOPs: per layer application (one "
-        "input row / conv output position),\nsummed over layers, as jlr.summary counts them")
-
+  reports = compare(predict, variables, x_test, y_test, args.ratios)
+  print("\nparams: all leaves, biases included. uniform: every kernel keeps r of its params; "
+        "budget: one global\nbudget of r x kernel params spread by spectral energy per "
+        f"parameter; ends dense: uniform on {list(INNER)} only.")
+  shown = reports.get(("budget", args.show))
   if shown is not None:
-    print(f"\njlr.summary(jlr.factorize(variables, jlr.ranks.ratio({args.show:g}), "
-          f"select={list(INNER)})):\n")
+    print(f"\njlr.summary(jlr.factorize(variables, jlr.ranks.budget({args.show:g}))) -- "
+          "FLOPs per layer application (input row / conv output position):\n")
     print(shown)
   print(f"\ntotal {time.perf_counter() - t0:.1f}s")
 
