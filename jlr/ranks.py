@@ -41,7 +41,7 @@ class Rule:
   def resolve(self, layout: Layout, s: np.ndarray | None) -> int:
     raise NotImplementedError
 
-  def mask(self, layout: Layout, s: jax.Array) -> jax.Array:
+  def mask(self, layout: Layout, s: jax.Array, total=None) -> jax.Array:
     """Jittable boolean mask over ``s`` (``(..., k)``, descending) of the components
     this rule keeps, per matrix. Static shapes: used by TRP's in-step projection.
     Energy sums run in float32 here, so thresholds within ~1e-7 of 1.0 may keep one
@@ -120,9 +120,11 @@ class energy(Rule):  # noqa: N801
     need = (frac < self.threshold - 1e-9).sum(-1) + 1
     return int(min(max(1, need.max()), s2.shape[-1]))
 
-  def mask(self, layout, s):
+  def mask(self, layout, s, total=None):
+    """``total``: the full squared Frobenius norm, when ``s`` holds only the top values
+    (a randomized SVD); by default ``sum(s^2)``."""
     s2 = jnp.square(s.astype(jnp.float32))
-    total = s2.sum(-1, keepdims=True)
+    total = s2.sum(-1, keepdims=True) if total is None else total[..., None]
     before = jnp.cumsum(s2, -1) - s2  # energy of the components ahead of each one
     return (before < (self.threshold - 1e-9) * total) | (jnp.arange(s.shape[-1]) == 0)
 
@@ -145,7 +147,7 @@ class value(Rule):  # noqa: N801
     s = np.asarray(s).reshape(-1, np.shape(s)[-1])
     return int(max(1, (s > self.threshold).sum(-1).max()))
 
-  def mask(self, layout, s):
+  def mask(self, layout, s, total=None):
     return (s > self.threshold) | (jnp.arange(s.shape[-1]) == 0)
 
   def describe(self):
@@ -174,8 +176,8 @@ class round_up(Rule):  # noqa: N801
     r = self.rule.resolve(layout, s)
     return min(-(-r // self.multiple) * self.multiple, layout.max_rank)
 
-  def mask(self, layout, s):
-    r = self.rule.mask(layout, s).sum(-1, keepdims=True)
+  def mask(self, layout, s, total=None):
+    r = self.rule.mask(layout, s, total).sum(-1, keepdims=True)
     r = -(-r // self.multiple) * self.multiple
     return jnp.arange(s.shape[-1]) < r
 
@@ -212,7 +214,7 @@ class budget(Rule):  # noqa: N801
     if self.params is not None and self.params <= 0:
       raise ValueError(f"budget params must be positive, got {self.params}")
 
-  def mask(self, layout, s):
+  def mask(self, layout, s, total=None):
     raise ValueError("a global budget needs every leaf's spectrum at once on the host; "
                      "it cannot be resolved inside a jitted step (use energy, value or fixed)")
 

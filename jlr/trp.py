@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import optax
 
 from jlr import ranks as ranks_lib
+from jlr import svd as svd_lib
 from jlr.layouts import Layout
 from jlr.paths import path_str
 from jlr.transforms import _default_select, _layout_for, _selector, factorize
@@ -66,10 +67,23 @@ def _svd(w, layout: Layout):
   return jnp.linalg.svd(mat, full_matrices=False)
 
 
-def low_rank_point(w, layout: Layout, rule) -> jax.Array:
-  """``D(W)``: the kernel with singular components outside ``rule`` zeroed. Jittable."""
-  u, s, vt = _svd(w, layout)
-  s = jnp.where(rule.mask(layout, s), s, 0.0)
+def low_rank_point(w, layout: Layout, rule, *, key=None, max_rank: int | None = None,
+                   oversample: int = 10, n_iter: int = 2) -> jax.Array:
+  """``D(W)``: the kernel with singular components outside ``rule`` zeroed. Jittable.
+
+  With ``key`` the top ``max_rank`` components come from a randomized SVD
+  (:func:`jlr.svd.randomized`) and energy fractions are taken of the exact
+  ``||W||_F^2``, so the rule keeps at most ``max_rank`` components.
+  """
+  if key is None:
+    u, s, vt = _svd(w, layout)
+    keep = rule.mask(layout, s)
+  else:
+    mat = layout.to_matrix(w).astype(jnp.float32)
+    k = min(max_rank, layout.max_rank)
+    u, s, vt = svd_lib.randomized(mat, k, key, oversample=oversample, n_iter=n_iter)
+    keep = rule.mask(layout, s, jnp.sum(jnp.square(mat), axis=(-2, -1)))
+  s = jnp.where(keep, s, 0.0)
   return layout.from_matrix((u * s[..., None, :]) @ vt).astype(w.dtype)
 
 
@@ -86,15 +100,19 @@ def _on_schedule(count, every: int):
   return (count + 1) % every == 0  # steps every, 2 every, ... (1-indexed)
 
 
-def _map_selected(fn, targets, *trees):
+def _map_selected(fn, targets, *trees, with_path: bool = False):
   def leaf(kp, *xs):
-    t = targets.get(path_str(kp))
-    return xs[0] if t is None else fn(t[0], *xs)
+    path = path_str(kp)
+    t = targets.get(path)
+    if t is None:
+      return xs[0]
+    return fn(path, t[0], *xs) if with_path else fn(t[0], *xs)
   return jax.tree_util.tree_map_with_path(leaf, *trees)
 
 
-def project(every: int, rank: Any = ranks_lib.energy(0.9), *, select=None,
-            layout=None) -> optax.GradientTransformation:
+def project(every: int, rank: Any = ranks_lib.energy(0.9), *, select=None, layout=None,
+            method: str = "svd", key=None, max_rank: int | None = None, oversample: int = 10,
+            n_iter: int = 2) -> optax.GradientTransformation:
   """Land the selected kernels on their low-rank point every ``every`` steps.
 
   Place it *last* in a chain: on a projection step it rewrites the final updates to
@@ -103,10 +121,15 @@ def project(every: int, rank: Any = ranks_lib.energy(0.9), *, select=None,
   (:func:`jlr.ranks.energy`, ``value``, ``fixed``, ``ratio``, ``round_up``); ``select``
   and ``layout`` as in :func:`jlr.factorize` (default: every float ``kernel`` /
   ``embedding`` with >= 2 axes; ``layout="conv_spatial"`` for TRP's spatial-wise
-  scheme).
+  scheme). ``method="randomized"`` (for big kernels) needs ``key`` and ``max_rank``, the
+  largest rank the rule may keep; each projection folds the step count into ``key``.
   """
   if every < 1:
     raise ValueError(f"every must be >= 1, got {every}")
+  if method not in svd_lib.METHODS:
+    raise ValueError(f"method must be one of {svd_lib.METHODS}, got {method!r}")
+  if method == "randomized" and (key is None or max_rank is None):
+    raise ValueError("method='randomized' needs key= and max_rank= (the sketch rank)")
   rule = ranks_lib.as_rule(rank)
 
   def init(params):
@@ -119,10 +142,15 @@ def project(every: int, rank: Any = ranks_lib.energy(0.9), *, select=None,
     targets = _targets(params, select, layout)
 
     def projected(updates):
-      def one(layout_, u, p):
-        new = p + u
-        return (low_rank_point(new, layout_, rule) - p).astype(u.dtype)
-      return _map_selected(one, targets, updates, params)
+      index = {path: i for i, path in enumerate(targets)}
+
+      def one(path, layout_, u, p):
+        kw = {}
+        if method == "randomized":
+          k = jax.random.fold_in(jax.random.fold_in(key, state.count), index[path])
+          kw = dict(key=k, max_rank=max_rank, oversample=oversample, n_iter=n_iter)
+        return (low_rank_point(p + u, layout_, rule, **kw) - p).astype(u.dtype)
+      return _map_selected(one, targets, updates, params, with_path=True)
 
     updates = jax.lax.cond(_on_schedule(state.count, every), projected, lambda u: u, updates)
     return updates, TRPState(optax.safe_int32_increment(state.count))

@@ -150,3 +150,19 @@ def test_sharded_step_matches_unsharded(shape):
   got = run(sp)
   chex.assert_trees_all_close(got, ref, rtol=1e-4, atol=1e-5)
   assert got["k"]["kernel"].sharding.is_equivalent_to(sharding, 2)
+
+
+def test_randomized_projection_matches_exact_on_a_decaying_spectrum():
+  rng = np.random.default_rng(3)
+  p_, _ = np.linalg.qr(rng.normal(size=(64, 64)))
+  q_, _ = np.linalg.qr(rng.normal(size=(48, 48)))
+  w = jnp.asarray((p_[:, :48] * 0.7 ** np.arange(48)) @ q_.T, jnp.float32)
+  params = {"k": {"kernel": w}}
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  exact = trp.project(1, ranks.energy(0.95))
+  rand = trp.project(1, ranks.energy(0.95), method="randomized", key=jax.random.key(0), max_rank=16)
+  ue, _ = exact.update(zeros, exact.init(params), params)
+  ur, _ = rand.update(zeros, rand.init(params), params)
+  np.testing.assert_allclose(ur["k"]["kernel"], ue["k"]["kernel"], atol=1e-4)
+  with pytest.raises(ValueError, match="max_rank"):
+    trp.project(1, method="randomized", key=jax.random.key(0))
