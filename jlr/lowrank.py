@@ -14,7 +14,7 @@ SPLITS = ("balanced", "left", "right")
 
 
 @jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class LowRank:
   """A kernel ``W`` stored as ``layout.from_matrix(u @ v)``.
 
@@ -34,6 +34,16 @@ class LowRank:
   u: jax.Array
   v: jax.Array
   layout: Layout = dataclasses.field(metadata=dict(static=True))
+
+  def __repr__(self) -> str:
+    def arr(x):
+      shape = getattr(x, "shape", None)
+      if shape is None:
+        return repr(x)
+      return f"{getattr(x, 'dtype', '?')}{list(shape)}"
+    lay = self.layout
+    return (f"LowRank(u={arr(self.u)}, v={arr(self.v)}, layout={lay.kind} "
+            f"{'x'.join(map(str, lay.shape))})")
 
   @property
   def rank(self) -> int:
