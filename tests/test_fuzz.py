@@ -121,7 +121,53 @@ def test_factorize_fuzz(raw, rank, select, x64):
   check(raw, rank, select, x64)
 
 
+def check_rerank(raw, rank, x64):
+  """truncate / lod.shrink / lod.extract / summary on a factorized tree: verified, or a
+  clear error that names the leaf path or the argument."""
+  CASES["tried"] += 1
+  with jax.enable_x64(x64):
+    tree = materialize(raw)
+    try:
+      fac = jlr.factorize(tree, ranks.full(), select="kernel")
+    except (ValueError, TypeError):
+      CASES["refused"] += 1
+      return
+    try:
+      out = jlr.truncate(fac, rank)
+    except (ValueError, TypeError) as e:
+      CASES["refused"] += 1
+      msg = str(e)
+      named = any(re.search(rf"(^|\s){re.escape(p)}\b", msg) for p in paths_of(tree))
+      assert named or any(w in msg for w in ("rank", "budget", "jit")), msg
+      return
+    CASES["ok"] += 1
+    for f, g in zip(jax.tree.leaves(fac, is_leaf=jlr.is_lowrank),
+                    jax.tree.leaves(out, is_leaf=jlr.is_lowrank)):
+      if not jlr.is_lowrank(g):
+        continue
+      assert g.rank <= f.rank and g.layout == f.layout and g.dtype == f.dtype
+      u, v = np.asarray(g.u, np.float64), np.asarray(g.v, np.float64)
+      assert np.isfinite(u).all() and np.isfinite(v).all(), "silent NaN/Inf after truncate"
+      if f.dtype in (jnp.float32, jnp.float64):
+        mat = np.asarray(f.u, np.float64) @ np.asarray(f.v, np.float64)
+        s = np.linalg.svd(mat, compute_uv=False)
+        opt = np.sqrt((s[g.rank:] ** 2).sum())
+        assert np.linalg.norm(mat - u @ v) <= opt * 1.001 + 1e-4 * np.linalg.norm(mat) + 1e-6
+    shrunk = jlr.lod.shrink(out, 1e-3)
+    for leaf in jax.tree.leaves(shrunk, is_leaf=jlr.is_lowrank):
+      if jlr.is_lowrank(leaf):
+        assert np.isfinite(np.asarray(leaf.u, np.float64)).all() and leaf.rank >= 1
+    half = jlr.lod.extract(shrunk, width=0.5)
+    assert jlr.summary(half).total_params <= jlr.summary(shrunk).total_params
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(trees(), RULES, st.booleans())
+def test_truncate_shrink_extract_fuzz(raw, rank, x64):
+  check_rerank(raw, rank, x64)
+
+
 def test_report_case_count():
   print(f"\nfuzz: {CASES['tried']} cases, {CASES['ok']} succeeded (verified), "
         f"{CASES['refused']} refused with a ValueError/TypeError")
-  assert CASES["tried"] >= 100 and CASES["ok"] > 10 and CASES["refused"] > 10
+  assert CASES["tried"] >= 200 and CASES["ok"] > 10 and CASES["refused"] > 10
