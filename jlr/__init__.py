@@ -7,7 +7,7 @@ rank rules (:mod:`jlr.ranks`) and Flax integration (:mod:`jlr.flax`).
 
 import importlib
 
-from jlr import layouts, lod, ranks, sharding, stats, svd, trp
+from jlr import layouts, lod, masks, ranks, sharding, stats, svd, trp
 from jlr.layouts import Layout
 from jlr.lowrank import LowRank, is_lowrank
 from jlr.report import Report, summary
@@ -25,5 +25,5 @@ def __getattr__(name):  # jlr.flax etc. on first use: the core does not import F
 
 __all__ = [
     "Entry", "Layout", "LowRank", "Plan", "Report", "factorize", "is_lowrank", "layouts",
-    "lod", "merge", "plan", "ranks", "sharding", "stats", "summary", "svd", "trp", "truncate",
+    "lod", "masks", "merge", "plan", "ranks", "sharding", "stats", "summary", "svd", "trp", "truncate",
 ]
