@@ -1,4 +1,4 @@
-"""Shared pieces of the LoD examples (``lod_mlp.py``, ``lod_transformer.py``).
+"""Shared pieces of the LoD examples (``lod_mlp.py``, ``lod_transformer.py``, ``lod_cnn.py``).
 
 * :func:`ranks_of` -- ``{path: rank}`` of every ``LowRank`` leaf (from ``jlr.summary``).
 * :class:`RankedCheckpoints` -- ``jlr.train.Checkpoints`` plus a small JSON of the
@@ -7,6 +7,12 @@
   (``lod.extract(lod.init(...), ranks=...)``) before restoring.
 * :func:`fit` -- the epoch loop: jitted ``train_step``, a progress bar, an optional
   LoD shrink at the end of every epoch after the warm-up, checkpoint/resume.
+* :func:`bn_recalibrator` -- BatchNorm statistics of a (sub-)model recomputed exactly
+  over a calibration set (a prefix model needs its own; the running statistics belong to
+  the network they were gathered on).
+* :func:`parse_mesh`, :func:`place_state`, :func:`shard_batch` -- ``--mesh data=4,model=2``:
+  params (and alike the optimizer moments) FSDP-placed with ``jlr.sharding``, batches
+  split over ``data``; :func:`fit` re-places them after every shrink.
 * :func:`print_table`, :func:`compare_widths`, :func:`plot` -- the result table and PNG.
 
 Nothing here is specific to a model or a dataset.
@@ -107,19 +113,22 @@ class RankedCheckpoints:
 # ----------------------------------------------------------------------------- training
 
 
-def lod_template(dense_params, tx, key, select=None) -> Callable[[dict], TrainState]:
-  """``ranks -> TrainState`` of ``lod.init(dense_params)`` cut to ``ranks``."""
-  full = lod.init(dense_params, select=select)
+def lod_template(dense_params, tx, key, select=None, *, layout=None,
+                 extra=None) -> Callable[[dict], TrainState]:
+  """``ranks -> TrainState`` of ``lod.init(dense_params)`` cut to ``ranks`` (``extra``:
+  the model's other collections, e.g. ``{"batch_stats": ...}``)."""
+  full = lod.init(dense_params, select=select, layout=layout)
 
   def make(ranks):
-    return TrainState.create(lod.extract(full, ranks=ranks), tx, key=key)
+    return TrainState.create(lod.extract(full, ranks=ranks), tx, key=key, extra=extra)
 
   return make
 
 
-def shrink_state(state: TrainState, tx, eps: float, multiple: int = 8) -> TrainState:
+def shrink_state(state: TrainState, tx, eps: float, multiple: int = 8,
+                 relative: bool = False) -> TrainState:
   """LoD's progressive shrinking of the params and, alike, of the optimizer state."""
-  params = lod.shrink(state.params, eps, multiple=multiple)
+  params = lod.shrink(state.params, eps, multiple=multiple, relative=relative)
   return state.replace(params=params, opt_state=lod.slice_opt_state(tx, state.opt_state, params))
 
 
@@ -128,14 +137,21 @@ def fit(state: TrainState, loss_fn, tx: optax.GradientTransformation, *,
         eps: float | None = None, warmup: int = 1, multiple: int = 8,
         ckpt: RankedCheckpoints | None = None, resume: bool = False,
         on_epoch: Callable[[int, TrainState, dict], dict] | None = None,
+        after_shrink: Callable[[TrainState], TrainState] | None = None,
+        relative: bool = False, mesh=None,
         desc: str = "train", bars: bool = True) -> tuple[TrainState, list[dict]]:
   """Train ``epochs`` epochs; ``epoch_batches(epoch)`` must be a pure function of the
   epoch (and the seed), so that a resumed run is bit-identical to an uninterrupted one.
 
   With ``eps`` (LoD), ``lod.shrink`` runs at the end of every epoch after ``warmup``;
-  the jitted step re-traces on the new shapes (only then). ``on_epoch(epoch, state,
-  metrics)`` may add entries (e.g. validation accuracy) to the epoch's log line.
-  Returns the final state and the per-epoch history (of this process's epochs).
+  the jitted step re-traces on the new shapes (only then); ``relative`` makes ``eps``
+  a fraction of each layer's leading importance (``lod.shrink(relative=True)``), and
+  ``after_shrink(state) -> state`` runs after each shrink (e.g. BatchNorm
+  recalibration). ``on_epoch(epoch, state, metrics)`` may add entries (e.g. validation
+  accuracy) to the epoch's log line. With a ``mesh`` (:func:`parse_mesh`) the state is
+  FSDP-placed at the start, on resume and after every shrink, and batches are split
+  over its ``data`` axis. Returns the final state and the per-epoch history (of this
+  process's epochs).
   """
   step = jax.jit(train_step(loss_fn, tx))
   start = 0
@@ -147,6 +163,8 @@ def fit(state: TrainState, loss_fn, tx: optax.GradientTransformation, *,
         print(f"{desc}: the checkpoint is at epoch {start}, past --epochs {epochs}; using it")
       print(f"{desc}: resumed from epoch {start} of {ckpt.ckpt.directory} "
             f"(ranks {ranks_of(state.params) or 'dense'})")
+  if mesh is not None:
+    state = place_state(state, tx, mesh)
   history = []
   for epoch in range(start, epochs):
     t0 = time.perf_counter()
@@ -154,6 +172,8 @@ def fit(state: TrainState, loss_fn, tx: optax.GradientTransformation, *,
     bar = progress(epoch_batches(epoch), total=steps_per_epoch, leave=False,
                    desc=f"{desc} epoch {epoch + 1}/{epochs}", disable=not bars)
     for i, batch in enumerate(bar):
+      if mesh is not None:
+        batch = shard_batch(batch, mesh)
       state, metrics = step(state, batch)
       for k, v in metrics.items():
         sums[k] = sums.get(k, 0.0) + v  # stays on device: no sync per step
@@ -163,7 +183,11 @@ def fit(state: TrainState, loss_fn, tx: optax.GradientTransformation, *,
     log = {"epoch": epoch + 1, "seconds": 0.0}
     log.update({k: float(v) / max(n, 1) for k, v in sums.items()})
     if eps is not None and epoch + 1 > warmup:
-      state = shrink_state(state, tx, eps, multiple)
+      state = shrink_state(state, tx, eps, multiple, relative)
+      if mesh is not None:
+        state = place_state(state, tx, mesh)
+      if after_shrink is not None:
+        state = after_shrink(state)
     if eps is not None:
       log["ranks"] = ranks_of(state.params)
       log["params"] = jlr.summary(state.params).total_params
@@ -177,6 +201,140 @@ def fit(state: TrainState, loss_fn, tx: optax.GradientTransformation, *,
                  f"{v:.4g}" if isinstance(v, float) else v) for k, v in log.items()}
     print(f"{desc}: " + " ".join(f"{k}={v}" for k, v in shown.items()))
   return state, history
+
+
+# ----------------------------------------------------------------------------- sharding
+
+
+def parse_mesh(spec: str | None):
+  """``"data=4,model=2"`` -> a ``jax.sharding.Mesh`` (``jlr.sharding.make_mesh``); ``None``
+  or ``""`` -> ``None`` (unsharded)."""
+  if not spec:
+    return None
+  from jlr import sharding
+
+  mesh = sharding.make_mesh(spec)
+  if "data" not in mesh.shape:
+    raise ValueError(f"--mesh {spec!r} needs a 'data' axis (batches are split over it)")
+  return mesh
+
+
+def place_state(state: TrainState, tx: optax.GradientTransformation, mesh,
+                style: str = "fsdp") -> TrainState:
+  """Params placed by ``jlr.sharding.place(params, mesh, style)`` (``LowRank`` factors:
+  ``u`` rows and ``v`` columns on the mesh axes, rank replicated); the optimizer's
+  params-shaped parts (Adam moments) placed alike; everything else replicated. Call it
+  again after a shrink: the new (smaller) factors get their own placement."""
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  from jlr import sharding
+  from jlr.lowrank import is_lowrank
+
+  shardings = sharding.specs(state.params, mesh, style)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  put = lambda x: jax.device_put(x, replicated)  # noqa: E731
+  opt_state = optax.tree_utils.tree_map_params(
+      tx, lambda s, sh: jax.device_put(s, sh), state.opt_state, shardings,
+      transform_non_params=put, is_leaf=is_lowrank)
+  return state.replace(step=put(state.step), params=sharding.place(state.params, mesh, style),
+                       opt_state=opt_state, extra=jax.tree.map(put, state.extra),
+                       rng=put(state.rng))
+
+
+def shardings_of(params) -> dict[str, str]:
+  """``{path: PartitionSpec}`` of every ``LowRank`` factor pair (``"u | v"``), for logs."""
+  from jlr.transforms import _leaves
+
+  spec = lambda x: str(getattr(getattr(x, "sharding", None), "spec", "-"))  # noqa: E731
+  return {p: f"{spec(x.u)} | {spec(x.v)}" for p, x in _leaves(params)[0] if jlr.is_lowrank(x)}
+
+
+def shard_batch(batch, mesh):
+  """Every array of ``batch`` split along its leading axis over the mesh's ``data`` axis."""
+  from jlr import sharding
+
+  return jax.device_put(batch, sharding.batch_sharding(mesh))
+
+
+# ----------------------------------------------------------------------------- BatchNorm
+
+
+def bn_recalibrator(model, *, apply: Callable | None = None, **kwargs):
+  """``recalibrate(params, batch_stats, batches) -> batch_stats`` for a linen ``model``
+  with ``nn.BatchNorm`` layers (``kwargs`` go to the forward, e.g. ``train=True``: the
+  model must then normalize with batch statistics, as in training).
+
+  Running statistics are an EMA gathered on the network that was trained -- under LoD,
+  on randomly sampled sub-networks, and before a shrink on a bigger one. A prefix
+  (sub-)model needs the statistics of its own activations (as in slimmable networks,
+  Yu et al. 2019, and PyTorch's ``update_bn``). Each BatchNorm's input ``x`` is caught
+  by a method interceptor in a train-mode forward and its per-feature moments are
+  pooled *exactly* over all calibration examples (no EMA):
+
+      mean = sum_b n_b m_b / N,   var = sum_b n_b (v_b + (m_b - mean)^2) / N
+
+  with ``m_b``, ``v_b`` the batch's mean and (biased, as flax uses) variance over every
+  axis but the feature axis. For the first BatchNorm this is the mean and variance of
+  its inputs over the calibration set; deeper layers see inputs normalized with their
+  calibration batch's statistics, as in training (use big calibration batches).
+  One jitted forward serves every sub-model of the same shapes.
+  """
+  import flax.linen as nn
+  from flax import traverse_util
+  from flax.linen.normalization import _canonicalize_axes
+
+  import jlr.flax
+
+  apply = apply or jlr.flax.apply
+
+  def catch(next_fun, args, kw, context):
+    mod = context.module
+    if isinstance(mod, nn.BatchNorm) and context.method_name == "__call__":
+      x = jax.numpy.asarray(args[0], jax.numpy.float32)
+      feat = _canonicalize_axes(x.ndim, mod.axis)
+      red = tuple(i for i in range(x.ndim) if i not in feat)
+      mean = x.mean(red)
+      mod.sow("bn_moments", "mean", mean)
+      mod.sow("bn_moments", "var", jax.numpy.square(x - mean.reshape(
+          [x.shape[i] if i in feat else 1 for i in range(x.ndim)])).mean(red))
+    return next_fun(*args, **kw)
+
+  @jax.jit
+  def moments(params, batch_stats, x):
+    with nn.intercept_methods(catch):
+      _, cols = apply(model, {"params": params, "batch_stats": batch_stats}, x,
+                      mutable=["batch_stats", "bn_moments"], **kwargs)
+    return cols["bn_moments"]
+
+  def recalibrate(params, batch_stats, batches: Iterable) -> Any:
+    acc, total = {}, 0
+    for x in batches:
+      n = int(np.shape(x)[0])
+      got = traverse_util.flatten_dict(jax.device_get(moments(params, batch_stats, x)))
+      for k, vals in got.items():
+        if len(vals) != 1:
+          raise ValueError(f"{'/'.join(k[:-1])}: BatchNorm called {len(vals)} times per "
+                           "forward; shared BatchNorms are not supported")
+        acc.setdefault(k, []).append((n, np.asarray(vals[0], np.float64)))
+      total += n
+    if not total:
+      raise ValueError("recalibration needs at least one batch")
+    flat = traverse_util.flatten_dict(batch_stats)
+    out = {}
+    for k, old in flat.items():
+      if k[-1] not in ("mean", "var") or k[:-1] + ("mean",) not in acc:
+        raise ValueError(f"{'/'.join(k)}: no BatchNorm input was seen for this statistic")
+      ms = acc[k[:-1] + ("mean",)]
+      mean = sum(n * m for n, m in ms) / total
+      if k[-1] == "mean":
+        new = mean
+      else:
+        vs = acc[k]
+        new = sum(n * (v + np.square(m - mean)) for (n, v), (_, m) in zip(vs, ms)) / total
+      out[k] = jax.numpy.asarray(new, np.asarray(old).dtype)
+    return traverse_util.unflatten_dict(out)
+
+  return recalibrate
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -220,9 +378,11 @@ def si(x: float) -> str:
 
 
 def plot(path: str, rows: list[dict], metric: str, *, ylabel: str, title: str,
-         references: dict[str, tuple[int, float]] = ()) -> None:
+         references: dict[str, tuple[int, float]] = (),
+         curves: tuple[tuple[str, str, str], ...] = (), extra_metric: str | None = None) -> None:
   """``metric`` vs params: the LoD nested curve and the SVD-of-dense curve, plus
-  reference points ``{label: (params, value)}``."""
+  reference points ``{label: (params, value)}``. ``curves``: extra ``(key, label,
+  style)`` lines plotting ``rows[i][key][extra_metric or metric]``."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -235,6 +395,9 @@ def plot(path: str, rows: list[dict], metric: str, *, ylabel: str, title: str,
     xs = [r[key]["params"] for r in rows]
     ys = [r[key][metric] for r in rows]
     ax.plot(xs, ys, style, label=label, markersize=4)
+  for key, label, style in curves:
+    ax.plot([r[key]["params"] for r in rows], [r[key][extra_metric or metric] for r in rows],
+            style, label=label, markersize=4)
   if rows:
     marked = {0, len(rows) - 1} | set(range(2, len(rows) - 2, 2))  # w = 0.1, 0.3, ..., 1.0
     for r in (rows[i] for i in sorted(marked)):

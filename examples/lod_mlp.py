@@ -88,6 +88,9 @@ def parse_args(argv):
   p.add_argument("--ckpt-dir", type=str, default=None,
                  help="save a checkpoint every epoch (LoD run in DIR/lod, dense in DIR/dense)")
   p.add_argument("--resume", action="store_true", help="continue from --ckpt-dir's latest epoch")
+  p.add_argument("--mesh", type=str, default=None,
+                 help="e.g. data=4,model=2: FSDP-placed params (jlr.sharding.place), batches "
+                      "split over 'data', re-placed after every shrink")
   p.add_argument("--out-dir", type=str, default=RESULTS, help="where lod_mlp.{json,png} go")
   p.add_argument("--no-progress", action="store_true", help="no progress bars (epoch lines are still printed)")
   args = p.parse_args(argv)
@@ -102,6 +105,7 @@ def parse_args(argv):
 def main(argv=None) -> dict:
   args = parse_args(argv)
   t_start = time.perf_counter()
+  mesh = common.parse_mesh(args.mesh)
   x_train, y_train, x_test, y_test = mnist()
   x_train, y_train = x_train[: args.train_limit], y_train[: args.train_limit]
   x_test, y_test = x_test[: args.test_limit], y_test[: args.test_limit]
@@ -156,7 +160,7 @@ def main(argv=None) -> dict:
   state, lod_hist = common.fit(
       template({}), lod_loss, tx, epoch_batches=epoch_batches, steps_per_epoch=steps_per_epoch,
       epochs=args.epochs, eps=args.eps, warmup=args.warmup, ckpt=ckpt, resume=args.resume,
-      on_epoch=on_epoch, desc="LoD", bars=not args.no_progress)
+      on_epoch=on_epoch, mesh=mesh, desc="LoD", bars=not args.no_progress)
   lod_seconds = time.perf_counter() - t0
   lod_params = state.params
 
@@ -169,7 +173,7 @@ def main(argv=None) -> dict:
   dstate, dense_hist = common.fit(
       dense_template({}), dense_loss, tx, epoch_batches=epoch_batches,
       steps_per_epoch=steps_per_epoch, epochs=args.epochs, ckpt=ckpt, resume=args.resume,
-      on_epoch=on_epoch, desc="dense", bars=not args.no_progress)
+      on_epoch=on_epoch, mesh=mesh, desc="dense", bars=not args.no_progress)
   dense_seconds = time.perf_counter() - t0
   dense_params = dstate.params
 
@@ -194,6 +198,8 @@ def main(argv=None) -> dict:
         "to the same per-layer ranks, hence the same params.\n")
   table = common.print_table(head, body)
 
+  if mesh is not None:
+    trained["sharding"] = common.shardings_of(lod_params)
   result = {"config": vars(args), "dense": dense, "lod_trained": trained, "rows": rows,
             "history": {"lod": lod_hist, "dense": dense_hist},
             "seconds": {"lod": lod_seconds, "dense": dense_seconds,

@@ -136,17 +136,24 @@ def _slice(f: LowRank, k: int) -> LowRank:
   return LowRank(f.u[..., :k], f.v[..., :k, :], f.layout)
 
 
-def shrink(params, eps: float, *, multiple: int = 1, min_rank: int = 1):
+def shrink(params, eps: float, *, multiple: int = 1, min_rank: int = 1,
+           relative: bool = False):
   """Drop the trailing components whose importance is below ``eps`` (host-side: shapes
   change, so a jitted loop re-traces after a shrink). Ranks are rounded up to
   ``multiple`` (fewer distinct shapes, fewer recompiles). Stacked leaves keep a
   component while any member needs it. Use :func:`slice_like` for optimizer state.
+
+  With ``relative=True`` the threshold is ``eps * importance[0] = eps ||u||_F ||v||_F``
+  per leaf (the bound becomes ``||dW||_F <= eps ||u||_F ||v||_F``). Use it for layers
+  followed by a normalization (BatchNorm): their output does not depend on the kernel's
+  scale, so the group lasso shrinks that scale and an absolute ``eps`` loses its meaning.
   """
   def one(x):
     if not is_lowrank(x):
       return x
-    imp = np.asarray(importance(x)).reshape(-1, x.rank).max(0)
-    k = max(int((imp >= eps).sum()), min_rank)
+    imp = np.asarray(importance(x)).reshape(-1, x.rank)
+    thr = eps * imp[:, :1] if relative else eps
+    k = max(int((imp >= thr).any(0).sum()), min_rank)
     k = min(-(-k // multiple) * multiple, x.rank)
     return _slice(x, k) if k < x.rank else x
   return jax.tree_util.tree_map(one, params, is_leaf=is_lowrank)

@@ -161,3 +161,170 @@ def test_ranked_checkpoints_round_trip_after_shrink(tmp_path):
   epoch, back = ck.restore()
   assert epoch == 1 and back.params["a"]["kernel"].rank == 2
   assert isinstance(back, TrainState)
+
+
+# ----------------------------------------------------------------------------- --mesh (issue 7)
+
+MESH_TINY = ["--hidden", "32,32", "--train-limit", "1024", "--test-limit", "500",
+             "--batch-size", "64", "--lam", "3e-3", "--eps", "0.1", "--epochs", "2",
+             "--no-progress", "--out-dir", ""]
+
+
+@pytest.mark.slow
+def test_lod_mlp_mesh_matches_unsharded():
+  lod_mlp = _mnist_or_skip()
+  plain = lod_mlp.main(MESH_TINY)
+  sharded = lod_mlp.main(MESH_TINY + ["--mesh", "data=4,model=2"])
+  # the factors really were FSDP-placed: u rows (784, 32) over "data", rank replicated
+  assert sharded["lod_trained"]["sharding"]["Dense_0/kernel"].startswith("PartitionSpec('data', None)")
+  assert "sharding" not in plain["lod_trained"]
+  for k in ("lod", "dense"):
+    a, b = plain["history"][k][-1], sharded["history"][k][-1]
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-5)
+    assert abs(b["test_acc"] - a["test_acc"]) <= 0.004  # at most 2 of 500 flip
+  assert sharded["lod_trained"]["ranks"] == plain["lod_trained"]["ranks"]
+  for ra, rb in zip(plain["rows"], sharded["rows"]):
+    assert rb["lod"]["params"] == ra["lod"]["params"]
+    assert abs(rb["lod"]["acc"] - ra["lod"]["acc"]) <= 0.004
+
+
+def test_place_state_shards_params_and_moments_and_follows_a_shrink():
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  from jax.sharding import PartitionSpec as P
+
+  from jlr import lod
+  from jlr.train import TrainState, train_step
+
+  mesh = lod_common.parse_mesh("data=4,model=2")
+  assert lod_common.parse_mesh(None) is None and lod_common.parse_mesh("") is None
+  rng = np.random.default_rng(0)
+  dense = {"a": {"kernel": jnp.asarray(rng.normal(size=(16, 12)), jnp.float32),
+                 "bias": jnp.zeros(12)}}
+  tx = optax.adam(1e-2)
+  state = lod_common.lod_template(dense, tx, jax.random.key(0))({})
+  placed = lod_common.place_state(state, tx, mesh)
+  f = placed.params["a"]["kernel"]
+  assert f.u.sharding.spec == P("data", None) and f.v.sharding.spec == P(None, None)
+  mu = placed.opt_state[0].mu["a"]["kernel"]
+  assert mu.u.sharding.spec == P("data", None)  # the Adam moment follows its param
+  assert len(f.u.sharding.device_set) == 8
+
+  x = jnp.asarray(rng.normal(size=(8, 16)), jnp.float32)
+  y = jnp.asarray(rng.normal(size=(8, 12)), jnp.float32)
+
+  def loss(p, extra, batch, key):
+    xb, yb = batch
+    w = p["a"]["kernel"]
+    return jnp.mean((xb @ w.u @ w.v + p["a"]["bias"] - yb) ** 2), (extra, {})
+
+  step = jax.jit(train_step(loss, tx))
+  s1, m1 = step(state, (x, y))
+  s2, m2 = step(placed, lod_common.shard_batch((x, y), mesh))
+  np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-5)
+  np.testing.assert_allclose(s2.params["a"]["kernel"].u, s1.params["a"]["kernel"].u, atol=1e-6)
+  # after a shrink the smaller factors get their own placement and the step runs
+  small = lod_common.shrink_state(s2, tx, eps=1e9, multiple=4)  # keeps min_rank -> 4
+  small = lod_common.place_state(small, tx, mesh)
+  assert small.params["a"]["kernel"].rank == 4
+  assert small.params["a"]["kernel"].u.sharding.spec == P("data", None)
+  s3, _ = step(small, lod_common.shard_batch((x, y), mesh))
+  assert s3.params["a"]["kernel"].u.shape == (16, 4)
+
+
+# ----------------------------------------------------------------------------- CNN, BatchNorm
+
+
+def _tiny_resnet():
+  import jax
+  import numpy as np
+  from resnet import ResNet
+
+  model = ResNet(depth=8, width=4)
+  x = np.random.default_rng(0).uniform(size=(96, 12, 12, 1)).astype(np.float32)
+  variables = model.init(jax.random.key(0), x[:1])
+  return model, variables, x
+
+
+def test_bn_recalibration_is_exact_for_the_first_layer_and_differs_per_width():
+  import jax
+  import numpy as np
+
+  import jlr.flax
+  from jlr import lod
+  import lod_cnn
+
+  model, variables, x = _tiny_resnet()
+  params = lod.init(variables["params"], select=lod_cnn.select)
+  assert len(lod_common.ranks_of(params)) == 6  # the 3 blocks' two 3x3 convs
+  recal = lod_common.bn_recalibrator(model, train=True)
+  batches = [x[:32], x[32:64], x[64:]]
+  full_bs = recal(params, variables["batch_stats"], batches)
+  # truth: numpy mean / biased variance of the stem conv outputs over all 96 examples
+  _, inter = jlr.flax.apply(model, {"params": params, **{"batch_stats": variables["batch_stats"]}},
+                            x, capture_intermediates=True)
+  stem = np.asarray(inter["intermediates"]["stem"]["__call__"][0], np.float64)
+  np.testing.assert_allclose(full_bs["stem_bn"]["mean"], stem.mean((0, 1, 2)), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(full_bs["stem_bn"]["var"], stem.var((0, 1, 2)), rtol=1e-4, atol=1e-7)
+  # a prefix model gets statistics of its own: a later BN sees other inputs
+  half = lod.with_ranks(params, lod_common.ranks_of(lod.extract(params, width=0.25)))
+  half_bs = recal(half, variables["batch_stats"], batches)
+  np.testing.assert_allclose(half_bs["stem_bn"]["mean"], full_bs["stem_bn"]["mean"], rtol=1e-5)
+  bn1 = lambda bs: np.asarray(bs["stage0_block0"]["bn1"]["var"])  # noqa: E731
+  assert np.abs(bn1(half_bs) - bn1(full_bs)).max() > 1e-3 * np.abs(bn1(full_bs)).max()
+  # and they are not the (init) running statistics
+  assert not np.allclose(bn1(full_bs), bn1(variables["batch_stats"]))
+
+
+def test_rank_mask_equals_the_extracted_and_the_svd_model():
+  import jax
+  import numpy as np
+
+  import jlr
+  import jlr.flax
+  from jlr import lod
+  import lod_cnn
+
+  model, variables, x = _tiny_resnet()
+  bs = variables["batch_stats"]
+  params = lod.init(variables["params"], select=lod_cnn.select, layout="conv_spatial")
+  fwd = lambda p: np.asarray(jlr.flax.apply(model, {"params": p, "batch_stats": bs}, x[:8]))  # noqa: E731
+  ranks = lod_common.ranks_of(lod.extract(params, width=0.5))
+  np.testing.assert_allclose(fwd(lod.with_ranks(params, ranks)),
+                             fwd(lod.deploy(lod.extract(params, width=0.5))), rtol=1e-4, atol=1e-5)
+  # SVD truncation through the mask of the full-rank SVD == jlr.factorize at those ranks
+  s_ranks = lod_cnn.svd_ranks(params, ranks)
+  svd = jlr.factorize(variables["params"], {p: jlr.ranks.fixed(r) for p, r in ranks.items()},
+                      layout="conv_spatial")
+  np.testing.assert_allclose(fwd(lod.with_ranks(params, s_ranks)), fwd(svd), rtol=1e-4, atol=1e-4)
+
+
+CNN_TINY = ["--depth", "8", "--width", "8", "--train-limit", "256", "--test-limit", "200",
+            "--batch-size", "32", "--epochs", "2", "--calib", "128", "--calib-batch", "64",
+            "--eps", "0.2", "--no-progress"]
+
+
+@pytest.mark.slow
+def test_lod_cnn_smoke(tmp_path):
+  _mnist_or_skip()
+  import lod_cnn
+
+  res = lod_cnn.main(CNN_TINY + ["--out-dir", str(tmp_path)])
+  _check_rows(res, "acc")
+  saved = json.loads((tmp_path / "lod_cnn.json").read_text())
+  assert [r["width"] for r in saved["rows"]] == WIDTHS
+  for r in saved["rows"]:
+    assert {"acc", "acc_running_bn", "params", "flops"} <= set(r["lod"])
+    assert 0 <= r["lod"]["acc"] <= 1 and r["lod"]["flops"] > 0
+  assert set(saved["lod_trained"]["ranks"]) == {
+      f"stage{s}_block0/conv{c}/kernel" for s in range(3) for c in (1, 2)}
+  # the shrink happened (after epoch 2) and FLOPs fall with the width
+  hist = saved["history"]["lod"]
+  assert sum(hist[-1]["ranks"].values()) < sum(hist[0]["ranks"].values())
+  flops = [r["lod"]["flops"] for r in saved["rows"]]
+  assert flops[0] < flops[-1]
+  # recalibration was applied: the narrow sub-models' accuracies differ with own BN stats
+  assert any(r["lod"]["acc"] != r["lod"]["acc_running_bn"] for r in saved["rows"][:5])
+  assert (tmp_path / "lod_cnn.png").stat().st_size > 10_000
