@@ -203,3 +203,40 @@ def test_search_reaches_the_budget_greedily():
   assert [c for c, _ in hist] == sorted([c for c, _ in hist], reverse=True)
   # the fast-decaying layer b is cut harder than a
   assert out["b"]["kernel"].rank <= out["a"]["kernel"].rank
+
+
+def test_relative_shrink_keeps_a_prefix_within_its_relative_bound():
+  f = lod.init({"k": {"kernel": rnd((20, 12), 7) * jnp.asarray(0.7 ** np.arange(12), jnp.float32)}})
+  full = f["k"]["kernel"]
+  scale = float(np.linalg.norm(np.asarray(full.u)) * np.linalg.norm(np.asarray(full.v)))
+  eps = 0.1
+  small = lod.shrink(f, eps, relative=True)["k"]["kernel"]
+  assert 1 <= small.rank < full.rank
+  np.testing.assert_array_equal(small.v, full.v[: small.rank])
+  assert np.linalg.norm(np.asarray(full.dense() - small.dense())) <= eps * scale
+  # scale invariance: the relative rule keeps the same rank for any rescaled kernel
+  scaled = {"k": {"kernel": jlr.LowRank(full.u * 1e-3, full.v * 1e-3, full.layout)}}
+  assert lod.shrink(scaled, eps, relative=True)["k"]["kernel"].rank == small.rank
+  assert lod.shrink(scaled, eps * scale)["k"]["kernel"].rank == 1  # absolute eps: all gone
+  # equals the absolute rule at eps * importance[0]
+  assert lod.shrink(f, eps * float(lod.importance(full)[0]))["k"]["kernel"].rank == small.rank
+
+
+def test_extract_at_full_width_is_the_trained_model():
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(64, 12)), jnp.float32)
+  y = x @ jnp.asarray(rng.normal(size=(12, 8)) * 0.5 ** np.arange(8), jnp.float32)
+  p = lod.init(two_layers())
+
+  def loss(p, key):
+    sub = lod.sample(p, key)
+    h = x @ sub["a"]["kernel"].u @ sub["a"]["kernel"].v + sub["a"]["bias"]
+    return jnp.mean((h - y) ** 2) + 1e-3 * lod.group_lasso(p)
+
+  trained = lod.shrink(_train(loss, p, 300, 1e-2), 0.05)
+  out = lod.extract(trained, width=1.0)
+  chex.assert_trees_all_equal(out, trained)  # bit-identical factors, same ranks
+  fwd = lambda q: np.asarray(x @ q["a"]["kernel"].u @ q["a"]["kernel"].v)  # noqa: E731
+  np.testing.assert_array_equal(fwd(out), fwd(trained))
+  # and the same function as its dense kernel
+  np.testing.assert_allclose(fwd(out), np.asarray(x @ trained["a"]["kernel"].dense()), atol=1e-4)
