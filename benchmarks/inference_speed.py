@@ -1,0 +1,155 @@
+"""Figure 2: does a factorized model run as much faster as its FLOPs say?
+
+Three linen models, each run dense (``model.apply``) and factorized
+(``jlr.flax.apply`` on ``jlr.factorize(variables, ranks.ratio(x))``), both jitted:
+
+* ``mlp``         -- 4 x ``Dense(2048)`` + relu on 2048 features;
+* ``transformer`` -- one pre-LN block: ``MultiHeadDotProductAttention`` (d=768, 12 heads)
+  and a 3072 GELU MLP, sequence length 128;
+* ``convnet``     -- 3x3 convs 3->64->64->128 (stride 2)->128, mean pool, ``Dense(10)``,
+  32x32x3 inputs (the 27x64 first conv stays dense: no rank saves parameters there).
+
+For each parameter ratio and batch size: the latency ratio factorized / dense (median of
+per-repeat ratios, variants interleaved), next to the FLOP ratio of the two compiled
+forwards (``jax.jit(f).lower(...).compile().cost_analysis()["flops"]``). ``latency /
+FLOPs`` is how far the measured speed-up falls short of the FLOP count (1.0 = exact).
+
+    python benchmarks/inference_speed.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import plots
+
+NAME = "inference_speed"
+
+
+def parse(argv):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--quick", action="store_true", help="batches 1 and 32, 3 repeats")
+  p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: toy widths
+  p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.25, 0.1])
+  p.add_argument("--batches", type=int, nargs="+", default=None)
+  p.add_argument("--models", nargs="+", default=["mlp", "transformer", "convnet"])
+  p.add_argument("--repeats", type=int, default=None)
+  p.add_argument("--out-dir", default=None)
+  a = p.parse_args(argv)
+  if a.tiny:
+    a.ratios = a.ratios[-1:]
+  a.batches = a.batches or ([2] if a.tiny else [1, 32] if a.quick else [1, 32, 256])
+  a.repeats = a.repeats or (1 if a.tiny else 3 if a.quick else 7)
+  a.scale = 16 if a.tiny else 1  # widths divided by this
+  return a
+
+
+def models(scale: int):
+  """``{name: (model, input shape without batch, max batch)}``."""
+  import flax.linen as nn
+
+  w = 2048 // scale
+  mlp = nn.Sequential([f for _ in range(4) for f in (nn.Dense(w), nn.relu)])
+
+  d, ff, heads, seq = 768 // scale, 3072 // scale, 12 // min(scale, 12) or 1, 128 // scale
+
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.LayerNorm()(x)
+      x = x + nn.MultiHeadDotProductAttention(num_heads=heads, qkv_features=d)(h, h)
+      h = nn.LayerNorm()(x)
+      return x + nn.Dense(d)(nn.gelu(nn.Dense(ff)(h)))
+
+  c1, c2 = 64 // scale, 128 // scale
+  size = 32 // min(scale, 4)
+
+  class ConvNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      for feat, stride in ((c1, 1), (c1, 1), (c2, 2), (c2, 1)):
+        x = nn.relu(nn.Conv(feat, (3, 3), strides=stride)(x))
+      return nn.Dense(10)(x.mean((1, 2)))
+
+  # The transformer at batch 256 x seq 128 is ~460 GFLOP per forward: capped at 128.
+  return {"mlp": (mlp, (w,), 256), "transformer": (Block(), (seq, d), 128),
+          "convnet": (ConvNet(), (size, size, 3), 256)}
+
+
+def n_params(tree) -> int:
+  import jax
+  return sum(x.size for x in jax.tree_util.tree_leaves(tree))
+
+
+def flops(fn, *args) -> float:
+  cost = fn.lower(*args).compile().cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  return float(cost["flops"])
+
+
+def main(argv=None) -> dict:
+  a = parse(argv)
+  import jax
+  import jax.numpy as jnp
+  import jlr
+  import jlr.flax
+
+  rows = []
+  for name in a.models:
+    model, shape, max_batch = models(a.scale)[name]
+    x0 = jnp.ones((1, *shape), jnp.float32)
+    variables = model.init(jax.random.key(0), x0)
+    dense_fn = jax.jit(model.apply)
+    low_fn = jax.jit(lambda v, x, model=model: jlr.flax.apply(model, v, x))
+    small = {r: jlr.factorize(variables, jlr.ranks.ratio(r)) for r in a.ratios}
+    p_dense = n_params(variables)
+    for b in a.batches:
+      if b > max_batch:
+        continue
+      x = jax.random.normal(jax.random.key(1), (b, *shape), jnp.float32)
+      f_dense = flops(dense_fn, variables, x)
+      fns = {"dense": lambda x=x: dense_fn(variables, x)}
+      for r in a.ratios:
+        fns[r] = lambda x=x, r=r: low_fn(small[r], x)
+      for f in fns.values():
+        plots.block(f())  # compile before calibrating
+      calls = {k: plots.calibrate(f) for k, f in fns.items()}
+      times = plots.interleaved(fns, repeats=a.repeats, warmup=1, calls=calls)
+      for r in a.ratios:
+        f_ratio = flops(low_fn, small[r], x) / f_dense
+        lat = plots.ratio(times[r], times["dense"])
+        rows.append([name, b, r, n_params(small[r]) / p_dense, f_ratio, lat, lat / f_ratio,
+                     plots.median(times["dense"]) * 1e3, plots.median(times[r]) * 1e3,
+                     bool(lat / f_ratio <= 1.3)])
+      print(f"{name} batch {b}: dense {plots.median(times['dense']) * 1e3:.2f} ms", flush=True)
+  cols = ["model", "batch", "ratio", "params kept", "FLOP ratio", "latency ratio",
+          "latency / FLOPs", "dense ms", "factorized ms", "within 1.3x"]
+  tab = plots.table(cols, rows)
+  fig, axes = plots.figure(1, len(a.models))
+  for ax, name in zip(axes[0], a.models):
+    for b in a.batches:
+      pts = [(r[4], r[5]) for r in rows if r[0] == name and r[1] == b]
+      if pts:
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"batch {b}")
+    ax.plot([0, 1], [0, 1], ":", c="gray", label="latency = FLOPs")
+    ax.plot([0, 1], [0, 1.3], ":", c="red", lw=0.8, label="1.3x FLOPs")
+    ax.set_xlabel("FLOP ratio (factorized / dense)")
+    ax.set_ylabel("latency ratio")
+    ax.set_title(name)
+    ax.legend(fontsize=7)
+  png = plots.save(fig, NAME, a.out_dir)
+  result = {
+      "name": NAME, "title": "Inference latency vs FLOPs (factorized / dense, jitted forward)",
+      "setup": {"ratios": a.ratios, "batches": a.batches, "repeats": a.repeats,
+                "models": a.models, "width_divisor": a.scale,
+                "note": "transformer batches above 128 skipped (460 GFLOP per forward)"},
+      "machine": plots.machine(argv, NAME), "table": tab, "png": png,
+  }
+  plots.write(NAME, result, a.out_dir)
+  return result
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

@@ -1,0 +1,120 @@
+"""The benchmark scripts run at micro sizes and write the JSON readme.py renders.
+
+Each ``main(["--tiny", ...])`` runs its real code path on toy shapes (seconds, not
+minutes); the checks are on structure and on quantities with an independent truth
+(Eckart-Young: no method beats the optimal error; the numpy loop is the baseline).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import pytest
+
+BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import factorize_speed  # noqa: E402
+import inference_speed  # noqa: E402
+import memory  # noqa: E402
+import readme  # noqa: E402
+import scaling  # noqa: E402
+
+MACHINE_KEYS = {"jax", "device_count", "cpu_count", "command"}
+
+
+def _check(out_dir, name, result):
+  data = json.loads((out_dir / f"{name}.json").read_text())
+  assert data["name"] == name
+  assert MACHINE_KEYS <= set(data["machine"])
+  assert (out_dir / data["png"]).is_file()
+  cols, rows = data["table"]["columns"], data["table"]["rows"]
+  assert rows and all(len(r) == len(cols) for r in rows)
+  assert data["table"] == json.loads(json.dumps(result["table"]))
+  return data, cols, rows
+
+
+def test_factorize_speed_tiny(tmp_path):
+  result = factorize_speed.main(["--tiny", "--out-dir", str(tmp_path)])
+  data, cols, rows = _check(tmp_path, "factorize_speed", result)
+  err = cols.index("error / optimal")
+  speed = cols.index("speed-up vs numpy")
+  assert {r[cols.index("method")] for r in rows} == set(factorize_speed.METHODS)
+  for r in rows:
+    assert r[err] >= 1 - 1e-3  # nothing beats Eckart-Young
+    if r[cols.index("method")] in ("jlr svd", "numpy svd loop"):
+      assert r[err] == pytest.approx(1.0, abs=1e-3)  # exact SVDs are optimal
+    if r[cols.index("method")] == "numpy svd loop":
+      assert r[speed] == 1.0
+
+
+def test_batched_factorize_matches_jlr():
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import jlr
+
+  tree = jax.tree_util.tree_map(jnp.asarray, factorize_speed.bert_tree(16, 2, "gaussian"))
+  ref = jlr.factorize(tree, jlr.ranks.ratio(0.25))
+  got = factorize_speed.batched_factorize(tree, jlr.ranks.ratio(0.25), method="svd")
+  for a, b in zip(jax.tree_util.tree_leaves(ref, is_leaf=jlr.is_lowrank),
+                  jax.tree_util.tree_leaves(got, is_leaf=jlr.is_lowrank)):
+    assert jlr.is_lowrank(a) == jlr.is_lowrank(b)
+    if jlr.is_lowrank(a):
+      np.testing.assert_allclose(a.matrix(), b.matrix(), atol=1e-5)
+
+
+@pytest.mark.parametrize("models", [
+    ("mlp", "convnet"), pytest.param(("transformer",), marks=pytest.mark.slow)])
+def test_inference_speed_tiny(tmp_path, models):
+  result = inference_speed.main(["--tiny", "--out-dir", str(tmp_path), "--models", *models])
+  _, cols, rows = _check(tmp_path, "inference_speed", result)
+  assert {r[0] for r in rows} == set(models)
+  for r in rows:
+    kept, fl = r[cols.index("params kept")], r[cols.index("FLOP ratio")]
+    assert 0 < kept < 1 and 0 < fl < 1  # factorized is smaller and cheaper
+
+
+def test_memory_tiny(tmp_path):
+  result = memory.main(["--tiny", "--out-dir", str(tmp_path)])
+  data, cols, rows = _check(tmp_path, "memory", result)
+  kernels, arg = cols.index("kernels MB"), cols.index("argument MB")
+  for r in rows:
+    assert r[arg] == pytest.approx(r[kernels])  # the arguments are exactly the kernels
+  t = data["train_step"]
+  dense = [r for r in t["rows"] if r[2] == "dense"]
+  low = [r for r in t["rows"] if r[2] != "dense"]
+  assert all(lo[3] < de[3] for lo, de in zip(low, dense))  # fewer parameters
+
+
+def test_scaling_tiny(tmp_path):
+  result = scaling.main(["--tiny", "--out-dir", str(tmp_path)])
+  data, cols, rows = _check(tmp_path, "scaling", result)
+  assert len(rows) == 4 and len(data["setup"]["sizes"]) == 2
+  mesh = data["mesh"]  # conftest sets 8 simulated devices
+  for r in mesh["rows"]:
+    assert r[mesh["columns"].index("max rel diff of u@v")] < 1e-3
+
+
+def test_readme_block_is_deterministic(tmp_path):
+  res = {"name": "factorize_speed", "title": "T1", "png": "factorize_speed.png",
+         "machine": {"jax": "0.0", "cpu_count": 2, "device_count": 1, "command": "python x.py"},
+         "table": {"columns": ["a", "b"], "rows": [["x", 1.23456], ["y", 2]]}}
+  (tmp_path / "factorize_speed.json").write_text(json.dumps(res))
+  (tmp_path / "factorize_speed.png").write_bytes(b"")
+  (tmp_path / "trp_overhead.json").write_text(json.dumps({"rows": [{"opt": "sgd", "ratio": 1.5}]}))
+  block = readme.render(tmp_path)
+  assert block == readme.render(tmp_path)
+  assert "| x | 1.23 |" in block and "| sgd | 1.50 |" in block
+  assert "Reproduce: `python x.py`" in block and "(benchmarks/results/factorize_speed.png)" in block
+  assert block.index("Figure 1") < block.index("Figure 3")
+  md = tmp_path / "README.md"
+  md.write_text(f"intro\n{readme.START}\nold\n{readme.END}\nrest\n")
+  assert readme.update(md, block)
+  text = md.read_text()
+  assert "old" not in text and block in text and text.endswith(f"{readme.END}\nrest\n")
+  nomark = tmp_path / "R2.md"
+  nomark.write_text("no markers\n")
+  assert not readme.update(nomark, block) and nomark.read_text() == "no markers\n"
