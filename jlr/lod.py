@@ -110,7 +110,10 @@ def _tail_sq_norms(f: LowRank):
   """``(||u[:, j:]||_F^2, ||v[j:, :]||_F^2)`` for every ``j``, shape ``(..., r)``."""
   cu = jnp.sum(jnp.square(f.u.astype(jnp.float32)), axis=-2)
   cv = jnp.sum(jnp.square(f.v.astype(jnp.float32)), axis=-1)
-  tail = lambda c: jnp.flip(jnp.cumsum(jnp.flip(c, -1), -1), -1)  # noqa: E731
+  # suffix sums as one product with the triangular ones(k >= j): a single matmul compiles
+  # and runs faster on CPU than cumsum's associative scan (r^2 flops, negligible here)
+  tri = jnp.tril(jnp.ones((f.rank, f.rank), jnp.float32))  # tri[k, j] = 1 iff k >= j
+  tail = lambda c: jnp.matmul(c, tri, precision=jax.lax.Precision.HIGHEST)  # noqa: E731
   return tail(cu), tail(cv)
 
 
