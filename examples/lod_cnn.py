@@ -321,7 +321,7 @@ def main(argv=None) -> dict:
     png = os.path.join(args.out_dir, "lod_cnn.png")
     common.plot(png, rows, "acc", ylabel="test accuracy",
                 title=f"{name} ResNet-{args.depth}: LoD ({args.layout}, lam={args.lam:g}, "
-                      f"eps={args.eps:g}) vs SVD of dense, BN recalibrated",
+                      f"eps={args.eps:g}) vs SVD of dense",
                 curves=(("lod", "LoD nested widths, full model's BN (no recalibration)",
                          "^:"),),
                 extra_metric="acc_running_bn",
