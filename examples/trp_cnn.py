@@ -113,6 +113,8 @@ def parse_args(argv):
                  help="e.g. data=4,model=2: FSDP params, batches sharded over 'data'")
   p.add_argument("--ckpt-dir", type=str, default=None, help="a checkpoint per epoch in DIR/<run>")
   p.add_argument("--resume", action="store_true", help="continue from --ckpt-dir's latest epochs")
+  p.add_argument("--stop-after", type=int, default=None,
+                 help="stop every run after this epoch (simulates an interruption; resume later)")
   p.add_argument("--out-dir", type=str, default=RESULTS, help="where trp_cnn.{json,png} go ('' = none)")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
   args = p.parse_args(argv)
@@ -300,12 +302,19 @@ def main(argv=None) -> dict:
                   nuclear=args.nuclear if nuclear else 0.0)
       ckpt = common.RankedCheckpoints(os.path.join(args.ckpt_dir, name), template, meta)
     t0 = time.perf_counter()
-    state, history[name] = common.fit(
+    stop = args.epochs if args.stop_after is None else min(args.stop_after, args.epochs)
+    state, history[name] = common.fit(  # the schedule still spans all --epochs
         template({}), loss_fn, tx, epoch_batches=epoch_batches, steps_per_epoch=steps_per_epoch,
-        epochs=args.epochs, ckpt=ckpt, resume=args.resume, on_epoch=on_epoch, desc=name,
+        epochs=stop, ckpt=ckpt, resume=args.resume, on_epoch=on_epoch, desc=name,
         bars=not args.no_progress)
     seconds[name] = time.perf_counter() - t0
     trained[name] = state
+
+  if args.stop_after is not None and args.stop_after < args.epochs:
+    print(f"stopped after epoch {args.stop_after} of {args.epochs} (--stop-after); "
+          "continue with --resume")
+    return {"config": vars(args), "history": history, "stopped_after": args.stop_after,
+            "fingerprints": {n: common.fingerprint(s) for n, s in trained.items()}}
 
   # ---- decouple, score, cost
   image = x_train.shape[1:]
