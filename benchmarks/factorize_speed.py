@@ -39,7 +39,7 @@ METHODS = ("jlr svd", "jlr randomized", "jlr rand batched", "numpy svd loop", "s
 
 def parse(argv):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--quick", action="store_true", help="2 blocks, 3 repeats")
+  p.add_argument("--quick", action="store_true", help="1 block, 3 repeats")
   p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: d=32
   p.add_argument("--blocks", type=int, default=None)
   p.add_argument("--repeats", type=int, default=None)
@@ -50,7 +50,7 @@ def parse(argv):
   if a.tiny:
     a.ratios, a.spectra = a.ratios[:1], a.spectra[-1:]
   a.d = 32 if a.tiny else 768
-  a.blocks = a.blocks or (1 if a.tiny else 2 if a.quick else 12)
+  a.blocks = a.blocks or (1 if a.tiny or a.quick else 12)
   a.repeats = a.repeats or (1 if a.tiny else 3 if a.quick else 5)
   return a
 

@@ -7,7 +7,9 @@ Three linen models, each run dense (``model.apply``) and factorized
 * ``transformer`` -- one pre-LN block: ``MultiHeadDotProductAttention`` (d=768, 12 heads)
   and a 3072 GELU MLP, sequence length 128;
 * ``convnet``     -- 3x3 convs 3->64->64->128 (stride 2)->128, mean pool, ``Dense(10)``,
-  32x32x3 inputs (the 27x64 first conv stays dense: no rank saves parameters there).
+  32x32x3 inputs (conv_channel layout: a 3x3 conv to r channels, then a 1x1 conv; the
+  default selection factorizes every kernel where the rank saves parameters, the 27x64
+  first conv and the 128x10 classifier included).
 
 For each parameter ratio and batch size: the latency ratio factorized / dense (median of
 per-repeat ratios, variants interleaved), next to the FLOP ratio of the two compiled

@@ -45,16 +45,22 @@ def _tables(result: dict) -> list[tuple[str, dict]]:
       for r in v:
         cols += [c for c, x in r.items() if c not in cols and not isinstance(x, (dict, list))]
       return [(k, {"columns": cols, "rows": [[r.get(c) for c in cols] for r in v]})]
+  if isinstance(result.get("table"), str):  # a preformatted text table
+    return [("text", result["table"])]
   flat = [[k, v] for k, v in result.items()
           if isinstance(v, (int, float, str, bool)) and k not in ("name", "title", "png", "command")]
   return [("values", {"columns": ["quantity", "value"], "rows": flat})] if flat else []
 
 
-def _command(result: dict) -> str | None:
+def _command(result: dict, name: str) -> str:
   m = result.get("machine")
   if isinstance(m, dict) and m.get("command"):
     return m["command"]
-  return result.get("command")
+  if result.get("command"):
+    return result["command"]
+  cfg = result.get("config")
+  quick = isinstance(cfg, dict) and cfg.get("quick") is True
+  return f"python benchmarks/{name}.py" + (" --quick" if quick else "")
 
 
 def _machine(result: dict) -> str:
@@ -83,6 +89,9 @@ def render(results_dir: str | pathlib.Path | None = None) -> str:
       lines.append(f"**Figure {num}: {title}**" + (f" ({name})" if len(names) > 1 else ""))
       lines.append("")
       for key, tab in _tables(result):
+        if key == "text":
+          lines += ["```", tab.rstrip("\n"), "```", ""]
+          continue
         rows = tab["rows"][:MAX_ROWS]
         if key not in ("table", "values"):
           lines += [f"_{key.replace('_', ' ')}_", ""]
@@ -90,9 +99,7 @@ def render(results_dir: str | pathlib.Path | None = None) -> str:
         if len(tab["rows"]) > MAX_ROWS:
           lines += [f"({len(tab['rows']) - MAX_ROWS} more rows in `benchmarks/results/{name}.json`)", ""]
       foot = []
-      cmd = _command(result)
-      if cmd:
-        foot.append(f"Reproduce: `{cmd}`")
+      foot.append(f"Reproduce: `{_command(result, name)}`")
       mach = _machine(result)
       if mach:
         foot.append(f"({mach})")

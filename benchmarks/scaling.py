@@ -37,7 +37,7 @@ NAME = "scaling"
 
 def parse(argv):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--quick", action="store_true", help="sizes 256, 512, 1024; 3 repeats")
+  p.add_argument("--quick", action="store_true", help="sizes 512, 1024, 2048; 3 repeats")
   p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--sizes", type=int, nargs="+", default=None)
   p.add_argument("--rank", type=int, default=32, help="the fixed rank")
@@ -45,7 +45,7 @@ def parse(argv):
   p.add_argument("--repeats", type=int, default=None)
   p.add_argument("--out-dir", default=None)
   a = p.parse_args(argv)
-  a.sizes = a.sizes or ([32, 64] if a.tiny else [256, 512, 1024] if a.quick else [512, 1024, 2048])
+  a.sizes = a.sizes or ([32, 64] if a.tiny else [512, 1024, 2048] if a.quick else [1024, 2048, 4096])
   a.repeats = a.repeats or (1 if a.tiny else 3 if a.quick else 5)
   a.d = 32 if a.tiny else 768 // 2 if a.quick else 768
   if a.tiny:

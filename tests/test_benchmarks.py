@@ -105,11 +105,14 @@ def test_readme_block_is_deterministic(tmp_path):
   (tmp_path / "factorize_speed.json").write_text(json.dumps(res))
   (tmp_path / "factorize_speed.png").write_bytes(b"")
   (tmp_path / "trp_overhead.json").write_text(json.dumps({"rows": [{"opt": "sgd", "ratio": 1.5}]}))
+  (tmp_path / "lod_overhead.json").write_text(json.dumps({"table": "a  b\n1  2\n",
+                                                          "config": {"quick": True}}))
   block = readme.render(tmp_path)
   assert block == readme.render(tmp_path)
   assert "| x | 1.23 |" in block and "| sgd | 1.50 |" in block
   assert "Reproduce: `python x.py`" in block and "(benchmarks/results/factorize_speed.png)" in block
   assert block.index("Figure 1") < block.index("Figure 3")
+  assert "```\na  b\n1  2\n```" in block and "`python benchmarks/lod_overhead.py --quick`" in block
   md = tmp_path / "README.md"
   md.write_text(f"intro\n{readme.START}\nold\n{readme.END}\nrest\n")
   assert readme.update(md, block)
@@ -118,3 +121,16 @@ def test_readme_block_is_deterministic(tmp_path):
   nomark = tmp_path / "R2.md"
   nomark.write_text("no markers\n")
   assert not readme.update(nomark, block) and nomark.read_text() == "no markers\n"
+
+
+@pytest.mark.slow
+def test_accuracy_tiny(tmp_path):
+  import accuracy
+
+  result = accuracy.main(["--tiny", "--out-dir", str(tmp_path)])
+  _, cols, rows = _check(tmp_path, "accuracy", result)
+  assert rows[0][0] == "dense"
+  p = cols.index("params")
+  compressed = [r for r in rows[1:]]
+  assert {r[0] for r in compressed} == {"svd", "svd + fine-tune", "trp", "lod"}
+  assert len({r[p] for r in compressed}) == 1 and compressed[0][p] < rows[0][p]  # equal budgets
