@@ -45,6 +45,10 @@ import time
 import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# JAX's CPU SVD calls LAPACK from scipy's OpenBLAS, whose own thread pool fights XLA's:
+# a 1024x1024 SVD took 10.7 s with the default threads vs 0.31 s with one (2 cores,
+# loaded machine). One BLAS thread, unless the caller chose otherwise.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `data`, `resnet`, `lod_common`
 if __name__ == "__main__" and any(a.startswith("--mesh") for a in sys.argv) \
