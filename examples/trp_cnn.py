@@ -30,7 +30,7 @@ process), and the accuracy of the *dense baseline* truncated by SVD to the same
 per-layer ranks (what TRP buys over compressing after training). Results go to
 ``examples/results/trp_cnn.{json,png}``.
 
-    python examples/trp_cnn.py --quick          # ~4-6 min on 2 CPU cores
+    python examples/trp_cnn.py --quick          # ~7 min on 2 shared CPU cores (4 runs)
     python examples/trp_cnn.py                  # 10 epochs on all 60,000 images (long on CPU)
     python examples/trp_cnn.py --ckpt-dir /tmp/trp --resume   # resumable (bit-identical)
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python examples/trp_cnn.py --quick --mesh data=4,model=2
