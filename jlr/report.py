@@ -143,7 +143,10 @@ def summary(params, rank=None, **plan_kwargs) -> Report:
         row = _row(path, entry.layout, entry.batch_shape, entry.rank, entry.rule)
         total += row.params - row.dense_params
       elif leaf_name(path) in KERNEL_NAMES and jnp.ndim(leaf) >= 2:
-        layout, b = _layout_for(plan_kwargs.get("layout"), path, leaf)
+        try:  # a dense row: the layout only names its kind and largest rank
+          layout, b = _layout_for(plan_kwargs.get("layout"), path, leaf)
+        except ValueError:  # e.g. layout="conv_spatial" aimed at the selected convs only
+          layout, b = _layout_for(None, path, leaf)
         row = _row(path, layout, tuple(jnp.shape(leaf))[:b], None)
       else:
         continue

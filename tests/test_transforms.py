@@ -210,3 +210,11 @@ def test_a_pattern_that_matches_nothing_is_an_error():
     jlr.factorize(tree(), {"Conv": 4})
   with pytest.raises(ValueError, match="layout pattern 'Conv' matches no"):
     jlr.factorize(tree(), 4, layout={"Conv": "conv_spatial"})
+
+
+def test_summary_of_a_plan_with_a_layout_for_the_selected_leaves_only():
+  params = {"c": {"kernel": jnp.ones((3, 3, 4, 8))}, "d": {"kernel": jnp.ones((8, 10))}}
+  rep = jlr.summary(params, ranks.fixed(2), select="c/kernel", layout="conv_spatial")
+  rows = {r.path: r for r in rep.rows}
+  assert rows["c/kernel"].kind == "conv_spatial" and rows["c/kernel"].rank == 2
+  assert rows["d/kernel"].kind == "dense" and rows["d/kernel"].rank is None
