@@ -120,3 +120,29 @@ def weighted(a: jax.Array, rank: int, r: jax.Array, r_inv: jax.Array):
   a = a.astype(compute_dtype(a.dtype))
   p, s, vt = jnp.linalg.svd(r @ a, full_matrices=False)
   return r_inv @ p[..., :rank], s[..., :rank], vt[..., :rank, :]
+
+
+def regression(a: jax.Array, rank: int, gram: jax.Array, cross: jax.Array, *,
+               damping: float = 1e-2):
+  """Best rank-``rank`` ``W'`` mapping shifted inputs onto the reference outputs.
+
+  ``X'`` are a layer's inputs in a (partly) compressed model, ``X`` its inputs in the
+  reference model; ``gram = X'^T X'`` and ``cross = X'^T X``. ``W'`` minimizes
+
+      ||X' W' - X W||_F^2 + lam ||W' - W||_F^2,   lam = damping * mean(diag(gram)).
+
+  Expanding, the objective is ``||R W' - R^{-1} (cross + lam I) W||_F^2 + const`` with
+  ``R = (gram + lam I)^{1/2}``, so ``W' = R^{-1} (R^{-1} (cross + lam I) W)_rank``
+  (Eckart-Young on the target; the closed-form "update given the whitened basis" of
+  SVD-LLM, Wang et al. 2024, and the error feedback of sequential calibration). With
+  ``X' = X`` the target is ``R W`` and this is exactly :func:`weighted`; at full rank
+  it is the ridge regression of ``X W`` on ``X'`` shrunk towards ``W``.
+  Returns ``(u, s, vt)`` with ``W' = u diag(s) vt``.
+  """
+  a = a.astype(compute_dtype(a.dtype))
+  r, r_inv = whitener(gram=gram, damping=damping)
+  g = jnp.asarray(gram, jnp.float32)
+  lam = jnp.maximum(damping * jnp.mean(jnp.diagonal(g, axis1=-2, axis2=-1), -1), 1e-12)
+  c = jnp.asarray(cross, jnp.float32) + lam[..., None, None] * jnp.eye(g.shape[-1], dtype=g.dtype)
+  p, s, vt = jnp.linalg.svd(r_inv @ (c @ a), full_matrices=False)
+  return r_inv @ p[..., :rank], s[..., :rank], vt[..., :rank, :]

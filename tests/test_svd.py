@@ -65,3 +65,23 @@ def test_jit_with_static_rank():
   f = jax.jit(svd.truncated, static_argnames=("rank", "method"))
   u, s, vt = f(jnp.ones((6, 5)), rank=2)
   chex.assert_shape(u, (6, 2))
+
+
+def test_regression_reduces_to_weighted_and_solves_shifted_least_squares():
+  rng = np.random.default_rng(7)
+  x = rng.normal(size=(300, 10)) * np.linspace(0.2, 2.0, 10)
+  w = rng.normal(size=(10, 6))
+  g = x.T @ x
+  u, s, vt = svd.regression(jnp.asarray(w, jnp.float32), 3, g, g, damping=1e-3)
+  u2, s2, vt2 = svd.weighted(jnp.asarray(w, jnp.float32), 3, *svd.whitener(gram=g, damping=1e-3))
+  np.testing.assert_allclose((u * s) @ vt, (u2 * s2) @ vt2, atol=1e-4)
+  # shifted inputs X' = X + noise: full rank is least squares of X W on X' (numpy truth),
+  # and a low rank is at least as good on the shifted objective as ignoring the shift
+  xp = x + 0.3 * rng.normal(size=x.shape)
+  u, s, vt = svd.regression(jnp.asarray(w, jnp.float32), 10, xp.T @ xp, xp.T @ x, damping=1e-9)
+  np.testing.assert_allclose((u * s) @ vt, np.linalg.lstsq(xp, x @ w, rcond=None)[0], atol=1e-3)
+  err = lambda w2: np.linalg.norm(xp @ w2 - x @ w)  # noqa: E731
+  u, s, vt = svd.regression(jnp.asarray(w, jnp.float32), 3, xp.T @ xp, xp.T @ x, damping=1e-9)
+  u2, s2, vt2 = svd.weighted(jnp.asarray(w, jnp.float32), 3,
+                             *svd.whitener(gram=xp.T @ xp, damping=1e-9))
+  assert err(np.asarray((u * s) @ vt)) < err(np.asarray((u2 * s2) @ vt2))

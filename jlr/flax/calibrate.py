@@ -5,11 +5,25 @@ factorization (``jlr.factorize(..., stats=...)``).
 interceptor that sows ``X^T X`` of every Dense/DenseGeneral input (contracted axes
 flattened in kernel order, so rows match the kernel's matrix), sums over batches on the
 host in float64 and returns ``{"params/<module path>/kernel": jlr.stats.Gram}``.
+
+* ``mask=`` gives per-row weights (1 = a real token, 0 = padding) broadcast against the
+  non-contracted axes of each input, so padded positions do not enter ``X^T X``.
+* ``select=`` restricts the statistics to some kernel paths (cheaper, and the only way
+  to collect them one layer at a time).
+* ``variables`` may hold :class:`jlr.LowRank` kernels: the model then runs factorized
+  (:func:`jlr.flax.apply`) and the statistics are those of the *compressed* model's
+  inputs -- the sequential calibration of SVD-LLM / GPTQ.
+
+:func:`cross` collects, in one pass, the statistics of a compressed model's inputs ``X'``
+and of the reference model's inputs ``X`` at the same layer: ``X'^T X'`` and
+``X'^T X``, which :func:`jlr.svd.regression` turns into the kernel that maps the
+compressed model's inputs onto the reference layer's outputs.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import functools
+from typing import Any, Callable, Iterable
 
 import flax.linen as nn
 import jax
@@ -21,45 +35,150 @@ from jlr.stats import Gram
 COLLECTION = "jlr_calibration"
 
 
-def _interceptor(next_fun, args, kwargs, context):
-  module = context.module
-  if context.method_name == "__call__" and isinstance(module, (nn.Dense, nn.DenseGeneral)) and args:
-    x = args[0]
-    if isinstance(module, nn.Dense):
-      axis = (x.ndim - 1,)
-    else:
-      ax = (module.axis,) if isinstance(module.axis, int) else tuple(module.axis)
-      axis = tuple(sorted(a % x.ndim for a in ax))
-    rows = jnp.moveaxis(x, axis, tuple(range(x.ndim - len(axis), x.ndim)))
-    rows = rows.reshape(-1, int(np.prod([x.shape[a] for a in axis]))).astype(jnp.float32)
-    add = lambda a, b: a + b  # noqa: E731
-    module.sow(COLLECTION, "gram", rows.T @ rows, reduce_fn=add, init_fn=lambda: 0)
-    module.sow(COLLECTION, "count", jnp.asarray(rows.shape[0]), reduce_fn=add, init_fn=lambda: 0)
-  return next_fun(*args, **kwargs)
+def _module_path(module) -> str:
+  return "/".join(module.scope.path) if module.scope is not None else ""
 
 
-def activations(model: nn.Module, variables, batches: Iterable[Any], **apply_kwargs
+def _rows(module, x, mask):
+  """``(rows, weights)``: the input as a ``(tokens, m)`` matrix in kernel-row order, and
+  each row's weight (``mask`` broadcast over the non-contracted axes, or ones)."""
+  if isinstance(module, nn.Dense):
+    axis = (x.ndim - 1,)
+  else:
+    ax = (module.axis,) if isinstance(module.axis, int) else tuple(module.axis)
+    axis = tuple(sorted(a % x.ndim for a in ax))
+  lead = tuple(a for a in range(x.ndim) if a not in axis)
+  rows = jnp.moveaxis(x, axis, tuple(range(x.ndim - len(axis), x.ndim)))
+  m = int(np.prod([x.shape[a] for a in axis]))
+  rows = rows.reshape(-1, m).astype(jnp.float32)
+  if mask is None:
+    return rows, jnp.ones((rows.shape[0],), jnp.float32)
+  lead_shape = tuple(x.shape[a] for a in lead)
+  w = jnp.asarray(mask, jnp.float32)
+  if w.ndim > len(lead_shape) or w.shape != lead_shape[: w.ndim]:
+    raise ValueError(f"{_module_path(module)}: mask of shape {w.shape} does not match the "
+                     f"leading axes {lead_shape} of the layer input {x.shape}")
+  w = jnp.broadcast_to(w.reshape(w.shape + (1,) * (len(lead_shape) - w.ndim)), lead_shape)
+  return rows, w.reshape(-1)
+
+
+def _chosen(select, module) -> bool:
+  if not isinstance(module, (nn.Dense, nn.DenseGeneral)):
+    return False
+  return select is None or select(f"params/{_module_path(module)}/kernel")
+
+
+def _gram_interceptor(select, mask):
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name == "__call__" and args and _chosen(select, module):
+      rows, w = _rows(module, args[0], mask)
+      add = lambda a, b: a + b  # noqa: E731
+      module.sow(COLLECTION, "gram", (rows * w[:, None]).T @ rows, reduce_fn=add,
+                 init_fn=lambda: 0)
+      module.sow(COLLECTION, "count", jnp.sum(w), reduce_fn=add, init_fn=lambda: 0)
+    return next_fun(*args, **kwargs)
+
+  return interceptor
+
+
+def _row_interceptor(select, mask):
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name == "__call__" and args and _chosen(select, module):
+      rows, w = _rows(module, args[0], mask)
+      module.sow(COLLECTION, "rows", rows)
+      module.sow(COLLECTION, "weights", w)
+    return next_fun(*args, **kwargs)
+
+  return interceptor
+
+
+def _by_module(sown) -> dict[str, dict]:
+  out: dict[str, dict] = {}
+  for kp, val in jax.tree_util.tree_flatten_with_path(sown)[0]:
+    keys = [str(k.key) for k in kp if hasattr(k, "key")]  # sow's tuple index dropped
+    out.setdefault("/".join(keys[:-1]), {})[keys[-1]] = val
+  return out
+
+
+def _args(batch):
+  return batch if isinstance(batch, tuple) else (batch,)
+
+
+def _apply(model, variables, args, interceptor, apply_kwargs):
+  from jlr.flax.linen import intercept  # LowRank kernels run factorized
+
+  with nn.intercept_methods(interceptor), intercept():  # ours must see the input first
+    _, sown = model.apply(variables, *args, mutable=[COLLECTION], **apply_kwargs)
+  return sown[COLLECTION]
+
+
+def activations(model: nn.Module, variables, batches: Iterable[Any], *,
+                mask: Callable[[Any], Any] | None = None,
+                select: Callable[[str], bool] | None = None, **apply_kwargs
                 ) -> dict[str, Gram]:
   """``{kernel path: Gram}`` over ``batches``; each batch is passed as ``model.apply(
-  variables, *batch)`` if it is a tuple, else ``model.apply(variables, batch)``."""
+  variables, *batch)`` if it is a tuple, else ``model.apply(variables, batch)``.
+
+  ``mask(batch)`` -> per-row weights for the leading axes of every layer input (for a
+  transformer, the ``(batch, seq)`` attention mask: padding rows then count for
+  nothing; ``Gram.count`` is the number of real rows). ``select(path)`` -> whether to
+  collect ``path`` (default: every Dense/DenseGeneral kernel).
+  """
 
   @jax.jit
   def grams(variables, batch):
-    args = batch if isinstance(batch, tuple) else (batch,)
-    with nn.intercept_methods(_interceptor):
-      _, sown = model.apply(variables, *args, mutable=[COLLECTION], **apply_kwargs)
-    return sown[COLLECTION]
+    return _apply(model, variables, _args(batch),
+                  _gram_interceptor(select, None if mask is None else mask(batch)), apply_kwargs)
 
   out: dict[str, Gram] = {}
   for batch in batches:
-    sown = jax.device_get(grams(variables, batch))
-    flat = jax.tree_util.tree_flatten_with_path(sown)[0]
-    by_module: dict[str, dict] = {}
-    for kp, val in flat:
-      keys = [str(getattr(k, "key", k)) for k in kp]
-      by_module.setdefault("/".join(keys[:-1]), {})[keys[-1]] = val
-    for module_path, d in by_module.items():
-      g = Gram(np.asarray(d["gram"], np.float64), int(d["count"]))
+    for module_path, d in _by_module(jax.device_get(grams(variables, batch))).items():
+      g = Gram(np.asarray(d["gram"], np.float64), int(round(float(d["count"]))))
       path = f"params/{module_path}/kernel"
       out[path] = out[path] + g if path in out else g
   return out
+
+
+def cross(model: nn.Module, variables, reference, batches: Iterable[Any], *,
+          mask: Callable[[Any], Any] | None = None,
+          select: Callable[[str], bool] | None = None, **apply_kwargs
+          ) -> dict[str, tuple[Gram, Gram]]:
+  """``{kernel path: (X'^T X', X'^T X)}``: ``X'`` the inputs of the layer in the model
+  with ``variables`` (typically partly factorized), ``X`` its inputs in the model with
+  ``reference`` (the original), on the same batches, padding rows masked as in
+  :func:`activations`. Keep ``select`` narrow: the inputs are held in memory per batch.
+  The jitted pass is cached on ``(model, select, mask)``: reuse those objects across
+  calls to avoid recompiling.
+  """
+
+  both = _cross_fn(model, select, mask, tuple(sorted(apply_kwargs.items())))
+  out: dict[str, tuple[Gram, Gram]] = {}
+  for batch in batches:
+    for module_path, (g, c, n) in jax.device_get(both(variables, reference, batch)).items():
+      n = int(round(float(n)))
+      pair = (Gram(np.asarray(g, np.float64), n), Gram(np.asarray(c, np.float64), n))
+      path = f"params/{module_path}/kernel"
+      out[path] = (out[path][0] + pair[0], out[path][1] + pair[1]) if path in out else pair
+  return out
+
+
+@functools.lru_cache(maxsize=16)
+def _cross_fn(model, select, mask, apply_items):
+  """The jitted pass of :func:`cross`, cached so that repeated calls with the same
+  ``select`` and ``mask`` objects (one layer at a time) compile once per shape."""
+  apply_kwargs = dict(apply_items)
+
+  @jax.jit
+  def both(variables, reference, batch):
+    args, w = _args(batch), None if mask is None else mask(batch)
+    mine = _by_module(_apply(model, variables, args, _row_interceptor(select, w), apply_kwargs))
+    ref = _by_module(_apply(model, reference, args, _row_interceptor(select, w), apply_kwargs))
+    out = {}
+    for module_path, d in mine.items():
+      xs, wt, xr = d["rows"], d["weights"], ref[module_path]["rows"]
+      out[module_path] = ((xs * wt[:, None]).T @ xs, (xs * wt[:, None]).T @ xr, jnp.sum(wt))
+    return out
+
+  return both
