@@ -110,6 +110,14 @@ def load(name: str):
   return loaders[name]()
 
 
+def load_resolved(name: str):
+  """``(name, load(name))`` where ``"auto"`` resolves to Fashion-MNIST when Debian's
+  package is installed, else MNIST (the CNN trainers' default)."""
+  if name == "auto":
+    name = "fashion_mnist" if os.path.isdir(FASHION_MNIST_DIR) else "mnist"
+  return name, load(name)
+
+
 def _rng(key_or_seed) -> np.random.Generator:
   if isinstance(key_or_seed, np.random.Generator):
     return key_or_seed

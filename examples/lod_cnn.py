@@ -125,12 +125,6 @@ def parse_args(argv):
   return args
 
 
-def load_data(name: str):
-  if name == "auto":
-    name = "fashion_mnist" if os.path.isdir(data_lib.FASHION_MNIST_DIR) else "mnist"
-  return name, data_lib.load(name)
-
-
 def svd_ranks(svd_full, ranks: dict) -> dict:
   """The ranks ``jlr.factorize(dense, ranks)`` really applies, given the full-rank SVD
   ``svd_full = lod.init(dense)``: a layer whose factors would not be smaller than its
@@ -148,7 +142,7 @@ def main(argv=None) -> dict:
   args = parse_args(argv)
   t_start = time.perf_counter()
   mesh = common.parse_mesh(args.mesh)
-  name, (x_train, y_train, x_test, y_test) = load_data(args.dataset)
+  name, (x_train, y_train, x_test, y_test) = data_lib.load_resolved(args.dataset)
   x_train, y_train = x_train[: args.train_limit], y_train[: args.train_limit]
   x_test, y_test = x_test[: args.test_limit], y_test[: args.test_limit]
   steps_per_epoch = len(x_train) // args.batch_size

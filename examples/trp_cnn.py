@@ -141,12 +141,6 @@ def parse_args(argv):
   return args
 
 
-def load_data(name: str):
-  if name == "auto":
-    name = "fashion_mnist" if os.path.isdir(data_lib.FASHION_MNIST_DIR) else "mnist"
-  return name, data_lib.load(name)
-
-
 # ----------------------------------------------------------------------------- costs
 
 
@@ -228,7 +222,7 @@ def block_ranks(params, rule, layout) -> dict[str, int]:
 def main(argv=None) -> dict:
   args = parse_args(argv)
   t_start = time.perf_counter()
-  dataset, (x_train, y_train, x_test, y_test) = load_data(args.dataset)
+  dataset, (x_train, y_train, x_test, y_test) = data_lib.load_resolved(args.dataset)
   x_train, y_train = x_train[: args.train_limit], y_train[: args.train_limit]
   x_test, y_test = x_test[: args.test_limit], y_test[: args.test_limit]
   steps_per_epoch = len(x_train) // args.batch_size
