@@ -310,18 +310,12 @@ def main(argv=None) -> dict:
             "seconds": {"lod": lod_seconds, "dense": dense_seconds, "compare": compare_seconds,
                         "total": time.perf_counter() - t_start},
             "table": table}
-  if args.out_dir:
-    common.write_json(os.path.join(args.out_dir, "lod_cnn.json"), result)
-    png = os.path.join(args.out_dir, "lod_cnn.png")
-    common.plot(png, rows, "acc", ylabel="test accuracy",
-                title=f"{name} ResNet-{args.depth}: LoD ({args.layout}, lam={args.lam:g}, "
-                      f"eps={args.eps:g}) vs SVD of dense",
-                curves=(("lod", "LoD nested widths, full model's BN (no recalibration)",
-                         "^:"),),
-                extra_metric="acc_running_bn",
-                references={"dense baseline": (dense["params"], dense["acc"]),
-                            "LoD trained (factors)": (trained["params"], trained["acc"])})
-    print(f"\nwrote {os.path.join(args.out_dir, 'lod_cnn.json')} and {png}")
+  common.save_results(args.out_dir, "lod_cnn", result, "acc", ylabel="test accuracy",
+                      title=f"{name} ResNet-{args.depth}: LoD ({args.layout}, "
+                            f"lam={args.lam:g}, eps={args.eps:g}) vs SVD of dense",
+                      curves=(("lod", "LoD nested widths, full model's BN (no recalibration)",
+                               "^:"),),
+                      extra_metric="acc_running_bn")
   print(f"total {time.perf_counter() - t_start:.1f}s")
   return result
 

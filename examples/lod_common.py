@@ -420,6 +420,22 @@ def plot(path: str, rows: list[dict], metric: str, *, ylabel: str, title: str,
   plt.close(fig)
 
 
+def save_results(out_dir: str, name: str, result: dict, metric: str, **plot_kwargs) -> None:
+  """Write ``<name>.json`` and ``<name>.png`` under ``out_dir`` (nothing when it is empty):
+  :func:`plot` of ``metric`` vs params over ``result["rows"]``, with the dense baseline
+  and the trained LoD model as reference points."""
+  if not out_dir:
+    return
+  json_path, png = (os.path.join(out_dir, f"{name}.{ext}") for ext in ("json", "png"))
+  write_json(json_path, result)
+  dense, trained = result["dense"], result["lod_trained"]
+  plot(png, result["rows"], metric,
+       references={"dense baseline": (dense["params"], dense[metric]),
+                   "LoD trained (factors)": (trained["params"], trained[metric])},
+       **plot_kwargs)
+  print(f"\nwrote {json_path} and {png}")
+
+
 def write_json(path: str, data: dict) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 

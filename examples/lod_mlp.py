@@ -205,15 +205,9 @@ def main(argv=None) -> dict:
             "seconds": {"lod": lod_seconds, "dense": dense_seconds,
                         "total": time.perf_counter() - t_start},
             "table": table}
-  if args.out_dir:
-    common.write_json(os.path.join(args.out_dir, "lod_mlp.json"), result)
-    png = os.path.join(args.out_dir, "lod_mlp.png")
-    common.plot(png, rows, "acc", ylabel="test accuracy",
-                title=f"MNIST MLP: LoD (lam={args.lam:g}, eps={args.eps:g}) vs SVD of dense, "
-                      f"{args.epochs} epochs",
-                references={"dense baseline": (dense["params"], dense["acc"]),
-                            "LoD trained (factors)": (trained["params"], trained["acc"])})
-    print(f"\nwrote {os.path.join(args.out_dir, 'lod_mlp.json')} and {png}")
+  common.save_results(args.out_dir, "lod_mlp", result, "acc", ylabel="test accuracy",
+                      title=f"MNIST MLP: LoD (lam={args.lam:g}, eps={args.eps:g}) vs SVD of "
+                            f"dense, {args.epochs} epochs")
   print(f"total {time.perf_counter() - t_start:.1f}s")
   return result
 

@@ -372,15 +372,10 @@ def main(argv=None) -> dict:
             "seconds": {"lod": lod_seconds, "dense": dense_seconds, "compare": compare_seconds,
                         "total": time.perf_counter() - t_start},
             "table": table}
-  if args.out_dir:
-    common.write_json(os.path.join(args.out_dir, "lod_transformer.json"), result)
-    png = os.path.join(args.out_dir, "lod_transformer.png")
-    common.plot(png, rows, "loss", ylabel="validation loss (nats / char)",
-                title=f"char LM d={args.d} L={args.layers}: LoD (lam={args.lam:g}, "
-                      f"eps={args.eps:g}) vs SVD of dense",
-                references={"dense baseline": (dense["params"], dense["loss"]),
-                            "LoD trained (factors)": (trained["params"], trained["loss"])})
-    print(f"\nwrote {os.path.join(args.out_dir, 'lod_transformer.json')} and {png}")
+  common.save_results(args.out_dir, "lod_transformer", result, "loss",
+                      ylabel="validation loss (nats / char)",
+                      title=f"char LM d={args.d} L={args.layers}: LoD (lam={args.lam:g}, "
+                            f"eps={args.eps:g}) vs SVD of dense")
   print(f"total {time.perf_counter() - t_start:.1f}s")
   return result
 
