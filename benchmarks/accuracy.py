@@ -120,7 +120,7 @@ def main(argv=None) -> dict:
   lod_params = fit(lod.init(init, select=hidden), adam, a.epochs,
                    loss=lambda p, x, y, k: ce(fwd(lod.sample(p, k), x), y) + 1e-4 * lod.group_lasso(p))
   for keep in a.keep:
-    rule = jlr.ranks.ratio(keep)
+    rule = jlr.ranks.ratio(keep, min_rank=1)  # the exact fraction, as before
     svd = jlr.factorize(dense, rule, select=hidden)
     ft = fit(svd, adam, a.finetune, seed=1)
     trp_tx = optax.chain(jlr.trp.nuclear_norm(3e-4, every=20, rank=rule, select=hidden), adam,

@@ -105,7 +105,9 @@ def main(argv=None) -> dict:
     variables = model.init(jax.random.key(0), x0)
     dense_fn = jax.jit(model.apply)
     low_fn = jax.jit(lambda v, x, model=model: jlr.flax.apply(model, v, x))
-    small = {r: jlr.factorize(variables, jlr.ranks.ratio(r)) for r in a.ratios}
+    layouts = jlr.flax.layouts(model, variables, x0)
+    small = {r: jlr.factorize(variables, jlr.ranks.ratio(r, min_rank=1), layout=layouts)
+             for r in a.ratios}
     p_dense = n_params(variables)
     for b in a.batches:
       if b > max_batch:

@@ -69,7 +69,7 @@ def main(argv=None) -> dict:
 
   import inference_speed
 
-  rule = jlr.ranks.ratio(a.ratio)
+  rule = jlr.ranks.ratio(a.ratio, min_rank=1)
   key = jax.random.key(0)
   facto = {"svd": lambda p: jlr.factorize(p, rule),
            "randomized": lambda p: jlr.factorize(p, rule, method="randomized", key=key)}

@@ -97,7 +97,7 @@ def main(argv=None) -> dict:
     mesh = jlr.sharding.make_mesh(spec)
     tree = jax.tree_util.tree_map(jnp.asarray, bert_tree(a.d, 1, "gaussian"))
     placed = jlr.sharding.place(tree, mesh, "fsdp_tp")
-    rule = jlr.ranks.ratio(0.25)
+    rule = jlr.ranks.ratio(0.25, min_rank=1)
     out = {}
     fns = {}
     for label, t in (("unsharded", tree), ("sharded", placed)):

@@ -7,11 +7,13 @@ rank rules (:mod:`jlr.ranks`) and Flax integration (:mod:`jlr.flax`).
 
 import importlib
 
-from jlr import layouts, lod, masks, ranks, sharding, stats, svd, trp
+from jlr import layouts, lod, masks, ranks, sharding, stats, svd, trp, usage
+from jlr.factorized import DensifiedWarning, factorized
 from jlr.layouts import Layout
 from jlr.lowrank import LowRank, is_lowrank
 from jlr.report import Report, summary
-from jlr.transforms import Entry, Plan, factorize, merge, plan, truncate
+from jlr.transforms import Entry, GuessedLayoutWarning, Plan, factorize, merge, plan, truncate
+from jlr.usage import ModelLayouts
 
 __version__ = "0.1.0"
 
@@ -24,6 +26,7 @@ def __getattr__(name):  # jlr.flax etc. on first use: the core does not import F
   raise AttributeError(f"module 'jlr' has no attribute {name!r}")
 
 __all__ = [
-    "Entry", "Layout", "LowRank", "Plan", "Report", "factorize", "is_lowrank", "layouts",
-    "lod", "masks", "merge", "plan", "ranks", "sharding", "stats", "summary", "svd", "trp", "truncate",
+    "DensifiedWarning", "Entry", "GuessedLayoutWarning", "Layout", "LowRank", "ModelLayouts",
+    "Plan", "Report", "factorize", "factorized", "is_lowrank", "layouts", "lod", "masks",
+    "merge", "plan", "ranks", "sharding", "stats", "summary", "svd", "trp", "truncate", "usage",
 ]

@@ -41,11 +41,16 @@ class Layout:
     shape: the original kernel shape, without leading stacked-layer axes.
     n_in: number of leading kernel axes that form the rows ``m`` (ignored for
       ``conv_spatial``, whose rows are ``(kh, cin)``).
+    perm: ``dense_general`` only: the kernel axes in matrix order (rows first), when
+      the contracted axes are not the leading ones -- e.g. a Gemma-style ``(heads,
+      features, head_dim)`` query kernel contracted over ``features`` has
+      ``perm=(1, 0, 2), n_in=1``. ``None`` is the identity.
   """
 
   kind: str
   shape: tuple[int, ...]
   n_in: int = 1
+  perm: tuple[int, ...] | None = None
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -63,14 +68,34 @@ class Layout:
       raise ValueError(f"{self.kind} layout needs a 2-D kernel, got shape {self.shape}")
     if self.kind == "conv_channel" and self.n_in != len(self.shape) - 1:
       raise ValueError("conv_channel rows are (*spatial, cin): n_in must be ndim - 1")
+    if self.perm is not None:
+      perm = tuple(int(p) for p in self.perm)
+      if self.kind != "dense_general" or sorted(perm) != list(range(len(self.shape))):
+        raise ValueError(f"perm={self.perm} must be a permutation of the axes of a "
+                         f"dense_general kernel of shape {self.shape}")
+      object.__setattr__(self, "perm", None if perm == tuple(range(len(perm))) else perm)
+
+  @property
+  def row_axes(self) -> tuple[int, ...]:
+    """Kernel axes that form the rows ``m``, in matrix order."""
+    if self.kind == "conv_spatial":
+      return (0, 2)
+    order = self.perm or tuple(range(len(self.shape)))
+    return order[: self.n_in]
+
+  @property
+  def col_axes(self) -> tuple[int, ...]:
+    """Kernel axes that form the columns ``n``, in matrix order."""
+    if self.kind == "conv_spatial":
+      return (1, 3)
+    order = self.perm or tuple(range(len(self.shape)))
+    return order[self.n_in:]
 
   @property
   def matrix_shape(self) -> tuple[int, int]:
     """The (m, n) shape of the matricized kernel."""
-    if self.kind == "conv_spatial":
-      kh, kw, cin, cout = self.shape
-      return kh * cin, kw * cout
-    return math.prod(self.shape[: self.n_in]), math.prod(self.shape[self.n_in:])
+    return (math.prod(self.shape[i] for i in self.row_axes),
+            math.prod(self.shape[i] for i in self.col_axes))
 
   @property
   def max_rank(self) -> int:
@@ -91,19 +116,22 @@ class Layout:
     lead = w.shape[: w.ndim - len(self.shape)]
     if tuple(w.shape[len(lead):]) != self.shape:
       raise ValueError(f"kernel shape {w.shape} does not end with layout shape {self.shape}")
-    if self.kind == "conv_spatial":
+    order = self.row_axes + self.col_axes  # conv_spatial: (kh, cin, kw, cout)
+    if order != tuple(range(len(order))):
       b = len(lead)
-      w = jnp.moveaxis(w, b + 2, b + 1)  # (kh, kw, cin, cout) -> (kh, cin, kw, cout)
+      w = jnp.transpose(w, tuple(range(b)) + tuple(b + i for i in order))
     return w.reshape(lead + self.matrix_shape)
 
   def from_matrix(self, mat):
     """(..., m, n) matrix -> (..., *shape) kernel; inverse of :meth:`to_matrix`."""
     lead = mat.shape[:-2]
-    if self.kind == "conv_spatial":
-      kh, kw, cin, cout = self.shape
-      w = mat.reshape(lead + (kh, cin, kw, cout))
-      return jnp.moveaxis(w, len(lead) + 1, len(lead) + 2)
-    return mat.reshape(lead + self.shape)
+    order = self.row_axes + self.col_axes
+    w = mat.reshape(lead + tuple(self.shape[i] for i in order))
+    if order != tuple(range(len(order))):
+      b = len(lead)
+      inv = [order.index(i) for i in range(len(order))]
+      w = jnp.transpose(w, tuple(range(b)) + tuple(b + i for i in inv))
+    return w
 
   def u_kernel(self, u):
     """The ``(m, r)`` left factor as the kernel of the first (thin) layer:
@@ -112,6 +140,9 @@ class Layout:
     if self.kind == "conv_spatial":
       kh, _, cin, _ = self.shape
       return u.reshape((kh, 1, cin, r))
+    if self.perm is not None:
+      raise ValueError("a permuted dense_general layout has no thin-layer kernels; run it "
+                       "through jlr.factorized")
     return u.reshape(self.shape[: self.n_in] + (r,))
 
   def v_kernel(self, v):
@@ -121,6 +152,9 @@ class Layout:
     if self.kind == "conv_spatial":
       _, kw, _, cout = self.shape
       return jnp.swapaxes(v.reshape((r, kw, cout)), 0, 1)[None]
+    if self.perm is not None:
+      raise ValueError("a permuted dense_general layout has no thin-layer kernels; run it "
+                       "through jlr.factorized")
     return v.reshape((r,) + self.shape[self.n_in:])
 
 

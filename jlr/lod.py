@@ -36,7 +36,7 @@ import optax
 
 from jlr import ranks as ranks_lib
 from jlr.lowrank import LowRank, is_lowrank
-from jlr.transforms import _default_select, _leaves, factorize
+from jlr.transforms import _leaves, candidates, factorize
 
 SAMPLERS = ("layer", "independent", "fixed")
 
@@ -44,7 +44,7 @@ SAMPLERS = ("layer", "independent", "fixed")
 def init(params, *, select=None, layout=None):
   """Full-rank balanced factorization of the selected kernels (exact: the model is
   unchanged). ``select`` defaults to every float kernel/embedding with >= 2 axes."""
-  return factorize(params, ranks_lib.full(), select=select or _default_select, layout=layout,
+  return factorize(params, ranks_lib.full(), select=candidates(select, layout), layout=layout,
                    split="balanced")
 
 

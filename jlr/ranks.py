@@ -6,6 +6,10 @@ values. Every rule names its unit:
 * :func:`fixed` ``(r)`` -- exactly ``r`` components; :func:`full` ``()`` -- ``min(m, n)``.
 * :func:`ratio` ``(x)`` -- keep a fraction ``x`` of the leaf's *parameters*:
   ``r = floor(x * m * n / (m + n))``. ``ratio(0.25)`` makes the factors 1/4 the size.
+  Never below ``min_rank`` (default 8, capped at full rank): a 64 -> 10 classifier at
+  ``ratio(0.25)`` would otherwise keep 2 of its 10 directions and the model collapses;
+  where the floor makes a leaf no smaller than dense it stays dense, and ``summary``
+  flags raised ranks. ``ratio(x, min_rank=1)`` is the plain rule.
 * :func:`energy` ``(e)`` -- smallest ``r`` with ``sum_{i<=r} s_i^2 >= e * sum_i s_i^2``
   (the energy threshold of TRP, Xu et al. 2019, arXiv 1812.02402).
 * :func:`value` ``(t)`` -- keep singular values ``s_i > t`` (TRP's decoupling rule).
@@ -83,18 +87,26 @@ class full(Rule):  # noqa: N801
 
 @dataclasses.dataclass(frozen=True)
 class ratio(Rule):  # noqa: N801
-  """Keep a fraction ``keep`` in (0, 1] of the leaf's parameters."""
+  """Keep a fraction ``keep`` in (0, 1] of the leaf's parameters, at rank >= ``min_rank``
+  (capped at the leaf's full rank)."""
 
   keep: float
+  min_rank: int = 8
 
   def __post_init__(self):
     if not 0.0 < float(self.keep) <= 1.0:
       raise ValueError(f"ratio(keep) is the fraction of parameters kept, in (0, 1]; got {self.keep}")
+    if isinstance(self.min_rank, bool) or not isinstance(self.min_rank, (int, np.integer)) \
+        or self.min_rank < 1:
+      raise ValueError(f"min_rank must be an int >= 1, got {self.min_rank!r}")
+
+  def plain(self, layout) -> int:
+    """The rank the fraction alone gives (before the ``min_rank`` floor)."""
+    m, n = layout.matrix_shape
+    return max(1, min(math.floor(self.keep * m * n / (m + n)), layout.max_rank))
 
   def resolve(self, layout, s):
-    m, n = layout.matrix_shape
-    r = math.floor(self.keep * m * n / (m + n))
-    return max(1, min(r, layout.max_rank))
+    return max(self.plain(layout), min(int(self.min_rank), layout.max_rank))
 
   def describe(self):
     return f"{self.keep:.0%} of params"

@@ -54,9 +54,9 @@ def fisher(grad_fn: Callable[[Any, Any], Any], params, batches: Iterable, *, lay
   batches -- the per-batch gradient is the unit of the estimate). For each kernel the
   squared gradient is matricized with its layout and summed over columns.
   """
-  from jlr.transforms import _default_select, _layout_for, _selector  # no import cycle
+  from jlr.transforms import _layout_for, candidates  # no import cycle
 
-  chosen = _selector(select) if select is not None else _default_select
+  chosen = candidates(select, layout)
   acc: dict[str, RowWeights] = {}
   for batch in batches:
     grads = jax.device_get(grad_fn(params, batch))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
@@ -21,6 +22,7 @@ from jlr.layouts import Layout
 from jlr.lowrank import LowRank, from_svd, is_lowrank
 from jlr.paths import first_match, leaf_name, matches, path_str
 from jlr.sharding import follow
+from jlr.usage import ModelLayouts
 
 KERNEL_NAMES = ("kernel", "embedding")
 
@@ -77,6 +79,31 @@ def _selector(select) -> Callable[[str, Any], bool]:
   raise TypeError(f"select must be a callable (path, leaf) -> bool or path patterns, got {select!r}")
 
 
+def candidates(select, layout) -> Callable[[str, Any], bool]:
+  """The leaves a transform considers: ``select`` if given; else the kernels of a
+  :class:`jlr.usage.ModelLayouts` (what the model showed it can factorize); else
+  every float ``kernel``/``embedding`` leaf with >= 2 axes."""
+  if select is None and isinstance(layout, ModelLayouts):
+    return lambda path, leaf: _is_array(leaf) and layout.select(path)
+  return _selector(select)
+
+
+def warn_guessed(paths) -> None:
+  """Warn that the layouts of kernels with more than two axes were guessed from shapes."""
+  if paths:
+    warnings.warn(
+        f"guessing the layout of {len(paths)} kernel(s) with more than two axes from their "
+        f"shapes ({', '.join(paths[:4])}{', ...' if len(paths) > 4 else ''}); a guess cannot "
+        "know how the model contracts them (stacked nn.scan layers, einsums). Read them from "
+        "the model: layout=jlr.flax.layouts(model, variables, *example_args) (or "
+        "jlr.usage.read(fn, params, *args)), or pass layout= explicitly.",
+        GuessedLayoutWarning, stacklevel=3)
+
+
+class GuessedLayoutWarning(UserWarning):
+  """A kernel with more than two axes was matricized by a shape guess."""
+
+
 def _rule_for(rank, path: str, leaf):
   """The rule for one leaf, or None when a per-path ``rank`` leaves it out."""
   if isinstance(rank, Mapping):
@@ -89,7 +116,9 @@ def _rule_for(rank, path: str, leaf):
 
 
 def _spec_for(layout, path: str, leaf) -> layouts_lib.Spec | Layout:
-  if isinstance(layout, Mapping):
+  if isinstance(layout, ModelLayouts):
+    layout = layout.lookup(path)
+  elif isinstance(layout, Mapping):
     layout = first_match(layout, path)
   elif callable(layout) and not isinstance(layout, (layouts_lib.Spec, Layout)):
     layout = layout(path, leaf)
@@ -214,8 +243,8 @@ def plan(params, rank, *, select=None, layout=None, stats=None, damping: float =
   Returns:
     A :class:`Plan` ``{path: Entry}`` in tree order.
   """
-  chosen = _selector(select)
-  items, meta, seen = [], [], []
+  chosen = candidates(select, layout)
+  items, meta, seen, guessed = [], [], [], []
   for path, leaf in _leaves(params)[0]:
     if is_lowrank(leaf) or not _is_array(leaf) or not chosen(path, leaf):
       continue
@@ -224,6 +253,8 @@ def plan(params, rank, *, select=None, layout=None, stats=None, damping: float =
     if rule is None:
       continue
     lay, b = _layout_for(layout, path, leaf)
+    if layout is None and jnp.ndim(leaf) > 2:
+      guessed.append(path)
     if lay.max_rank == 0 or 0 in jnp.shape(leaf):
       if select is None:
         continue  # nothing to factorize
@@ -237,8 +268,9 @@ def plan(params, rank, *, select=None, layout=None, stats=None, damping: float =
 
     items.append((path, lay, rule, spectrum))
     meta.append((lay, tuple(jnp.shape(leaf))[:b], rule))
+  warn_guessed(guessed)
   for name, arg in (("rank", rank), ("layout", layout)):
-    if isinstance(arg, Mapping):
+    if isinstance(arg, Mapping) and not isinstance(arg, ModelLayouts):
       for pattern in arg:
         if not any(matches(pattern, path) for path in seen):
           raise ValueError(
@@ -251,7 +283,10 @@ def plan(params, rank, *, select=None, layout=None, stats=None, damping: float =
   for (path, *_), (lay, batch, rule), r in zip(items, meta, _resolve(items, "factorize", lenient)):
     if r is None or (select is None and lay.factor_size(r) >= lay.size):
       continue  # break-even: factorizing would not save parameters
-    result[path] = Entry(path, lay, batch, r, rule.describe())
+    desc = rule.describe()
+    if isinstance(rule, ranks_lib.ratio) and r > rule.plain(lay):
+      desc += f" (raised to min rank {r})"
+    result[path] = Entry(path, lay, batch, r, desc)
   return result
 
 

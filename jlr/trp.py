@@ -44,7 +44,7 @@ from jlr import ranks as ranks_lib
 from jlr import svd as svd_lib
 from jlr.layouts import Layout
 from jlr.paths import path_str
-from jlr.transforms import _default_select, _layout_for, _selector, factorize
+from jlr.transforms import _layout_for, candidates, factorize, warn_guessed
 
 
 class TRPState(NamedTuple):
@@ -53,12 +53,15 @@ class TRPState(NamedTuple):
 
 def _targets(params, select, layout) -> dict[str, tuple[Layout, int]]:
   """Selected kernel paths -> (layout, batch_ndim); trace-time only (shapes, paths)."""
-  chosen = _selector(select) if select is not None else _default_select
-  out = {}
+  chosen = candidates(select, layout)
+  out, guessed = {}, []
   for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     path = path_str(kp)
     if chosen(path, leaf):
       out[path] = _layout_for(layout, path, leaf)
+      if layout is None and jnp.ndim(leaf) > 2:
+        guessed.append(path)
+  warn_guessed(guessed)
   return out
 
 

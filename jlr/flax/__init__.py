@@ -1,7 +1,8 @@
-"""Flax integration: linen (``apply``, ``LowRankDense``, ``LowRankConv``) and NNX
-(``jlr.flax.nnx.compress``)."""
+"""Flax integration: linen (``layouts``, ``factorize``, ``apply``, ``LowRankDense``,
+``LowRankConv``) and NNX (``jlr.flax.nnx.compress``)."""
 
 from jlr.flax import calibrate, nnx
-from jlr.flax.linen import LowRankConv, LowRankDense, apply, intercept
+from jlr.flax.linen import LowRankConv, LowRankDense, apply, factorize, intercept, layouts
 
-__all__ = ["LowRankConv", "LowRankDense", "apply", "calibrate", "intercept", "nnx"]
+__all__ = ["LowRankConv", "LowRankDense", "apply", "calibrate", "factorize", "intercept",
+           "layouts", "nnx"]

@@ -1,10 +1,18 @@
 """Run unchanged Flax linen models with :class:`jlr.LowRank` kernels.
 
-``apply(model, variables, *args)`` is ``model.apply(variables, *args)`` under a
-``flax.linen.intercept_methods`` interceptor: every ``nn.Dense``, ``nn.DenseGeneral``
-(also inside ``nn.MultiHeadDotProductAttention``), ``nn.Conv`` and ``nn.Embed`` whose
-kernel is a ``LowRank`` computes with the factors (see :mod:`jlr.ops`); every other
-module runs as written. ``u @ v`` is never formed.
+* ``layouts(model, variables, *example_args)`` reads every kernel's exact layout from
+  how the model uses it (an abstract trace, see :mod:`jlr.usage`): stacked ``nn.scan`` /
+  ``nn.vmap`` axes, ``DenseGeneral`` / ``Einsum`` contractions, conv dims, embeddings,
+  and any custom module (Hugging Face's ``FlaxConv1D``) that feeds a kernel to a matmul.
+* ``factorize(model, variables, *example_args, rank=...)`` is ``jlr.factorize`` with those
+  layouts: only kernels the model showed it can run factorized are candidates.
+* ``apply(model, variables, *args)`` is ``jlr.factorized(model.apply)(variables, *args)``:
+  any module whose kernel is a ``LowRank`` computes with the factors at the primitive
+  level (:mod:`jlr.factorized`); ``u @ v`` is never formed.
+
+``intercept()`` is the older module-level path (``nn.intercept_methods`` for Dense,
+DenseGeneral, Conv and Embed), kept for the calibration passes of
+:mod:`jlr.flax.calibrate`, which hook those modules' inputs.
 
 ``LowRankDense`` and ``LowRankConv`` are linen layers for models built factorized from
 the start; their ``kernel`` param is a ``LowRank`` too, so ``jlr.summary``, ``truncate``
@@ -21,9 +29,11 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
-from jlr import ops
+from jlr import ops, transforms, usage
+from jlr.factorized import factorized
 from jlr.layouts import Layout
 from jlr.lowrank import LowRank
+from jlr.usage import ModelLayouts
 
 _KERNEL_NAMES = ("kernel", "embedding")
 
@@ -121,10 +131,29 @@ def _interceptor(next_fun, args, kwargs, context):
 
 def apply(model: nn.Module, variables, *args, **kwargs):
   """``model.apply(variables, *args, **kwargs)`` with ``LowRank`` kernels computed
-  factorized. Accepts every keyword ``Module.apply`` does (``method``, ``mutable``,
-  ``rngs``, ...)."""
-  with nn.intercept_methods(_interceptor):
-    return model.apply(variables, *args, **kwargs)
+  factorized, in any module (see :func:`jlr.factorized`). Accepts every keyword
+  ``Module.apply`` does (``method``, ``mutable``, ``rngs``, ...)."""
+  return factorized(model.apply)(variables, *args, **kwargs)
+
+
+def layouts(model: nn.Module, variables, *args, conv: str = "channel",
+            **apply_kwargs) -> ModelLayouts:
+  """Every kernel's :class:`jlr.Layout` as ``model.apply(variables, *args,
+  **apply_kwargs)`` uses it; nothing is computed. ``args`` may be
+  ``jax.ShapeDtypeStruct``s. Kernels the call never uses, or uses in a way jlr cannot
+  factorize, are in ``.skipped`` with the reason. See :func:`jlr.usage.read`."""
+  return usage.read(model.apply, variables, *args, conv=conv, **apply_kwargs)
+
+
+def factorize(model: nn.Module, variables, *args, rank, conv: str = "channel",
+              apply_kwargs: dict | None = None, **factorize_kwargs):
+  """``jlr.factorize(variables, rank, layout=layouts(model, variables, *args))``.
+
+  The one-call form: layouts are read from the model, never guessed, and only kernels
+  it can run factorized are candidates. ``factorize_kwargs`` go to
+  :func:`jlr.factorize` (``method``, ``key``, ``select``, ``stats``, ...)."""
+  lay = layouts(model, variables, *args, conv=conv, **(apply_kwargs or {}))
+  return transforms.factorize(variables, rank, layout=lay, **factorize_kwargs)
 
 
 def intercept():
@@ -133,6 +162,13 @@ def intercept():
 
 
 # ----------------------------------------------------------------------------- factorized layers
+
+
+def _as_lowrank_standin(kernel, layout: Layout) -> LowRank:
+  """A dense kernel as ``LowRank(W, I)``: the conv code path takes factors only, and
+  under :func:`jlr.factorized` ``W`` is itself computed factorized."""
+  n = layout.matrix_shape[1]
+  return LowRank(layout.to_matrix(kernel), jnp.eye(n, dtype=kernel.dtype), layout)
 
 
 def _factor_init(rng, layout: Layout, rank: int, dtype) -> LowRank:
@@ -162,6 +198,11 @@ class LowRankDense(nn.Module):
     f = self.param("kernel", lambda k: _factor_init(k, layout, self.rank, self.param_dtype))
     bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype) \
         if self.use_bias else None
+    if not isinstance(f, LowRank):  # the dense stand-in that jlr.factorized traces with
+      inputs, kernel, bias = promote_dtype(inputs, f, bias, dtype=self.dtype)
+      y = jax.lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())),
+                              precision=self.precision)
+      return y if bias is None else y + bias
     inputs, u, v, bias = promote_dtype(inputs, f.u, f.v, bias, dtype=self.dtype)
     y = ops.dense_general(inputs, LowRank(u, v, layout), (-1,), precision=self.precision)
     return y if bias is None else y + bias
@@ -193,6 +234,8 @@ class LowRankConv(nn.Module):
     f = self.param("kernel", lambda k: _factor_init(k, layout, self.rank, self.param_dtype))
     bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype) \
         if self.use_bias else None
+    if not isinstance(f, LowRank):  # the dense stand-in that jlr.factorized traces with
+      f = _as_lowrank_standin(f, layout)
     inputs, u, v, bias = promote_dtype(inputs, f.u, f.v, bias, dtype=self.dtype)
     y = ops.conv_like_flax(inputs, LowRank(u, v, layout), kernel_size=ks, strides=self.strides,
                            padding=self.padding, kernel_dilation=self.kernel_dilation,
