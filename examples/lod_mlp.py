@@ -150,7 +150,8 @@ def main(argv=None) -> dict:
                 train_limit=args.train_limit, hidden=list(args.hidden))
 
   # ---- LoD training
-  template = common.lod_template(dense_init, tx, key)
+  layout = jlr.flax.layouts(model, {"params": dense_init}, x_train[:1])  # read, not guessed
+  template = common.lod_template(dense_init, tx, key, layout=layout)
   ckpt = None
   if args.ckpt_dir:
     meta = dict(shared, lam=args.lam, eps=args.eps, warmup=args.warmup, sampler=args.sampler,

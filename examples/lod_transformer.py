@@ -303,7 +303,9 @@ def main(argv=None) -> dict:
                 seed=args.seed, val_every=args.val_every, train_limit=args.train_limit)
 
   # ---- LoD training
-  template = common.lod_template(dense_init, tx, key, select=lod_select)
+  template = common.lod_template(dense_init, tx, key, select=lod_select,
+                                 layout=jlr.flax.layouts(model, {"params": dense_init},
+                                                         jnp.zeros((1, args.ctx), jnp.int32)))
   ckpt = None
   if args.ckpt_dir:
     meta = dict(shared, lam=args.lam, eps=args.eps, warmup=args.warmup, sampler=args.sampler,

@@ -158,8 +158,7 @@ def conv_flops(model: nn.Module, variables, image_shape) -> dict[str, int]:
     out = next_fun(*args, **kwargs)
     module = context.module
     if isinstance(module, nn.Conv) and context.method_name == "__call__":
-      seen["/".join(module.scope.path)] = (args[0].shape, out.shape,
-                                          module.get_variable("params", "kernel"))
+      seen["/".join(module.scope.path)] = (args[0].shape, out.shape)
     return out
 
   def fwd(v):
@@ -168,7 +167,10 @@ def conv_flops(model: nn.Module, variables, image_shape) -> dict[str, int]:
 
   jax.eval_shape(fwd, variables)
   out = {}
-  for path, (xs, ys, k) in seen.items():
+  for path, (xs, ys) in seen.items():
+    k = variables["params"]
+    for name in path.split("/") + ["kernel"]:  # the leaf itself: LowRank or dense
+      k = k[name]
     (_, _, w_in, _), (_, h, w, cout) = xs, ys
     if is_lowrank(k):
       kh, kw, cin, _ = k.layout.shape
@@ -211,8 +213,7 @@ def time_forwards(fns: dict, x, repeats: int) -> dict[str, float]:
 
 def block_ranks(params, rule, layout) -> dict[str, int]:
   """``{path: rank}`` the rule keeps for each selected block conv (from its spectrum)."""
-  # layout as {pattern: kind}: summary also lists unselected kernels (the Dense head)
-  rep = jlr.summary(params, rule, select=BLOCK_CONVS, layout={BLOCK_CONVS: layout})
+  rep = jlr.summary(params, rule, select=BLOCK_CONVS, layout=layout)
   return {r.path: int(r.rank) for r in rep.rows if r.rank is not None}
 
 
@@ -242,8 +243,12 @@ def main(argv=None) -> dict:
     batch_sharding = sharding.batch_sharding(mesh)
     print(f"mesh {dict(mesh.shape)}: params FSDP-placed, batches sharded over 'data'")
 
-  init = model.init(jax.random.key(args.seed), jnp.zeros((1,) + x_train.shape[1:]))
+  x0 = jnp.zeros((1,) + x_train.shape[1:])
+  init = model.init(jax.random.key(args.seed), x0)
   dense_init, stats_init = init["params"], init["batch_stats"]
+  # every kernel's layout read from the model (never guessed), channel- or spatial-wise
+  read = {kind: jlr.flax.layouts(model, init, x0, train=False, conv=kind.split("_")[1])
+          for kind in ("conv_channel", "conv_spatial")}
   if mesh is not None:
     dense_init = sharding.place(dense_init, mesh, "fsdp")
     stats_init = jax.device_put(stats_init, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
@@ -255,7 +260,8 @@ def main(argv=None) -> dict:
     if layout is None:
       return sgd
     return jlr.trp.trp(sgd, every=args.period, energy=args.energy,
-                       nuclear=args.nuclear if nuclear else 0.0, select=BLOCK_CONVS, layout=layout)
+                       nuclear=args.nuclear if nuclear else 0.0, select=BLOCK_CONVS,
+                       layout=read[layout])
 
   def epoch_batches(epoch):  # a pure function of (seed, epoch): resumable
     it = data_lib.batches(x_train, y_train, args.batch_size, np.random.default_rng([args.seed, epoch]))
@@ -327,7 +333,7 @@ def main(argv=None) -> dict:
     variables = {"params": state.params, **state.extra}
     lay = layout or "conv_spatial"  # the dense baseline is decoupled spatial-wise, like the best TRP run
     decoupled = jlr.trp.decouple(jax.device_get(state.params), ranks.value(args.threshold),
-                                 select=BLOCK_CONVS, layout=lay)
+                                 select=BLOCK_CONVS, layout=read[lay])
     dvars = {"params": decoupled, **jax.device_get(state.extra)}
     rep = jlr.summary(decoupled)
     flops = conv_flops(model, dvars, image)
@@ -342,7 +348,8 @@ def main(argv=None) -> dict:
         "conv_flops": int(sum(flops.values())),
         "conv_flops_dense": int(dense_total_flops),
         "flop_speedup": dense_total_flops / max(sum(flops.values()), 1),
-        "energy_ranks": block_ranks(jax.device_get(state.params), ranks.energy(args.energy), lay),
+        "energy_ranks": block_ranks(jax.device_get(state.params), ranks.energy(args.energy),
+                                    read[lay]),
         "decoupled_ranks": dec_ranks,
         "full_ranks": {r.path: int(r.max_rank) for r in rep.rows if r.rank is not None},
         "past_break_even": [r.path for r in rep.rows if r.larger_than_dense],
@@ -353,7 +360,7 @@ def main(argv=None) -> dict:
     if name != "dense":  # the dense baseline truncated to the same per-layer ranks
       svd = jlr.factorize(jax.device_get(dense_state.params),
                           {p: ranks.fixed(r) for p, r in dec_ranks.items()}, select=BLOCK_CONVS,
-                          layout=lay)
+                          layout=read[lay])
       row["acc_dense_svd_same_ranks"] = accuracy({"params": svd, **jax.device_get(dense_state.extra)})
     rows[name] = row
     artifacts[name] = {"variables": jax.device_get(variables), "decoupled": dvars}

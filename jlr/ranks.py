@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -209,16 +209,34 @@ class budget(Rule):  # noqa: N801
   scale comparable), while the total stays within the budget. Because each leaf's
   spectrum is non-increasing, this greedy is the optimal allocation of total kept
   energy up to one chunk per leaf.
+
+  ``sensitivity={path: alpha}`` scores component ``j`` of leaf ``l`` by
+  ``alpha_l s_j^2 / sum_i s_i^2 / (m + n)``: a first-order model of an end-to-end
+  distortion ``D ~ sum_l alpha_l e_l(r_l)``, where ``e_l`` is leaf ``l``'s relative
+  (data-aware, with ``stats=``) truncation error and ``alpha_l = D_l / e_l`` is measured
+  by truncating that leaf alone (``D_l``: the model's output distortion, e.g. an
+  embedding's ``1 - cos`` or an LM's extra NLL). Relative errors are not comparable
+  across layers -- a value projection at 8% error can move the output as little as an
+  FFN down-projection at 0.2% -- and ``alpha`` puts them in one unit, so the greedy
+  minimizes the modelled distortion (the SVD-LLM / ASVD observation that layers differ
+  in sensitivity, as a budget).
   """
 
   fraction: float | None = None
   params: int | None = None
   multiple: int = 1
   normalize: bool = False
+  sensitivity: Any = None
   needs_spectrum = True
   is_global = True
 
   def __post_init__(self):
+    if self.sensitivity is not None:
+      items = self.sensitivity.items() if hasattr(self.sensitivity, "items") else self.sensitivity
+      items = tuple(sorted((str(p), float(a)) for p, a in items))
+      if any(not (a >= 0 and np.isfinite(a)) for _, a in items):
+        raise ValueError("sensitivity weights must be finite and >= 0")
+      object.__setattr__(self, "sensitivity", items)
     if (self.fraction is None) == (self.params is None):
       raise ValueError("budget needs exactly one of fraction= or params=")
     if self.fraction is not None and not 0.0 < self.fraction <= 1.0:
@@ -237,13 +255,18 @@ class budget(Rule):  # noqa: N801
   def allocate(self, items: Sequence[tuple[str, Layout, np.ndarray]]) -> list[int]:
     """Ranks for ``items = [(path, layout, s)]``; ``s`` is ``(batch..., k)``."""
     k = self.multiple
+    alpha = dict(self.sensitivity) if self.sensitivity is not None else None
     sizes, costs, gains = [], [], []
-    for _, layout, s in items:
+    for path, layout, s in items:
       s2 = np.asarray(s, np.float64) ** 2
       s2 = s2.reshape(-1, s2.shape[-1])
       count = s2.shape[0]
-      if self.normalize:
+      if self.normalize or alpha is not None:
         s2 = s2 / np.maximum(s2.sum(-1, keepdims=True), 1e-300)
+      if alpha is not None:
+        if path not in alpha:
+          raise ValueError(f"{path}: no sensitivity weight given to ranks.budget(sensitivity=)")
+        s2 = s2 * alpha[path]
       m, n = layout.matrix_shape
       sizes.append(count * layout.size)
       costs.append(count * (m + n))

@@ -117,8 +117,14 @@ def _rule_for(rank, path: str, leaf):
 
 def _spec_for(layout, path: str, leaf) -> layouts_lib.Spec | Layout:
   if isinstance(layout, ModelLayouts):
-    layout = layout.lookup(path)
-  elif isinstance(layout, Mapping):
+    found = layout.lookup(path)
+    if found is None:
+      why = layout.skipped.get(path) or layout.skipped.get(f"params/{path}") or \
+          "not a kernel the traced model uses"
+      raise ValueError(f"{path}: no layout read from the model ({why}); it cannot run "
+                       "factorized, leave it out of select")
+    return found
+  if isinstance(layout, Mapping):
     layout = first_match(layout, path)
   elif callable(layout) and not isinstance(layout, (layouts_lib.Spec, Layout)):
     layout = layout(path, leaf)

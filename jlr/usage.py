@@ -70,10 +70,12 @@ class ModelLayouts(Mapping):
   """
 
   def __init__(self, layouts: dict[str, Layout], skipped: dict[str, str],
-               uses: dict[str, list[Use]] | None = None):
+               uses: dict[str, list[Use]] | None = None,
+               shapes: dict[str, tuple[int, ...]] | None = None):
     self._layouts = dict(layouts)
     self.skipped = dict(skipped)
     self.uses = dict(uses or {})
+    self.shapes = dict(shapes or {})
 
   def __getitem__(self, path):
     return self._layouts[path]
@@ -100,8 +102,10 @@ class ModelLayouts(Mapping):
     lines = [f"ModelLayouts({len(self)} kernels, {len(self.skipped)} skipped)"]
     for p, lay in self._layouts.items():
       perm = f" perm={lay.perm}" if lay.perm else ""
+      stack = self.shapes.get(p, lay.shape)[: -len(lay.shape)]
+      stacked = f", stacked {'x'.join(map(str, stack))}" if stack else ""
       lines.append(f"  {p}: {lay.kind} {'x'.join(map(str, lay.shape))} -> "
-                   f"{lay.matrix_shape[0]}x{lay.matrix_shape[1]}{perm}")
+                   f"{lay.matrix_shape[0]}x{lay.matrix_shape[1]}{perm}{stacked}")
     for p, why in self.skipped.items():
       lines.append(f"  {p}: dense ({why})")
     return "\n".join(lines)
@@ -338,4 +342,5 @@ def read(fn: Callable, params, *args, conv: str = "channel", **kwargs) -> ModelL
         skipped[path] = why
     else:
       layouts[path] = lay
-  return ModelLayouts(layouts, skipped, by_path)
+  shapes = {path_str(kp): tuple(x.shape) for kp, x in p_flat if hasattr(x, "shape")}
+  return ModelLayouts(layouts, skipped, by_path, shapes)

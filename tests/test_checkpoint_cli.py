@@ -25,7 +25,8 @@ class Net(nn.Module):
 def test_factorized_tree_roundtrips_without_a_template(tmp_path):
   model, x = Net(), jnp.ones((2, 8, 8, 3))
   v = model.init(jax.random.key(0), x)
-  f = jlr.factorize(v, jlr.ranks.ratio(0.3), layout={"Conv_0": "conv_spatial"})
+  f = jlr.factorize(v, jlr.ranks.ratio(0.3, min_rank=1),
+                    layout={"Conv_0": "conv_spatial"})
   checkpoint.save(str(tmp_path / "a"), f)
   g = checkpoint.load(str(tmp_path / "a"))
   chex.assert_trees_all_equal(jax.tree.map(np.asarray, g), jax.tree.map(np.asarray, f))

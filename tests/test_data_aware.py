@@ -165,8 +165,8 @@ def test_whitened_beats_plain_per_layer_on_calibration_data():
   batches = [jnp.asarray(rng.normal(size=(4, 6, 16)) @ mix, jnp.float32) for _ in range(2)]
   variables = model.init(jax.random.key(2), batches[0])
   st = calibrate.activations(model, variables, batches)
-  aware = jlr.factorize(variables, ranks.ratio(0.4), stats=st, damping=1e-6)
-  plain = jlr.factorize(variables, ranks.ratio(0.4))
+  aware = jlr.factorize(variables, ranks.ratio(0.4, min_rank=1), stats=st, damping=1e-6)
+  plain = jlr.factorize(variables, ranks.ratio(0.4, min_rank=1))
   flat = lambda t: {jlr.paths.path_str(k): v for k, v in  # noqa: E731
                     jax.tree_util.tree_flatten_with_path(t, is_leaf=jlr.is_lowrank)[0]}
   w0, wa, wp = flat(variables), flat(aware), flat(plain)

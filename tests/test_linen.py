@@ -137,20 +137,29 @@ def test_factorized_forward_flops_are_the_factorized_count():
   assert rep.flops / rep.dense_flops == pytest.approx(expected, rel=1e-6)
 
 
-def test_grouped_conv_is_refused_with_its_path():
+def test_grouped_conv_is_densified_with_its_path_not_silently_wrong():
   model = nn.Conv(8, (3, 3), feature_group_count=4)
   x = jnp.ones((1, 5, 5, 8))
-  f = jlr.factorize(model.init(KEY, x), 1, select="kernel")
-  with pytest.raises(ValueError, match="grouped/depthwise"):
-    jlr.flax.apply(model, f, x)
+  f = jlr.factorize(model.init(KEY, x), 1, select="kernel", layout="conv_channel")
+  with pytest.warns(jlr.DensifiedWarning, match="kernel.*grouped/depthwise"):
+    got = jlr.flax.apply(model, f, x)
+  assert_close(got, model.apply(jlr.merge(f), x))
+  assert "grouped/depthwise" in jlr.flax.layouts(model, model.init(KEY, x), x).skipped["params/kernel"]
 
 
-def test_unsupported_layer_is_named():
-  model = nn.ConvTranspose(8, (3, 3))
-  x = jnp.ones((1, 5, 5, 6))
+def test_op_without_a_factorized_rule_is_named():
+  class Scaled(nn.Module):  # uses its kernel elementwise before the matmul
+    @nn.compact
+    def __call__(self, x):
+      k = self.param("kernel", nn.initializers.normal(), (6, 8))
+      return x @ jnp.tanh(k)
+
+  model, x = Scaled(), jnp.ones((2, 6))
   f = jlr.factorize(model.init(KEY, x), 2, select="kernel")
-  with pytest.raises(ValueError, match="ConvTranspose has a LowRank kernel"):
-    jlr.flax.apply(model, f, x)
+  with pytest.warns(jlr.DensifiedWarning, match="params/kernel: no factorized rule for `tanh`"):
+    got = jlr.flax.apply(model, f, x)
+  assert_close(got, model.apply(jlr.merge(f), x))
+  assert "tanh" in jlr.flax.layouts(model, model.init(KEY, x), x).skipped["params/kernel"]
 
 
 def test_dense_models_run_unchanged_under_apply():

@@ -38,6 +38,7 @@ class Net(nnx.Module):
     self.lora = nnx.LoRALinear(16, 12, lora_rank=2, rngs=rngs)
     self.heads = nnx.Dict({"a": nnx.Linear(12, 10, rngs=rngs)})
     self.extra = nnx.List([nnx.Linear(10, 10, rngs=rngs)])
+    self.adapter = nnx.LoRA(10, 2, 10, rngs=rngs)  # a standalone LoRA beside them
 
   def __call__(self, x):
     x = self.seq(x)
@@ -49,7 +50,8 @@ class Net(nnx.Module):
     x = run(self.blocks, x)
     x = self.attn(x)
     y = self.ein(x).reshape(x.shape[:2] + (16,))
-    return self.extra[0](self.heads["a"](self.lora(y)))
+    h = self.heads["a"](self.lora(y))
+    return self.extra[0](h) + self.adapter(h)
 
 
 def merged_reference(model, small):
@@ -77,6 +79,7 @@ def test_every_pattern_compresses_runs_and_matches_the_merged_model():
   assert isinstance(small.ein, jnnx.Factorized) and isinstance(small.lora, jnnx.Factorized)
   assert isinstance(small.heads["a"], jnnx.LowRankLinear)
   assert isinstance(small.extra[0], jnnx.LowRankLinear)
+  assert isinstance(small.adapter, nnx.LoRA)  # adapters are not kernels: left as they are
   k = small.blocks.lin.kernel.get_value()
   chex.assert_shape([k.u, k.v], [(3, 16, 4), (3, 4, 16)])
   got = nnx.jit(lambda m, x: m(x))(small, x)

@@ -16,7 +16,9 @@ def test_fixed_and_ratio_units():
   # ratio = fraction of params kept: r (m + n) <= x m n
   r = ranks.ratio(0.25).resolve(layout, None)
   assert r * 160 <= 0.25 * 6000 < (r + 1) * 160
-  assert ranks.ratio(1e-6).resolve(layout, None) == 1
+  assert ranks.ratio(1e-6, min_rank=1).resolve(layout, None) == 1
+  assert ranks.ratio(1e-6).resolve(layout, None) == 8  # the default floor
+  assert ranks.ratio(1e-6).resolve(Layout("dense", (100, 5)), None) == 5  # capped at full
   assert ranks.ratio(1.0).resolve(layout, None) == 37  # floor(6000/160), below full rank 60
 
 
@@ -79,7 +81,7 @@ def test_budget_meets_budget_and_beats_uniform_ratio(fraction):
   params = _tree()
   dense = sum(x["kernel"].size for x in params.values())
   fb = jlr.factorize(params, ranks.budget(fraction), select="kernel")
-  fu = jlr.factorize(params, ranks.ratio(fraction), select="kernel")
+  fu = jlr.factorize(params, ranks.ratio(fraction, min_rank=1), select="kernel")
   used = jlr.summary(fb).total_params
   assert used <= fraction * dense
   assert jlr.summary(fu).total_params <= fraction * dense

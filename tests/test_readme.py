@@ -11,3 +11,14 @@ def test_quick_start_runs(capsys):
   exec(compile(code, "README.md", "exec"), {})
   out = capsys.readouterr().out
   assert "total (all leaves)" in out and "smaller" in out
+
+
+def test_your_model_snippets_run(capsys):
+  text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+  section = text[text.index("## Your model"):text.index("## Trainable compression")]
+  blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+  assert len(blocks) == 3  # linen + scan stack, NNX, Hugging Face / any function
+  for i, code in enumerate(blocks):
+    exec(compile(code, f"README.md (Your model, block {i})", "exec"), {})
+  out = capsys.readouterr().out
+  assert "ScanCheckpointBlock_0/Dense_0/kernel: dense 64x64 -> 64x64, stacked 4" in out

