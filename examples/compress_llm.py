@@ -69,9 +69,11 @@ PAPER = {"model": "LLaMA-7B, WikiText-2 (SVD-LLM Table 1)", "dense": 5.68,
          "0.4": {"svd": 52489, "fwsvd": 18156, "asvd": 1407, "whitened": 13.73},
          "0.6": {"svd": 105474, "fwsvd": 32194, "asvd": 57057, "whitened": 66.62}}
 SIZES = {"quick": dict(calib=8, ctx=128, eval_windows=4, fisher=4, probe=1, levels=(0.2, 0.4),
-                       methods=("svd", "whitened"), finetune_steps=10, decode=8),
+                       methods=("svd", "whitened"), finetune_steps=10, decode=8,
+                       ft_levels=(0.4,)),
          "full": dict(calib=64, ctx=256, eval_windows=16, fisher=32, probe=2,
-                      levels=(0.2, 0.4, 0.6), methods=METHODS, finetune_steps=100, decode=32)}
+                      levels=(0.2, 0.4, 0.6), methods=METHODS, finetune_steps=100, decode=32,
+                      ft_levels=(0.2, 0.4, 0.6))}
 
 
 def parse_args(argv=None):
@@ -200,67 +202,75 @@ def main(argv=None) -> dict:
   method_stats = {"svd": None, "fwsvd": fisher, "asvd": asvd, "whitened": grams}
   stats_seconds = time.perf_counter() - t0
 
-  # ---- sensitivities: truncate one kernel at a time (merged, one compiled forward)
+  # ---- per method one full-rank factorization; every cell is a rank prefix of it.
+  # The balanced split u = R^-1 U S^1/2, v = S^1/2 V^T makes the first r components the
+  # optimal rank-r solution of that method's (weighted) problem, and s_j = ||v_j||^2.
   probe = jnp.asarray(calib[: a.probe])
   base = float(dense_nll(variables, probe))
+  ft_method = "whitened" if "whitened" in a.methods else a.methods[-1]
+  alphas = done.get("alphas", {})
+  tree_cache = {}
 
-  def whitened_spectrum(path, st):
-    w = np.asarray(kernels[path], np.float64)
-    if st is not None:
-      g = st[path]
-      r = (jlr.svd.whitener(gram=g.matrix, damping=a.damping) if isinstance(g, stats.Gram)
-           else jlr.svd.whitener(row_weights=g.weights, damping=a.damping))[0]
-      w = np.asarray(r, np.float64) @ w
-    return np.linalg.svd(w, compute_uv=False)
+  def full_rank(method):
+    tree = jlr.factorize(variables, ranks.full(), select=target, layout=layouts,
+                         stats=method_stats[method], damping=a.damping)
+    spec = {p: np.asarray(jnp.sum(jnp.square(f.v.astype(jnp.float32)), -1), np.float64)
+            for p, f in flat(tree).items() if jlr.is_lowrank(f)}
+    return tree, spec
 
-  def sensitivity(method):
+  def prefix_dense(f, r):
+    return (f.layout.from_matrix(f.u[:, :r] @ f.v[:r])).astype(f.dtype)
+
+  def sensitivity(full, spec):
     """``alpha_l = D_l / e_l``: extra NLL on the probe when only kernel ``l`` is cut to
     half its parameters (merged, so one compiled forward serves every probe), per unit
     of its relative data-aware truncation error ``e_l``."""
-    st = method_stats[method]
-    ref = jlr.factorize(variables, ranks.ratio(0.5), select=target, layout=layouts, stats=st,
-                        damping=a.damping)
     alpha = {}
-    for path, f in progress(list(flat(ref).items()), desc=f"sensitivity {method}",
-                            disable=not bars, leave=False):
+    for path, f in progress(list(flat(full).items()), desc="sensitivity", disable=not bars,
+                            leave=False):
       if not jlr.is_lowrank(f):
         continue
-      d = max(float(dense_nll(replace(variables, {path: f.dense()}), probe)) - base, 1e-9)
-      s2 = whitened_spectrum(path, st) ** 2
-      alpha[path] = d / max(s2[f.rank:].sum() / s2.sum(), 1e-12)
+      r = ranks.ratio(0.5).resolve(f.layout, None)
+      d = max(float(dense_nll(replace(variables, {path: prefix_dense(f, r)}), probe)) - base, 1e-9)
+      s2 = spec[path]
+      alpha[path] = d / max(s2[r:].sum() / s2.sum(), 1e-12)
     return alpha
 
-  alphas = done.get("alphas", {})
-  tree_cache = {}
-  ft_method = "whitened" if "whitened" in a.methods else a.methods[-1]
   for method in progress(a.methods, desc="methods", disable=not bars):
+    keys = [f"{method}/{al}/{lv}" for al in ALLOCS for lv in a.levels]
+    if all(k in cells for k in keys) and method != ft_method:
+      continue
+    t0 = time.perf_counter()
+    full, spec = full_rank(method)
+    fsec = time.perf_counter() - t0
+    if method not in alphas:
+      alphas[method] = sensitivity(full, spec)
+      done["alphas"] = alphas
+      save()
+    # spectra cut at each leaf's break-even rank floor(mn / (m + n)): beyond it a leaf is
+    # cheaper dense, so the budget never buys components it would then throw away
+    items = [(p, f.layout, spec[p][:max(1, math.prod(f.layout.matrix_shape)
+                                        // sum(f.layout.matrix_shape))])
+             for p, f in flat(full).items() if jlr.is_lowrank(f)]
     for alloc in ALLOCS:
-      if alloc == "sensitivity" and method not in alphas:
-        alphas[method] = sensitivity(method)
-        done["alphas"] = alphas
-        save()
       for level in a.levels:
-        key = f"{method}/{alloc}/{level}"
-        kept = 1.0 - level
-        rule = (ranks.ratio(kept) if alloc == "uniform"
-                else ranks.budget(kept, sensitivity=alphas[method]))
-        needed_later = method == ft_method and alloc == "sensitivity"
-        if key in cells and not needed_later:
-          continue
-        t0 = time.perf_counter()
-        small = jlr.factorize(variables, rule, select=target, layout=layouts,
-                              stats=method_stats[method], damping=a.damping)
-        if needed_later:
+        key, kept = f"{method}/{alloc}/{level}", 1.0 - level
+        if alloc == "uniform":
+          rk = {p: ranks.ratio(kept).resolve(lay, None) for p, lay, _ in items}
+        else:
+          rk = dict(zip([p for p, _, _ in items],
+                        ranks.budget(kept, sensitivity=alphas[method]).allocate(items)))
+        small = jlr.lod.deploy(jlr.lod.extract(full, ranks=rk))  # past break-even: dense
+        if method == ft_method and alloc == "sensitivity":
           tree_cache[key] = small
         if key in cells:
           continue
-        fsec = time.perf_counter() - t0
-        rep = jlr.summary(small)
-        kp = sum(int(x.size) for p, x in flat(small).items() if target(p) and not jlr.is_lowrank(x))
-        kp += sum(x.size for p, x in flat(small).items() if jlr.is_lowrank(x))
+        kp = sum(int(f.size) for p, f in flat(small).items() if target(p))
         cells[key] = {"key": key, "method": method, "alloc": alloc, "level": level,
-                      "ppl": ppl(small), "params": int(rep.total_params),
-                      "target_params_kept": kp / target_params, "factorize_seconds": fsec}
+                      "ppl": ppl(jlr.merge(small), factorized=False),
+                      "params": int(jlr.summary(small).total_params),
+                      "target_params_kept": kp / target_params, "ranks": rk,
+                      "full_factorize_seconds": fsec}
         print(f"  {key}: ppl {cells[key]['ppl']:.2f} ({kp / target_params:.0%} of the "
               "projections' params)")
         save()
@@ -280,7 +290,7 @@ def main(argv=None) -> dict:
     u, s = tx.update(g, s, p)
     return optax.apply_updates(p, u), s, val
 
-  for level in a.levels:
+  for level in a.ft_levels:
     key = f"{ft_method}/sensitivity/{level}/finetuned"
     if key in cells:
       continue
@@ -292,7 +302,8 @@ def main(argv=None) -> dict:
       x = tune[(2 * i) % len(tune): (2 * i) % len(tune) + 2]
       p, s, _ = ft_step(p, s, x, dense_logits(variables, x))
     cells[key] = {"key": key, "method": ft_method, "alloc": "sensitivity", "level": level,
-                  "finetuned": True, "steps": a.finetune_steps, "ppl": ppl(p),
+                  "finetuned": True, "steps": a.finetune_steps,
+                  "ppl": ppl(jlr.merge(p), factorized=False),
                   "seconds": time.perf_counter() - t0}
     print(f"  {key}: ppl {cells[key]['ppl']:.2f} after {a.finetune_steps} distillation steps")
     save()
@@ -303,7 +314,7 @@ def main(argv=None) -> dict:
     prompt = tok.chat("Write one sentence about the sea.")
     for label, tree, fn in [("dense", variables, model.apply)] + [
         (f"{ft_method}/sensitivity/{lv}", tree_cache[f"{ft_method}/sensitivity/{lv}"],
-         lambda v, *xs: jlr.flax.apply(model, v, *xs)) for lv in a.levels]:
+         lambda v, *xs: jlr.flax.apply(model, v, *xs)) for lv in a.ft_levels]:
       pre = jax.jit(lambda v, x, fn=fn: fn(v, x)[0])
       x = jnp.asarray(evalw[:1, :-1])
       jax.block_until_ready(pre(tree, x))
@@ -313,7 +324,7 @@ def main(argv=None) -> dict:
         jax.block_until_ready(pre(tree, x))
         ts.append(time.perf_counter() - t)
       step = jax.jit(lambda v, i, pos, c, fn=fn: fn(v, i, pos, c))
-      llama.greedy(step, tree, model, prompt, 2)  # compile prefill and step
+      llama.greedy(step, tree, model, prompt, a.decode)  # compile (same cache length)
       t = time.perf_counter()
       out = llama.greedy(step, tree, model, prompt, a.decode)
       dec = time.perf_counter() - t

@@ -140,3 +140,20 @@ def test_jittable_keep_mask_agrees_with_resolve(rule):
   for i in range(3):
     r = rule.resolve(layout, s[i])
     np.testing.assert_array_equal(mask[i], np.arange(20) < r)
+
+
+def test_budget_with_sensitivity_weights_normalized_energies():
+  """``sensitivity={path: alpha}`` = the greedy on spectra rescaled to ``alpha_l s^2 /
+  sum s^2`` (the first-order end-to-end distortion model), and a layer whose measured
+  sensitivity is larger gets more rank."""
+  s = np.linspace(2.0, 0.1, 12)
+  lay = Layout("dense", (24, 12))
+  items = [("a", lay, s), ("b", lay, s)]
+  even = ranks.budget(0.5, sensitivity={"a": 1.0, "b": 1.0}).allocate(items)
+  assert even[0] == even[1]
+  tilted = ranks.budget(0.5, sensitivity={"a": 10.0, "b": 1.0}).allocate(items)
+  assert tilted[0] > tilted[1] and sum(tilted) * 36 <= 0.5 * 2 * 288
+  scaled = [(p, lay, s * np.sqrt(a / (s ** 2).sum())) for p, a in (("a", 10.0), ("b", 1.0))]
+  assert tilted == ranks.budget(0.5).allocate(scaled)
+  with pytest.raises(ValueError, match="b: no sensitivity weight"):
+    ranks.budget(0.5, sensitivity={"a": 1.0}).allocate(items)
