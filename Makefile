@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench bench-quick install clean
+.PHONY: demo test test-slow bench bench-quick install data llm llm-quick clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,15 @@ bench: $(STAMP)        # every figure, full settings; `make bench-quick` for the
 
 bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/run.py --quick
+
+data:                  # opt-in: Fashion-MNIST from Debian (the examples fall back to MNIST without it)
+	apt-get install -y --no-install-recommends dataset-fashion-mnist
+
+llm-quick: $(STAMP)    # SmolLM2-135M compression, small settings (minutes)
+	$(BIN)/python examples/compress_llm.py --quick
+
+llm: $(STAMP)          # the README's LLM table (see its wall time in the JSON)
+	$(BIN)/python examples/compress_llm.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -65,9 +65,7 @@ ALLOCS = ("uniform", "sensitivity")
 PROJ = {"attn": ("q", "k", "v", "o"), "mlp": ("gate", "up", "down")}
 # SVD-LLM (Wang et al. 2024, arXiv 2403.07378) Table 1: LLaMA-7B, WikiText-2 perplexity
 PAPER = {"model": "LLaMA-7B, WikiText-2 (SVD-LLM Table 1)", "dense": 5.68,
-         "0.2": {"svd": 20061, "fwsvd": 1727, "asvd": 11.14, "whitened": 7.94},
-         "0.4": {"svd": 52489, "fwsvd": 18156, "asvd": 1407, "whitened": 13.73},
-         "0.6": {"svd": 105474, "fwsvd": 32194, "asvd": 57057, "whitened": 66.62}}
+         "0.2": {"svd": 20061, "fwsvd": 1727, "asvd": 11.14, "whitened": 7.94}}
 SIZES = {"quick": dict(calib=8, ctx=128, eval_windows=4, fisher=4, probe=1, levels=(0.2, 0.4),
                        methods=("svd", "whitened"), finetune_steps=10, decode=8,
                        ft_levels=(0.4,)),
@@ -261,7 +259,7 @@ def main(argv=None) -> dict:
           rk = dict(zip([p for p, _, _ in items],
                         ranks.budget(kept, sensitivity=alphas[method]).allocate(items)))
         small = jlr.lod.deploy(jlr.lod.extract(full, ranks=rk))  # past break-even: dense
-        if method == ft_method and alloc == "sensitivity":
+        if method == ft_method:
           tree_cache[key] = small
         if key in cells:
           continue
@@ -290,18 +288,21 @@ def main(argv=None) -> dict:
     u, s = tx.update(g, s, p)
     return optax.apply_updates(p, u), s, val
 
-  for level in a.ft_levels:
-    key = f"{ft_method}/sensitivity/{level}/finetuned"
-    if key in cells:
-      continue
-    p = tree_cache[f"{ft_method}/sensitivity/{level}"]
+  tuned = {}
+  for level in a.ft_levels:  # from the better of the two allocations at this level
+    alloc = min(ALLOCS, key=lambda al: cells[f"{ft_method}/{al}/{level}"]["ppl"])
+    key = f"{ft_method}/{alloc}/{level}/finetuned"
+    p = tree_cache[f"{ft_method}/{alloc}/{level}"]
     s = tx.init(p)
     t0 = time.perf_counter()
     for i in progress(range(a.finetune_steps), desc=f"distill {level}", disable=not bars,
                       leave=False):
       x = tune[(2 * i) % len(tune): (2 * i) % len(tune) + 2]
       p, s, _ = ft_step(p, s, x, dense_logits(variables, x))
-    cells[key] = {"key": key, "method": ft_method, "alloc": "sensitivity", "level": level,
+    tuned[level] = (key, p)
+    if key in cells:
+      continue
+    cells[key] = {"key": key, "method": ft_method, "alloc": alloc, "level": level,
                   "finetuned": True, "steps": a.finetune_steps,
                   "ppl": ppl(jlr.merge(p), factorized=False),
                   "seconds": time.perf_counter() - t0}
@@ -313,8 +314,8 @@ def main(argv=None) -> dict:
     rows = []
     prompt = tok.chat("Write one sentence about the sea.")
     for label, tree, fn in [("dense", variables, model.apply)] + [
-        (f"{ft_method}/sensitivity/{lv}", tree_cache[f"{ft_method}/sensitivity/{lv}"],
-         lambda v, *xs: jlr.flax.apply(model, v, *xs)) for lv in a.ft_levels]:
+        (tuned[lv][0], tuned[lv][1], lambda v, *xs: jlr.flax.apply(model, v, *xs))
+        for lv in a.ft_levels]:
       pre = jax.jit(lambda v, x, fn=fn: fn(v, x)[0])
       x = jnp.asarray(evalw[:1, :-1])
       jax.block_until_ready(pre(tree, x))
@@ -338,32 +339,48 @@ def main(argv=None) -> dict:
   res = save()
   plot(res, os.path.join(a.out_dir, f"{name}.png"))
   print(table(res))
+  print(throughput_table(res))
   return res
 
 
 def table(res) -> str:
-  """The SVD-LLM Table-1 shape: perplexity per method at each level, ours next to the paper's."""
+  """SVD-LLM's Table-1 shape: perplexity per method and level, the paper's row below."""
   cells = {c["key"]: c for c in res["cells"]}
-  levels = sorted({c["level"] for c in res["cells"]})
-  methods = [m for m in METHODS if any(c["method"] == m for c in res["cells"])]
-  head = "| method | " + " | ".join(f"{int(lv * 100)}%: uniform / sensitivity (paper)" for lv in levels) + " |"
-  lines = [f"dense perplexity {res['dense']['ppl']:.2f} (paper: {PAPER['dense']} on "
-           f"{PAPER['model']})", "", head, "|" + "---|" * (len(levels) + 1)]
+  levels = sorted({c["level"] for c in res["cells"] if not c.get("finetuned")})
   names = {"svd": "SVD", "fwsvd": "FWSVD", "asvd": "ASVD-style", "whitened": "whitened (SVD-LLM)"}
-  for m in methods:
-    row = [names[m]]
-    for lv in levels:
-      u, s = cells.get(f"{m}/uniform/{lv}"), cells.get(f"{m}/sensitivity/{lv}")
-      paper = PAPER.get(str(lv), {}).get(m)
-      row.append(f"{u['ppl']:.1f} / {s['ppl']:.1f}" + (f" ({paper:g})" if paper else "")
-                 if u and s else "-")
-    lines.append("| " + " | ".join(row) + " |")
-  ft = [c for c in res["cells"] if c.get("finetuned")]
+  head = (f"| SmolLM2-135M, KJV perplexity (dense {res['dense']['ppl']:.1f}); projection "
+          "params removed | " + " | ".join(f"{round(lv * 100)}%" for lv in levels) + " |")
+  lines = [head, "|---" * (len(levels) + 1) + "|"]
+  for m in METHODS:
+    for alloc, label in (("uniform", "uniform ratio"), ("sensitivity", "sensitivity budget")):
+      row = [cells.get(f"{m}/{alloc}/{lv}") for lv in levels]
+      if any(row):
+        lines.append(f"| {names[m]}, {label} | " + " | ".join(
+            _fmt(c["ppl"]) if c else "-" for c in row) + " |")
+  ft = {c["level"]: c for c in res["cells"] if c.get("finetuned")}
   if ft:
-    lines.append("| + distillation | " + " | ".join(
-        next((f"{c['ppl']:.1f} ({c['steps']} steps)" for c in ft if c["level"] == lv), "-")
-        for lv in levels) + " |")
+    steps = next(iter(ft.values()))["steps"]
+    lines.append(f"| whitened, better allocation + {steps} distillation steps | " + " | ".join(
+        _fmt(ft[lv]["ppl"]) if lv in ft else "-" for lv in levels) + " |")
+  lines.append(f"| *paper: {PAPER['model']}, dense {PAPER['dense']}* | " + " | ".join(
+      "" for _ in levels) + " |")
+  for m in METHODS:
+    lines.append(f"| *{names[m].replace('-style', '')}* | " + " | ".join(
+        f"*{PAPER[str(lv)][m]:g}*" if str(lv) in PAPER else "" for lv in levels) + " |")
   return "\n".join(lines)
+
+
+def throughput_table(res) -> str:
+  rows = res.get("throughput", [])
+  lines = ["| model | prefill tokens/s (1 x ctx) | decode tokens/s (greedy, KV cache) |",
+           "|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['model']} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} |")
+  return "\n".join(lines)
+
+
+def _fmt(x: float) -> str:
+  return f"{x:,.0f}" if x >= 1000 else (f"{x:.1f}" if x >= 10 else f"{x:.2f}")
 
 
 def plot(res, path):

@@ -78,7 +78,14 @@ class ModelLayouts(Mapping):
     self.shapes = dict(shapes or {})
 
   def __getitem__(self, path):
-    return self._layouts[path]
+    found = self.lookup(path)
+    if found is None:
+      why = self.skipped.get(path) or self.skipped.get(f"params/{path}")
+      raise KeyError(f"{path}: {why}" if why else path)
+    return found
+
+  def __contains__(self, path):
+    return self.lookup(path) is not None
 
   def __iter__(self):
     return iter(self._layouts)

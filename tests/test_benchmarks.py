@@ -36,6 +36,7 @@ def _check(out_dir, name, result):
   return data, cols, rows
 
 
+@pytest.mark.slow  # a benchmark script run: make test-slow
 def test_factorize_speed_tiny(tmp_path):
   result = factorize_speed.main(["--tiny", "--out-dir", str(tmp_path)])
   data, cols, rows = _check(tmp_path, "factorize_speed", result)
@@ -67,7 +68,8 @@ def test_batched_factorize_matches_jlr():
 
 
 @pytest.mark.parametrize("models", [
-    ("mlp", "convnet"), pytest.param(("transformer",), marks=pytest.mark.slow)])
+    pytest.param(("mlp", "convnet"), marks=pytest.mark.slow),
+    pytest.param(("transformer",), marks=pytest.mark.slow)])
 def test_inference_speed_tiny(tmp_path, models):
   result = inference_speed.main(["--tiny", "--out-dir", str(tmp_path), "--models", *models])
   _, cols, rows = _check(tmp_path, "inference_speed", result)
@@ -77,6 +79,7 @@ def test_inference_speed_tiny(tmp_path, models):
     assert 0 < kept < 1 and 0 < fl < 1  # factorized is smaller and cheaper
 
 
+@pytest.mark.slow  # a benchmark script run: make test-slow
 def test_memory_tiny(tmp_path):
   result = memory.main(["--tiny", "--out-dir", str(tmp_path)])
   data, cols, rows = _check(tmp_path, "memory", result)
@@ -89,6 +92,7 @@ def test_memory_tiny(tmp_path):
   assert all(lo[3] < de[3] for lo, de in zip(low, dense))  # fewer parameters
 
 
+@pytest.mark.slow  # a benchmark script run: make test-slow
 def test_scaling_tiny(tmp_path):
   result = scaling.main(["--tiny", "--out-dir", str(tmp_path)])
   data, cols, rows = _check(tmp_path, "scaling", result)

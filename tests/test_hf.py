@@ -22,22 +22,24 @@ transformers = pytest.importorskip("transformers", reason="pip install -e '.[tes
 IDS = jnp.arange(16).reshape(2, 8) % 90 + 3
 
 
-def tiny(kind):
+def tiny(kind, layers=2):
   if kind == "bert":
-    cfg = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2,
+    cfg = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=layers,
                                   num_attention_heads=4, intermediate_size=37,
                                   max_position_embeddings=64)
     return transformers.FlaxBertModel(cfg, seed=0), {"input_ids": IDS}
   if kind == "gpt2":
-    cfg = transformers.GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    cfg = transformers.GPT2Config(vocab_size=99, n_embd=32, n_layer=layers, n_head=4,
+                                  n_positions=64)
     return transformers.FlaxGPT2LMHeadModel(cfg, seed=0), {"input_ids": IDS}
   if kind == "vit":
     cfg = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32,
-                                 num_hidden_layers=2, num_attention_heads=4,
+                                 num_hidden_layers=layers, num_attention_heads=4,
                                  intermediate_size=37)
     return transformers.FlaxViTModel(cfg, seed=0), {
         "pixel_values": jax.random.normal(jax.random.key(0), (2, 3, 16, 16))}
-  cfg = transformers.BartConfig(vocab_size=99, d_model=32, encoder_layers=2, decoder_layers=2,
+  cfg = transformers.BartConfig(vocab_size=99, d_model=32, encoder_layers=layers,
+                                decoder_layers=layers,
                                 encoder_attention_heads=4, decoder_attention_heads=4,
                                 encoder_ffn_dim=37, decoder_ffn_dim=37,
                                 max_position_embeddings=64)
@@ -78,7 +80,7 @@ def test_factorized_forward_equals_merged(kind):
 
 @pytest.mark.parametrize("kind", ["bert", "gpt2", "vit", "bart"])
 def test_trp_and_lod_steps_run(kind):
-  model, inputs = tiny(kind)
+  model, inputs = tiny(kind, layers=1)  # one block: the steps compile in a few seconds
   fwd = forward(model)
   lay = jlr.usage.read(fwd, model.params, inputs)
 
@@ -119,7 +121,7 @@ def test_trp_and_lod_steps_run(kind):
     fparams, s2, val = lod_step(fparams, s2, jax.random.key(i))
     lod_losses.append(float(val))
   assert all(jnp.isfinite(jnp.array(lod_losses))) and lod_losses[-1] < lod_losses[0], lod_losses
-  assert n_lowrank(fparams) >= EXPECTED[kind]
+  assert n_lowrank(fparams) >= EXPECTED[kind] // 2
   # the full-rank LoD start is exact: equal to the dense model
   start = jlr.lod.init(model.params, layout=lay)
   err = jnp.abs(jlr.factorized(fwd)(start, inputs) - fwd(model.params, inputs)).max()
