@@ -268,14 +268,10 @@ def _insert_unit(x: Factored, j: int) -> Factored:
   return Factored(x.a, b, x.nb, x.na, axes, x.path, kernel=x.kernel)
 
 
-def _factor_op(x: Factored, fn_a, fn_b=None) -> Factored:
-  return x.replace(a=fn_a(x.a), b=(fn_b or fn_a)(x.b))
-
-
 def _rule_convert(eqn, ins):
   (x,) = ins
   dt = eqn.params["new_dtype"]
-  return _factor_op(x, lambda t: t.astype(dt))
+  return x.replace(a=x.a.astype(dt), b=x.b.astype(dt))
 
 
 def _rule_identity(eqn, ins):
