@@ -178,3 +178,50 @@ def test_whitened_beats_plain_per_layer_on_calibration_data():
   full = jlr.factorize(variables, ranks.full(), stats=st)
   np.testing.assert_allclose(jlr.flax.apply(model, full, batches[0]),
                              model.apply(variables, batches[0]), atol=1e-4)
+
+
+class OneConv(nn.Module):
+  conv: dict
+  features: int = 5
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Conv(self.features, use_bias=False, name="c", **self.conv)(x)
+
+
+@pytest.mark.parametrize("conv", [
+    dict(kernel_size=(3, 3), strides=2, padding="SAME"),
+    dict(kernel_size=(3, 2), strides=1, padding="VALID", kernel_dilation=(2, 1)),
+    dict(kernel_size=(3,), strides=1, padding=((2, 0),)),
+])
+def test_conv_statistics_are_im2col_grams(conv):
+  """A Conv's Gram is ``P^T P`` of its im2col patches P, rows in the kernel's (*window,
+  cin) order: ``P @ W.reshape(-1, cout)`` must reproduce the conv (independent check),
+  and whitened factorization then minimizes the conv's output error (closed form)."""
+  n = len(conv["kernel_size"])
+  x = jnp.asarray(rnd((4,) + (9,) * n + (3,), 2) * np.linspace(0.2, 2.0, 3), jnp.float32)
+  model = OneConv(conv)
+  v = model.init(jax.random.key(0), x)
+  g = calibrate.activations(model, v, [x])["params/c/kernel"]
+  w = np.asarray(v["params"]["c"]["kernel"], np.float64)
+  patches = np.asarray(calibrate._conv_patches(nn.Conv(5, **conv), x), np.float64)
+  patches = patches.reshape(-1, w[..., 0].size)
+  np.testing.assert_allclose(patches @ w.reshape(-1, 5),
+                             np.asarray(model.apply(v, x), np.float64).reshape(-1, 5), atol=1e-4)
+  np.testing.assert_allclose(g.matrix, patches.T @ patches, rtol=1e-4, atol=1e-3)
+  assert g.count == patches.shape[0]
+  f = jlr.factorize(v, 2, select="params/c/kernel", layout="conv_channel",
+                    stats={"params/c/kernel": g}, damping=1e-8)["params"]["c"]["kernel"]
+  best = best_weighted(w.reshape(-1, 5), patches.T @ patches, 2)
+  err = lambda w2: np.linalg.norm(patches @ (w.reshape(-1, 5) - w2))  # noqa: E731
+  np.testing.assert_allclose(err(np.asarray(f.dense(), np.float64).reshape(-1, 5)), err(best),
+                             rtol=1e-3)
+
+
+def test_conv_statistics_refuse_grouped_and_circular_convs():
+  x = jnp.ones((2, 6, 6, 4))
+  for kw, what in [(dict(feature_group_count=2), "grouped"), (dict(padding="CIRCULAR"), "CIRCULAR")]:
+    model = OneConv(dict(kernel_size=(3, 3), **kw), features=4)
+    v = model.init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=what):
+      calibrate.activations(model, v, [x])

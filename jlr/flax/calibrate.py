@@ -1,10 +1,13 @@
-"""Collect the input statistics of linen Dense / DenseGeneral layers for data-aware
-factorization (``jlr.factorize(..., stats=...)``).
+"""Collect the input statistics of linen Dense / DenseGeneral / Conv layers for
+data-aware factorization (``jlr.factorize(..., stats=...)``).
 
 ``activations(model, variables, batches)`` runs the model on each batch with an
 interceptor that sows ``X^T X`` of every Dense/DenseGeneral input (contracted axes
 flattened in kernel order, so rows match the kernel's matrix), sums over batches on the
 host in float64 and returns ``{"params/<module path>/kernel": jlr.stats.Gram}``.
+For an ``nn.Conv`` (ungrouped, zero padding) the rows are its im2col patches in the
+kernel's ``(*window, cin)`` order -- the rows of the ``conv_channel`` matrix -- so
+``conv(x, W) = patches(x) @ W.reshape(-1, cout)`` and whitening applies as for a Dense.
 
 * ``mask=`` gives per-row weights (1 = a real token, 0 = padding) broadcast against the
   non-contracted axes of each input, so padded positions do not enter ``X^T X``.
@@ -39,10 +42,42 @@ def _module_path(module) -> str:
   return "/".join(module.scope.path) if module.scope is not None else ""
 
 
+def _conv_patches(module: nn.Conv, x):
+  """im2col of ``x`` for ``module``: ``(*batch, *out_spatial, prod(window) * cin)`` with
+  the last axis in the kernel's ``(*window, cin)`` order."""
+  from flax.linen.linear import canonicalize_padding
+
+  window = tuple(module.kernel_size)
+  n = len(window)
+  as_tuple = lambda v: (1,) * n if v is None else (v,) * n if isinstance(v, int) else tuple(v)  # noqa: E731
+  padding = canonicalize_padding(module.padding, n)
+  if isinstance(padding, str) and padding not in ("SAME", "VALID"):
+    raise ValueError(f"{_module_path(module)}: calibration statistics of a conv with "
+                     f"{padding!r} padding are not supported (zero padding only)")
+  if module.feature_group_count != 1:
+    raise ValueError(f"{_module_path(module)}: a grouped conv (feature_group_count="
+                     f"{module.feature_group_count}) has no single input matrix")
+  batch = x.shape[: x.ndim - n - 1]
+  flat = x.reshape((-1,) + x.shape[-n - 1:])
+  spatial = "".join("HWDXYZ"[i] for i in range(n))
+  p = jax.lax.conv_general_dilated_patches(
+      flat, window, as_tuple(module.strides), padding, lhs_dilation=as_tuple(module.input_dilation),
+      rhs_dilation=as_tuple(module.kernel_dilation),
+      dimension_numbers=(f"N{spatial}C", f"OI{spatial}", f"N{spatial}C"))
+  cin = x.shape[-1]
+  out_spatial = p.shape[1:-1]
+  p = p.reshape(p.shape[:-1] + (cin,) + window)  # lax orders features (cin, *window)
+  p = jnp.moveaxis(p, -n - 1, -1)
+  return p.reshape(batch + out_spatial + (-1,))
+
+
 def _rows(module, x, mask):
   """``(rows, weights)``: the input as a ``(tokens, m)`` matrix in kernel-row order, and
   each row's weight (``mask`` broadcast over the non-contracted axes, or ones)."""
-  if isinstance(module, nn.Dense):
+  if isinstance(module, nn.Conv):
+    x = _conv_patches(module, x)
+    axis = (x.ndim - 1,)
+  elif isinstance(module, nn.Dense):
     axis = (x.ndim - 1,)
   else:
     ax = (module.axis,) if isinstance(module.axis, int) else tuple(module.axis)
@@ -63,7 +98,7 @@ def _rows(module, x, mask):
 
 
 def _chosen(select, module) -> bool:
-  if not isinstance(module, (nn.Dense, nn.DenseGeneral)):
+  if not isinstance(module, (nn.Dense, nn.DenseGeneral, nn.Conv)):
     return False
   return select is None or select(f"params/{_module_path(module)}/kernel")
 
@@ -124,7 +159,7 @@ def activations(model: nn.Module, variables, batches: Iterable[Any], *,
   ``mask(batch)`` -> per-row weights for the leading axes of every layer input (for a
   transformer, the ``(batch, seq)`` attention mask: padding rows then count for
   nothing; ``Gram.count`` is the number of real rows). ``select(path)`` -> whether to
-  collect ``path`` (default: every Dense/DenseGeneral kernel).
+  collect ``path`` (default: every Dense/DenseGeneral/Conv kernel).
   """
 
   @jax.jit
