@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench bench-quick install data llm llm-quick clean
+.PHONY: demo test test-slow bench bench-quick install data llm llm-quick results results-quick clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -39,6 +39,14 @@ llm-quick: $(STAMP)    # SmolLM2-135M compression, small settings (minutes)
 
 llm: $(STAMP)          # the README's LLM table (see its wall time in the JSON)
 	$(BIN)/python examples/compress_llm.py
+
+results: $(STAMP)      # every README results table from scratch: resumable, 2 cells at a time (hours on 2 cores)
+	$(BIN)/python results/suite.py --size cpu --jobs 2
+	$(BIN)/python results/report.py --size cpu
+
+results-quick: $(STAMP) # every code path of the suite, 1 seed, 1 budget (minutes); nothing in README changes
+	$(BIN)/python results/suite.py --size quick --jobs 2 --out /tmp/jlr-results
+	$(BIN)/python results/report.py --size quick --runs /tmp/jlr-results --out /tmp/jlr-results --no-readme
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -36,6 +36,12 @@ def test_whitened_factorization_minimizes_output_error():
   np.testing.assert_allclose(got, out_err(best_weighted(w, x.T @ x, 4)), rtol=1e-3)
   plain = jlr.factorize({"k": jnp.asarray(w, jnp.float32)}, 4, select="k")["k"]
   assert got < 0.95 * out_err(np.asarray(plain.dense(), np.float64))
+  # balanced factors: u = P sqrt(S), v = sqrt(S) Q^T with P, Q orthonormal (the SVD of W'
+  # itself), so u^T u = v v^T = diag(S) -- not R^{-1} P sqrt(S), whose scale is R^{-1}'s
+  u, v = np.asarray(f.u, np.float64), np.asarray(f.v, np.float64)
+  sv = np.linalg.svd(np.asarray(f.dense(), np.float64), compute_uv=False)[:4]
+  np.testing.assert_allclose(u.T @ u, np.diag(sv), atol=1e-3 * sv[0])
+  np.testing.assert_allclose(v @ v.T, np.diag(sv), atol=1e-3 * sv[0])
 
 
 def test_rank_deficient_activations_do_not_break():

@@ -1,0 +1,182 @@
+"""The results suite: every cell of every task, one JSON per run, resumable.
+
+    python results/suite.py                    # the CPU setting (see results/resnet20.py)
+    python results/suite.py --size quick       # every code path in minutes (CI-slow)
+    python results/suite.py --size full        # long runs, for a GPU
+    python results/suite.py --jobs 2           # cells in parallel, one core each
+    python results/suite.py --cell dense --seed 1   # one cell, in this process
+
+A cell's JSON (``results/runs/<size>/<task>/<cell>_s<seed>.json``) holds its metrics,
+the command that reproduces it, the seed, the size, the package versions, the device and
+the wall time. A cell whose JSON exists is skipped, so an interrupted suite continues
+where it stopped; a cell runs only once the cells it starts from (``dense_pre`` for the
+fine-tuned baselines, ...) have theirs. Cells run in subprocesses pinned to one CPU
+thread each (XLA and BLAS): on this machine two single-threaded ResNet-20 steps in
+parallel do twice the work of one two-threaded step. ``results/report.py`` turns the
+JSONs into the README's tables and plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+TASKS = ("resnet20",)
+ONE_THREAD = {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+              "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+              "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def task_module(task: str):
+  sys.path.insert(0, HERE)
+  if task == "resnet20":
+    import resnet20 as mod
+  else:
+    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+  return mod
+
+
+def run_dir(out: str, size: str, task: str) -> str:
+  return os.path.join(out, size, task)
+
+
+def json_path(out: str, size: str, task: str, cell: str, seed: int) -> str:
+  return os.path.join(run_dir(out, size, task), f"{cell}_s{seed}.json")
+
+
+def versions() -> dict:
+  import flax
+  import jax
+  import optax
+
+  import jlr
+
+  return {"python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
+          "optax": optax.__version__, "jlr": jlr.__version__, "numpy": __import__("numpy").__version__}
+
+
+def device() -> str:
+  import jax
+
+  d = jax.devices()[0]
+  return f"{d.platform}:{getattr(d, 'device_kind', '')} ({os.cpu_count()} host cores, {platform.machine()})"
+
+
+def commit() -> str | None:
+  try:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True, check=True).stdout.strip()
+  except Exception:  # noqa: BLE001 - not a git checkout
+    return None
+
+
+def one(args) -> int:
+  """Run one cell in this process and write its JSON."""
+  mod = task_module(args.task)
+  size = mod.SIZES[args.size]
+  path = json_path(args.out, args.size, args.task, args.cell, args.seed)
+  cache = os.path.join(args.out, ".cache", args.size, args.task)
+  t0 = time.time()
+  metrics = mod.run_cell(args.cell, args.seed, size, cache, dataset=args.dataset,
+                         bars=not args.no_progress)
+  record = {"task": args.task, "cell": args.cell, "seed": args.seed, "size": args.size,
+            "setting": {k: v for k, v in vars(size).items()},
+            "command": (f"python results/suite.py --size {args.size} --task {args.task} "
+                        f"--cell {args.cell} --seed {args.seed}"),
+            "versions": versions(), "device": device(), "commit": commit(),
+            "threads": os.environ.get("XLA_FLAGS", ""), "wall_s": round(time.time() - t0, 1),
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **metrics}
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump(record, f, indent=1, sort_keys=True)
+  os.replace(path + ".tmp", path)
+  print(f"wrote {os.path.relpath(path, ROOT)} ({record['wall_s']}s)")
+  return 0
+
+
+def schedule(args) -> int:
+  """Every pending cell of the chosen tasks and seeds, ``--jobs`` at a time."""
+  todo = []  # (task, cell, seed, deps)
+  for task in args.tasks:
+    mod = task_module(task)
+    size = mod.SIZES[args.size]
+    seeds = size.seeds if args.seeds is None else args.seeds
+    for cell, deps in mod.cells(size):
+      if args.only and not any(cell.startswith(o) for o in args.only):
+        continue
+      for seed in seeds:
+        todo.append((task, cell, seed, deps))
+  done = lambda t, c, s: os.path.exists(json_path(args.out, args.size, t, c, s))  # noqa: E731
+  pending = [x for x in todo if not done(*x[:3])]
+  print(f"{len(todo)} cells, {len(todo) - len(pending)} done, {len(pending)} to run, "
+        f"{args.jobs} at a time")
+  logs = os.path.join(args.out, ".logs", args.size)
+  os.makedirs(logs, exist_ok=True)
+  running, failed = {}, set()
+  t_start = time.time()
+  while pending or running:
+    for key, (proc, log) in list(running.items()):
+      if proc.poll() is not None:
+        log.close()
+        del running[key]
+        status = "done" if proc.returncode == 0 and done(*key) else f"FAILED (rc {proc.returncode})"
+        if status != "done":
+          failed.add(key)
+        print(f"[{time.time() - t_start:7.0f}s] {key[0]}/{key[1]} seed {key[2]}: {status}", flush=True)
+    ready = [x for x in pending if all(done(x[0], d, x[2]) for d in x[3])]
+    blocked = [x for x in pending if any((x[0], d, x[2]) in failed for d in x[3])]
+    for x in blocked:
+      pending.remove(x)
+      failed.add(x[:3])
+      print(f"skip {x[0]}/{x[1]} seed {x[2]}: a cell it starts from failed")
+    while ready and len(running) < args.jobs:
+      task, cell, seed, _ = x = ready.pop(0)
+      pending.remove(x)
+      cmd = [sys.executable, os.path.abspath(__file__), "--size", args.size, "--task", task,
+             "--cell", cell, "--seed", str(seed), "--out", args.out, "--dataset", args.dataset,
+             "--no-progress"]
+      log = open(os.path.join(logs, f"{task}_{cell}_s{seed}.log"), "w")
+      env = dict(os.environ, **(ONE_THREAD if args.jobs > 1 else {}))
+      running[x[:3]] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
+      print(f"[{time.time() - t_start:7.0f}s] start {task}/{cell} seed {seed}", flush=True)
+    if not ready and not running and pending:
+      break  # waiting on nothing: dependencies will never appear
+    time.sleep(1.0)
+  print(f"suite: {len(todo) - len(failed)} of {len(todo)} cells have results "
+        f"({time.time() - t_start:.0f}s); logs in {os.path.relpath(logs, ROOT)}")
+  return 1 if failed else 0
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument("--size", default="cpu", choices=("quick", "cpu", "full"))
+  p.add_argument("--task", default=None, help=f"one of {TASKS} (default: all)")
+  p.add_argument("--cell", default=None, help="run this one cell here (needs --task, --seed)")
+  p.add_argument("--seed", type=int, default=None)
+  p.add_argument("--seeds", default=None, help="comma list overriding the size's seeds")
+  p.add_argument("--only", default=None, help="comma list of cell-name prefixes to run")
+  p.add_argument("--jobs", type=int, default=1, help="cells run in parallel (one core each)")
+  p.add_argument("--out", default=os.path.join(HERE, "runs"), help="where the JSONs go")
+  p.add_argument("--dataset", default="auto", choices=("auto", "fashion_mnist", "mnist"))
+  p.add_argument("--no-progress", action="store_true")
+  args = p.parse_args(argv)
+  if args.cell is not None:
+    if args.task is None or args.seed is None:
+      p.error("--cell needs --task and --seed")
+    return one(args)
+  args.tasks = TASKS if args.task is None else (args.task,)
+  args.seeds = None if args.seeds is None else [int(s) for s in args.seeds.split(",")]
+  args.only = None if args.only is None else args.only.split(",")
+  return schedule(args)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
