@@ -123,6 +123,30 @@ def trp_table(data) -> str:
   return "\n".join(lines)
 
 
+def ablation_table(data) -> str:
+  """Seed-0 validation accuracy of every ``cell~setting`` next to its default ``cell``."""
+  lines = ["| method | setting | val acc | default's val acc | difference |", "|---|---|---|---|---|"]
+  best = {}
+  for cell in sorted(c for c in data if "~" in c):
+    base, _, setting = cell.partition("~")
+    (rec,) = [r for r in data[cell] if r["seed"] == 0] or [None]
+    ref = [r for r in data.get(base, []) if r["seed"] == 0]
+    if rec is None:
+      continue
+    v = rec["score"]["val_acc"]
+    r0 = ref[0]["score"]["val_acc"] if ref else None
+    diff = f"{100 * (v - r0):+.2f}" if r0 is not None else "-"
+    lines.append(f"| {base} | {setting} | {100 * v:.2f} | "
+                 f"{'-' if r0 is None else f'{100 * r0:.2f}'} | {diff} |")
+    if r0 is not None and v > best.get(base, (None, r0))[1]:
+      best[base] = (setting, v)
+  if len(lines) == 2:
+    return ""
+  found = "; ".join(f"{b}: {s_} ({100 * v:.2f})" for b, (s_, v) in best.items()) or \
+      "no setting beat the defaults"
+  return "\n".join(lines) + f"\n\nBest on validation (seed 0): {found}."
+
+
 def winners(cols, budgets) -> str:
   out = []
   for b in budgets:
@@ -190,6 +214,10 @@ def render(size: str, runs: str) -> tuple[str, dict]:
           "TRP's Table 1 shape (energy-threshold operating point, decoupled; our dataset is "
           f"{dataset}, the paper's CIFAR-10, so only the *gaps to dense* compare):\n\n"
           + trp_table(data))
+  abl = ablation_table(data)
+  if abl:
+    text += ("\n\nAblation (one seed, the middle budget; chosen on the validation split, "
+             f"{setting.val:,} held-out training images, never the test split):\n\n" + abl)
   return text, {"data": data, "budgets": budgets, "cols": cols, "dataset": dataset,
                 "setting": setting}
 

@@ -38,6 +38,12 @@ Cells (``b`` in the size's budgets):
   ``dense`` at the decoupled per-layer ranks is scored alongside (TRP's Table 1).
 * ``trp_nu@b`` -- TRP with nuclear norm whose projection keeps the budget's ranks
   (``ranks.ratio(b)``): TRP on the accuracy-vs-size curve.
+
+Ablations are cells with settings after ``~`` (``lod@0.25~lam=0,sampler=independent``):
+any :class:`Size` field (``lam``, ``lr``, ``steps``, ``period``, ``nuclear`` ...) and, for
+LoD, ``sampler=`` (``lod.SAMPLERS``, or ``none``: no ordered dropout, lasso kept) and ``warm=1`` (start from the full-rank
+SVD of ``dense_pre`` and spend only the remaining F steps). :func:`ablations` lists the
+search the README reports; it is scored on the validation split.
 """
 
 from __future__ import annotations
@@ -120,6 +126,34 @@ def cells(size: Size) -> list[tuple[str, tuple[str, ...]]]:
   return out
 
 
+def ablations(size: Size) -> list[tuple[str, tuple[str, ...]]]:
+  """The small search on seed 0 at the middle budget (validation accuracy decides)."""
+  b = f"{size.budgets[len(size.budgets) // 2]:g}"
+  lod_ = [f"lod@{b}~{o}" for o in ("lam=0", "lam=0.003", "sampler=independent", "sampler=none",
+                                   "lr=0.05")]
+  trp_ = [f"trp_nu@{b}~{o}" for o in ("nuclear=0", "period=5")]
+  longer = [f"{m}@{b}~steps={2 * size.steps},ft={2 * size.ft}" for m in ("scratch", "lod")]
+  return ([(c, ()) for c in lod_ + trp_] + [(f"lod@{b}~warm=1", ("dense_pre",))]
+          + [(c, ()) for c in longer])
+
+
+def parse(name: str, size: Size) -> tuple[str, float | None, Size, dict]:
+  """``"lod@0.25~lam=0,sampler=none"`` -> ``("lod", 0.25, size with lam=0, {"sampler": "none"})``."""
+  base, _, opts = name.partition("~")
+  method, _, b = base.partition("@")
+  fields = {f.name: f.type for f in dataclasses.fields(Size)}
+  over, extra = {}, {}
+  for item in filter(None, opts.split(",")):
+    k, _, v = item.partition("=")
+    if k in fields and k not in ("budgets", "seeds"):
+      over[k] = type(getattr(size, k))(float(v) if "." in v or "e" in v else int(v))
+    elif k in ("sampler", "warm"):
+      extra[k] = v
+    else:
+      raise ValueError(f"{name}: unknown setting {k!r}")
+  return method, (float(b) if b else None), dataclasses.replace(size, **over), extra
+
+
 def is_block(path: str, leaf=None) -> bool:
   return path.endswith("kernel") and re.search(BLOCK_CONVS, path) is not None
 
@@ -170,9 +204,9 @@ class Setting:
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     return ce, (upd, {})
 
-  def lod_loss(self, lam):
+  def lod_loss(self, lam, sampler="layer"):
     def loss(params, extra, batch, key):
-      sub = lod.sample(params, key, sampler="layer")
+      sub = params if sampler == "none" else lod.sample(params, key, sampler=sampler)
       ce, (upd, _) = self.task_loss(sub, extra, batch, None)
       gl = lod.group_lasso(params)
       return ce + lam * gl, (upd, {"ce": ce})
@@ -284,11 +318,10 @@ def load(cache, seed, name):
 def run_cell(name: str, seed: int, size: Size, cache: str, dataset: str = "auto",
              bars: bool = True) -> dict:
   """Train and score one cell; returns its metrics (``results/suite.py`` writes the JSON)."""
+  method, b, size, opts = parse(name, size)
   s = Setting(size, seed, dataset, bars)
   T, F = size.steps, size.ft
-  method, _, b = name.partition("@")
-  b = float(b) if b else None
-  out = {"dataset": s.dataset, "method": method, "budget": b, "steps": T}
+  out = {"dataset": s.dataset, "method": method, "budget": b, "steps": T, "options": opts}
   plain = s.task_loss
 
   if method in ("dense", "dense_pre"):
@@ -322,16 +355,21 @@ def run_cell(name: str, seed: int, size: Size, cache: str, dataset: str = "auto"
     return out
 
   if method in ("lod", "lod_nested"):
-    full = lod.init(s.params0, select=is_block, layout=s.layouts["channel"])
-    tx = s.sgd(size.lr, T)
-    loss = s.lod_loss(size.lam)
+    start_params, stats0, n, offset = s.params0, s.stats0, T, 0
+    if opts.get("warm"):  # the remaining F steps from the SVD of the dense net
+      start_params, stats0 = load(cache, seed, "dense_pre")
+      n, offset = F, T - F
+    full = lod.init(start_params, select=is_block, layout=s.layouts["channel"])
+    tx = s.sgd(size.lr if not opts.get("warm") else size.ft_lr, n)
+    sampler = opts.get("sampler", "layer")
+    loss = s.lod_loss(size.lam, sampler)
     if method == "lod_nested":
-      segments = [(T, loss, None)]
+      segments = [(n, loss, None)]
     else:
       target = s.budget_ranks(b)
       start = common.ranks_of(full)
-      points = [round(T * q) for q in (0.3, 0.45, 0.6, 0.75)]
-      lengths = np.diff([0] + points + [T])
+      points = [round(n * q) for q in (0.3, 0.45, 0.6, 0.75)]
+      lengths = np.diff([0] + points + [n])
 
       def shrink_to(k):
         want = {p: int(np.ceil(start[p] - (start[p] - target[p]) * k / 4)) for p in start}
@@ -344,7 +382,7 @@ def run_cell(name: str, seed: int, size: Size, cache: str, dataset: str = "auto"
       segments = [(int(lengths[0]), loss, None)]
       segments += [(int(n), loss if k < 4 else plain, shrink_to(k))
                    for k, n in enumerate(lengths[1:], start=1)]
-    st, out["log"] = s.train(full, s.stats0, tx, segments, name)
+    st, out["log"] = s.train(full, stats0, tx, segments, name, offset=offset)
     p, bs = st.params, st.extra["batch_stats"]
     if method == "lod":
       out["score"] = s.score(p, bs)

@@ -108,10 +108,15 @@ def schedule(args) -> int:
     mod = task_module(task)
     size = mod.SIZES[args.size]
     seeds = size.seeds if args.seeds is None else args.seeds
-    for cell, deps in mod.cells(size):
+    groups = []
+    if args.group in ("main", "all"):
+      groups += [(cell, deps, seeds) for cell, deps in mod.cells(size)]
+    if args.group in ("ablation", "all"):  # one seed: a search on the validation split
+      groups += [(cell, deps, seeds[:1]) for cell, deps in mod.ablations(size)]
+    for cell, deps, cell_seeds in groups:
       if args.only and not any(cell.startswith(o) for o in args.only):
         continue
-      for seed in seeds:
+      for seed in cell_seeds:
         todo.append((task, cell, seed, deps))
   done = lambda t, c, s: os.path.exists(json_path(args.out, args.size, t, c, s))  # noqa: E731
   pending = [x for x in todo if not done(*x[:3])]
@@ -163,6 +168,8 @@ def main(argv=None) -> int:
   p.add_argument("--seed", type=int, default=None)
   p.add_argument("--seeds", default=None, help="comma list overriding the size's seeds")
   p.add_argument("--only", default=None, help="comma list of cell-name prefixes to run")
+  p.add_argument("--group", default="all", choices=("main", "ablation", "all"),
+                 help="the comparison cells, the ablation search (seed 0), or both")
   p.add_argument("--jobs", type=int, default=1, help="cells run in parallel (one core each)")
   p.add_argument("--out", default=os.path.join(HERE, "runs"), help="where the JSONs go")
   p.add_argument("--dataset", default="auto", choices=("auto", "fashion_mnist", "mnist"))
