@@ -168,6 +168,59 @@ def test_randomized_projection_matches_exact_on_a_decaying_spectrum():
     trp.project(1, method="randomized", key=jax.random.key(0))
 
 
+def _decaying(m, n, seed, rate=0.85):
+  rng = np.random.default_rng(seed)
+  p_, _ = np.linalg.qr(rng.normal(size=(m, m)))
+  q_, _ = np.linalg.qr(rng.normal(size=(n, n)))
+  k = min(m, n)
+  return (p_[:, :k] * rate ** np.arange(k)) @ q_[:, :k].T
+
+
+@pytest.mark.parametrize("layout", [None, "conv_spatial"])
+def test_warm_projection_tracks_the_exact_one_along_a_trajectory(layout):
+  """Projections warm-started from the previous basis (one subspace iteration) stay within
+  1.05x of the exact truncation's error while the weights drift, every projection."""
+  shape = (96, 64) if layout is None else (3, 3, 16, 24)
+  m, n = (96, 64) if layout is None else (48, 72)
+  w0 = _decaying(m, n, 0)
+  lay = jlr.Layout(layout or "dense", shape, 1)
+  to_kernel = lambda a: jnp.asarray(lay.from_matrix(jnp.asarray(a, jnp.float32)))  # noqa: E731
+  params = {"k": {"kernel": to_kernel(w0)}}
+  rule = ranks.energy(0.9)
+  exact = trp.project(1, rule, layout=layout)
+  warm = trp.project(1, rule, layout=layout, method="warm", max_rank=24, n_iter=1)
+  state = warm.init(params)
+  chex.assert_shape(state.bases["k/kernel"], (n, 34))
+  rng = np.random.default_rng(1)
+  for t in range(6):  # each round: a small optimizer-like step, then project
+    step = {"k": {"kernel": to_kernel(0.02 * rng.normal(size=(m, n)) * np.abs(w0).mean())}}
+    ue, _ = exact.update(step, exact.init(params), params)
+    uw, state = warm.update(step, state, params)
+    target = np.asarray(lay.to_matrix(params["k"]["kernel"] + step["k"]["kernel"]), np.float64)
+    err = lambda u: np.linalg.norm(  # noqa: E731
+        target - np.asarray(lay.to_matrix(params["k"]["kernel"] + u["k"]["kernel"]), np.float64))
+    assert err(uw) <= 1.05 * err(ue) + 1e-6, (t, err(uw), err(ue))
+    params = optax.apply_updates(params, uw)
+  assert int(state.count) == 6
+  with pytest.raises(ValueError, match="max_rank"):
+    trp.project(1, method="warm")
+
+
+def test_warm_projection_compiles_once_and_skips_off_schedule_steps():
+  params = {"k": {"kernel": jnp.asarray(_decaying(32, 24, 2), jnp.float32)}}
+  tx = optax.chain(optax.sgd(0.01), trp.project(3, ranks.energy(0.9), method="warm", max_rank=8))
+  state = tx.init(params)
+  step = jax.jit(lambda p, s, g: tx.update(g, s, p))
+  g = jax.tree.map(jnp.ones_like, params)
+  b0 = state[-1].bases["k/kernel"]
+  for t in range(1, 4):
+    u, state = step(params, state, g)
+    if t < 3:  # off schedule: updates and the basis pass through
+      np.testing.assert_allclose(u["k"]["kernel"], -0.01 * np.ones((32, 24)), rtol=1e-6)
+      np.testing.assert_array_equal(state[-1].bases["k/kernel"], b0)
+  assert not np.allclose(state[-1].bases["k/kernel"], b0) and step._cache_size() == 1
+
+
 def test_chained_step_compiles_once_across_projection_and_plain_steps():
   tx = trp.trp(optax.sgd(0.05, momentum=0.9), every=3, energy=0.8, nuclear=1e-3)
   traces = []
