@@ -52,10 +52,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jlr  # noqa: E402
 import jlr.flax  # noqa: E402
-from jlr import ranks, stats  # noqa: E402
+from jlr import paths, ranks, stats  # noqa: E402
 from jlr.flax import calibrate  # noqa: E402
 from jlr.models import llama  # noqa: E402
-from jlr.paths import path_str  # noqa: E402
 from jlr.train import progress  # noqa: E402
 from text import kjv_verses, shakespeare_sentences  # noqa: E402
 
@@ -115,16 +114,6 @@ def windows(tok, texts, ctx: int, n: int) -> np.ndarray:
   return np.asarray(ids[:need], np.int32).reshape(n, ctx + 1)
 
 
-def flat(tree):
-  return {path_str(kp): x for kp, x in
-          jax.tree_util.tree_flatten_with_path(tree, is_leaf=jlr.is_lowrank)[0]}
-
-
-def replace(tree, new: dict):
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=jlr.is_lowrank)
-  return jax.tree_util.tree_unflatten(treedef, [new.get(path_str(kp), x) for kp, x in leaves])
-
-
 def main(argv=None) -> dict:
   a = parse_args(argv)
   t_start = time.perf_counter()
@@ -142,7 +131,7 @@ def main(argv=None) -> dict:
   evalw = windows(tok, kjv_verses()[20000:], a.ctx, a.eval_windows)
   x0 = jnp.asarray(calib[:1, :-1])
   layouts = jlr.flax.layouts(model, variables, x0)
-  kernels = {p: x for p, x in flat(variables).items() if target(p)}
+  kernels = {p: x for p, x in paths.flatten(variables).items() if target(p)}
   target_params = sum(int(x.size) for x in kernels.values())
   total_params = sum(int(x.size) for x in jax.tree.leaves(variables))
   print(f"SmolLM2-135M: {total_params:,} params, {len(kernels)} target kernels "
@@ -213,7 +202,7 @@ def main(argv=None) -> dict:
     tree = jlr.factorize(variables, ranks.full(), select=target, layout=layouts,
                          stats=method_stats[method], damping=a.damping)
     spec = {p: np.asarray(jnp.sum(jnp.square(f.v.astype(jnp.float32)), -1), np.float64)
-            for p, f in flat(tree).items() if jlr.is_lowrank(f)}
+            for p, f in paths.flatten(tree).items() if jlr.is_lowrank(f)}
     return tree, spec
 
   def prefix_dense(f, r):
@@ -224,12 +213,12 @@ def main(argv=None) -> dict:
     half its parameters (merged, so one compiled forward serves every probe), per unit
     of its relative data-aware truncation error ``e_l``."""
     alpha = {}
-    for path, f in progress(list(flat(full).items()), desc="sensitivity", disable=not bars,
+    for path, f in progress(list(paths.flatten(full).items()), desc="sensitivity", disable=not bars,
                             leave=False):
       if not jlr.is_lowrank(f):
         continue
       r = ranks.ratio(0.5).resolve(f.layout, None)
-      d = max(float(dense_nll(replace(variables, {path: prefix_dense(f, r)}), probe)) - base, 1e-9)
+      d = max(float(dense_nll(paths.replace(variables, {path: prefix_dense(f, r)}), probe)) - base, 1e-9)
       s2 = spec[path]
       alpha[path] = d / max(s2[r:].sum() / s2.sum(), 1e-12)
     return alpha
@@ -249,7 +238,7 @@ def main(argv=None) -> dict:
     # cheaper dense, so the budget never buys components it would then throw away
     items = [(p, f.layout, spec[p][:max(1, math.prod(f.layout.matrix_shape)
                                         // sum(f.layout.matrix_shape))])
-             for p, f in flat(full).items() if jlr.is_lowrank(f)]
+             for p, f in paths.flatten(full).items() if jlr.is_lowrank(f)]
     for alloc in ALLOCS:
       for level in a.levels:
         key, kept = f"{method}/{alloc}/{level}", 1.0 - level
@@ -263,7 +252,7 @@ def main(argv=None) -> dict:
           tree_cache[key] = small
         if key in cells:
           continue
-        kp = sum(int(f.size) for p, f in flat(small).items() if target(p))
+        kp = sum(int(f.size) for p, f in paths.flatten(small).items() if target(p))
         cells[key] = {"key": key, "method": method, "alloc": alloc, "level": level,
                       "ppl": ppl(jlr.merge(small), factorized=False),
                       "params": int(jlr.summary(small).total_params),

@@ -77,11 +77,10 @@ import optax  # noqa: E402
 
 import jlr  # noqa: E402
 import jlr.flax  # noqa: E402
-from jlr import ranks, stats, svd  # noqa: E402
+from jlr import paths, ranks, stats, svd  # noqa: E402
 from jlr.flax import calibrate  # noqa: E402
 from jlr.lowrank import from_svd  # noqa: E402
 from jlr.models import bert  # noqa: E402
-from jlr.paths import path_str  # noqa: E402
 from jlr.train import progress  # noqa: E402
 from text import kjv_verses, shakespeare_sentences  # noqa: E402,F401
 
@@ -197,7 +196,7 @@ def spectra(variables, st, *, damping: float) -> dict[str, np.ndarray]:
   the whitened ``R W`` (``R`` from :func:`jlr.svd.whitener`); ``s_j^2`` is component
   ``j``'s share of the data-aware error, ``sum_j s_j^2`` the layer's output energy."""
   out = {}
-  for path, w in _flat(variables):
+  for path, w in paths.flatten(variables).items():
     if not is_target(path):
       continue
     w = jnp.asarray(w, jnp.float32)
@@ -218,10 +217,10 @@ def sensitivities(embed, variables, probe_tree, spec, probe) -> dict[str, float]
   compiled forward serves all probes."""
   e0 = embed_all(embed, variables, probe)
   out = {}
-  for path, f in _flat(probe_tree):
+  for path, f in paths.flatten(probe_tree).items():
     if not jlr.is_lowrank(f):
       continue
-    d = 1.0 - evaluate(e0, embed_all(embed, _replace(variables, {path: f.dense()}), probe))["mean_cos"]
+    d = 1.0 - evaluate(e0, embed_all(embed, paths.replace(variables, {path: f.dense()}), probe))["mean_cos"]
     s2 = spec[path] ** 2
     out[path] = max(d, 1e-9) / max(s2[f.rank:].sum() / s2.sum(), 1e-12)
   return out
@@ -249,10 +248,10 @@ def sensitivity_budget(kept: float, spec, alpha, layouts) -> dict[str, int]:
 def layer_groups(tree) -> list[list[str]]:
   """The factorized kernels in the order the data flows: per block ``[q, k, v]``
   (same input), ``[attention output]``, ``[intermediate]``, ``[output]``."""
-  paths = [r.path for r in jlr.summary(tree).rows if r.rank is not None and is_target(r.path)]
-  blocks = sorted({int(re.search(r"layer_(\d+)/", p).group(1)) for p in paths})
+  targets = [r.path for r in jlr.summary(tree).rows if r.rank is not None and is_target(r.path)]
+  blocks = sorted({int(re.search(r"layer_(\d+)/", p).group(1)) for p in targets})
   order = ("attention/(query|key|value)", "attention/output", "intermediate", r"\d+/output")
-  return [[p for p in paths if f"layer_{b}/" in p and re.search(f"{o}/kernel$", p)]
+  return [[p for p in targets if f"layer_{b}/" in p and re.search(f"{o}/kernel$", p)]
           for b in blocks for o in order]
 
 
@@ -268,7 +267,7 @@ def sequential(model, variables, small, batches, *, damping: float, bars: bool):
   inputs in the original model (:func:`jlr.flax.calibrate.cross`, padding masked). Each
   layer thus corrects the error its predecessors left in the residual stream (sequential
   calibration with error feedback, as in SVD-LLM's update step and GPTQ)."""
-  flat = dict(_flat(variables))
+  flat = paths.flatten(variables)
   current = small
   groups = layer_groups(small)
   selects = {}
@@ -276,24 +275,14 @@ def sequential(model, variables, small, batches, *, damping: float, bars: bool):
     block = re.search(r"layer_\d+/", group[0]).group(0)
     select = selects.setdefault(block, lambda p, block=block: block in p and is_target(p))
     st = calibrate.cross(model, current, variables, batches, mask=_attention_mask, select=select)
-    lows = dict(_flat(current))
+    lows = paths.flatten(current)
     new = {}
     for path in group:
       f, (g, c) = lows[path], st[path]
       u, s, vt = svd.regression(flat[path], f.rank, g.matrix, c.matrix, damping=damping)
       new[path] = from_svd(u, s, vt, f.layout, dtype=f.dtype)
-    current = _replace(current, new)
+    current = paths.replace(current, new)
   return current
-
-
-def _flat(tree):
-  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=jlr.is_lowrank)[0]
-  return [(path_str(kp), x) for kp, x in leaves]
-
-
-def _replace(tree, new: dict):
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=jlr.is_lowrank)
-  return jax.tree_util.tree_unflatten(treedef, [new.get(path_str(kp), x) for kp, x in leaves])
 
 
 # ----------------------------------------------------------------------------- fine-tuning
@@ -499,7 +488,7 @@ def main(argv=None) -> dict:
       spec = spectra(variables, st, damping=args.damping)
       ref = jlr.factorize(variables, ranks.ratio(0.5), select=is_target, layout=read,
                           stats=st, damping=args.damping)
-      layouts.update({p: f.layout for p, f in _flat(ref) if jlr.is_lowrank(f)})
+      layouts.update({p: f.layout for p, f in paths.flatten(ref).items() if jlr.is_lowrank(f)})
       alpha = alphas[method] = sensitivities(embed, variables, ref, spec, probe)
     for kept in args.fractions:
       for rule in RULES:

@@ -59,3 +59,25 @@ def first_match(mapping, path: str):
     if matches(pattern, path):
       return value
   return None
+
+
+def flatten(tree) -> dict[str, Any]:
+  """``{path: leaf}`` of a pytree, a :class:`jlr.LowRank` counting as one leaf."""
+  from jlr.lowrank import is_lowrank
+
+  return {path_str(kp): x for kp, x in
+          jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_lowrank)[0]}
+
+
+def replace(tree, new) -> Any:
+  """A copy of ``tree`` with the leaves at the paths of ``new`` (``{path: leaf}``) swapped
+  in; ``tree`` itself is not touched. A path that is not a leaf of ``tree`` is an error."""
+  from jlr.lowrank import is_lowrank
+
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_lowrank)
+  paths = [path_str(kp) for kp, _ in leaves]
+  unknown = sorted(set(new) - set(paths))
+  if unknown:
+    raise KeyError(f"replace: {unknown[:3]} {'are' if len(unknown) > 1 else 'is'} not a leaf "
+                   f"path of the tree (e.g. {paths[:2]})")
+  return jax.tree_util.tree_unflatten(treedef, [new.get(p, x) for p, (_, x) in zip(paths, leaves)])

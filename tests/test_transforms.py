@@ -218,3 +218,18 @@ def test_summary_of_a_plan_with_a_layout_for_the_selected_leaves_only():
   rows = {r.path: r for r in rep.rows}
   assert rows["c/kernel"].kind == "conv_spatial" and rows["c/kernel"].rank == 2
   assert rows["d/kernel"].kind == "dense" and rows["d/kernel"].rank is None
+
+
+def test_paths_flatten_and_replace_keep_lowrank_leaves_and_the_input():
+  from jlr import paths
+
+  tree = {"params": {"a": {"kernel": jnp.ones((6, 4))}, "b": {"bias": jnp.zeros(3)}}}
+  small = jlr.factorize(tree, 2, select="a/kernel")
+  flat = paths.flatten(small)
+  assert set(flat) == {"params/a/kernel", "params/b/bias"} and jlr.is_lowrank(flat["params/a/kernel"])
+  new = paths.replace(small, {"params/b/bias": jnp.ones(3)})
+  np.testing.assert_array_equal(new["params"]["b"]["bias"], np.ones(3))
+  np.testing.assert_array_equal(small["params"]["b"]["bias"], np.zeros(3))  # input untouched
+  assert new["params"]["a"]["kernel"] is small["params"]["a"]["kernel"]
+  with pytest.raises(KeyError, match="params/c/kernel"):
+    paths.replace(small, {"params/c/kernel": jnp.ones(2)})
