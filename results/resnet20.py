@@ -121,8 +121,9 @@ def cells(size: Size) -> list[tuple[str, tuple[str, ...]]]:
   out += [(f"scratch@{x:g}", ()) for x in b]
   out += [(f"lod@{x:g}", ()) for x in b]
   out += [("lod_nested", ())] + [(f"lod_nested_ft@{x:g}", ("lod_nested",)) for x in b]
-  out += [(name, ("dense",)) for name in TRP_ENERGY]
+  out += [(name, ("dense",)) for name in ("trp_nu_spatial", "trp_nu_channel")]
   out += [(f"trp_nu@{x:g}", ()) for x in b]
+  out += [(name, ("dense",)) for name in ("trp_spatial", "trp_channel")]
   return out
 
 
