@@ -153,6 +153,8 @@ def schedule(args) -> int:
         if status != "done":
           failed.add(key)
         print(f"[{time.time() - t_start:7.0f}s] {key[0]}/{key[1]} seed {key[2]}: {status}", flush=True)
+    for x in [x for x in pending if done(*x[:3])]:  # finished by another scheduler
+      pending.remove(x)
     ready = [x for x in pending if all(done(x[0], d, x[2]) for d in x[3])
              and not elsewhere(*x[:3])]
     blocked = [x for x in pending if any((x[0], d, x[2]) in failed for d in x[3])]
