@@ -162,7 +162,8 @@ def schedule(args) -> int:
       pending.remove(x)
       failed.add(x[:3])
       print(f"skip {x[0]}/{x[1]} seed {x[2]}: a cell it starts from failed")
-    while ready and len(running) < args.jobs:
+    busy = sum(elsewhere(*x[:3]) for x in pending)  # cells other processes are running
+    while ready and len(running) + busy < args.jobs:
       task, cell, seed, _ = x = ready.pop(0)
       pending.remove(x)
       cmd = [sys.executable, os.path.abspath(__file__), "--size", args.size, "--task", task,
