@@ -84,8 +84,14 @@ def one(args) -> int:
   path = json_path(args.out, args.size, args.task, args.cell, args.seed)
   cache = os.path.join(args.out, ".cache", args.size, args.task)
   t0 = time.time()
-  metrics = mod.run_cell(args.cell, args.seed, size, cache, dataset=args.dataset,
-                         bars=not args.no_progress)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".running", "w") as f:  # a claim: other schedulers leave this cell alone
+    f.write(str(os.getpid()))
+  try:
+    metrics = mod.run_cell(args.cell, args.seed, size, cache, dataset=args.dataset,
+                           bars=not args.no_progress)
+  finally:
+    os.remove(path + ".running")
   record = {"task": args.task, "cell": args.cell, "seed": args.seed, "size": args.size,
             "setting": {k: v for k, v in vars(size).items()},
             "command": (f"python results/suite.py --size {args.size} --task {args.task} "
@@ -113,12 +119,24 @@ def schedule(args) -> int:
       groups += [(cell, deps, seeds) for cell, deps in mod.cells(size)]
     if args.group in ("ablation", "all"):  # one seed: a search on the validation split
       groups += [(cell, deps, seeds[:1]) for cell, deps in mod.ablations(size)]
+    if args.group in ("main", "all"):
+      groups += [(cell, deps, seeds) for cell, deps in mod.trp_plain(size)]
     for cell, deps, cell_seeds in groups:
       if args.only and not any(cell.startswith(o) for o in args.only):
         continue
       for seed in cell_seeds:
         todo.append((task, cell, seed, deps))
   done = lambda t, c, s: os.path.exists(json_path(args.out, args.size, t, c, s))  # noqa: E731
+
+  def elsewhere(t, c, s) -> bool:
+    """Claimed by a live process (another scheduler's cell, or one run by hand)."""
+    try:
+      with open(json_path(args.out, args.size, t, c, s) + ".running") as f:
+        os.kill(int(f.read().strip()), 0)
+      return True
+    except (OSError, ValueError):
+      return False
+
   pending = [x for x in todo if not done(*x[:3])]
   print(f"{len(todo)} cells, {len(todo) - len(pending)} done, {len(pending)} to run, "
         f"{args.jobs} at a time")
@@ -135,13 +153,17 @@ def schedule(args) -> int:
         if status != "done":
           failed.add(key)
         print(f"[{time.time() - t_start:7.0f}s] {key[0]}/{key[1]} seed {key[2]}: {status}", flush=True)
-    ready = [x for x in pending if all(done(x[0], d, x[2]) for d in x[3])]
+    for x in [x for x in pending if done(*x[:3])]:  # finished by another scheduler
+      pending.remove(x)
+    ready = [x for x in pending if all(done(x[0], d, x[2]) for d in x[3])
+             and not elsewhere(*x[:3])]
     blocked = [x for x in pending if any((x[0], d, x[2]) in failed for d in x[3])]
     for x in blocked:
       pending.remove(x)
       failed.add(x[:3])
       print(f"skip {x[0]}/{x[1]} seed {x[2]}: a cell it starts from failed")
-    while ready and len(running) < args.jobs:
+    busy = sum(elsewhere(*x[:3]) for x in pending)  # cells other processes are running
+    while ready and len(running) + busy < args.jobs:
       task, cell, seed, _ = x = ready.pop(0)
       pending.remove(x)
       cmd = [sys.executable, os.path.abspath(__file__), "--size", args.size, "--task", task,
@@ -151,7 +173,8 @@ def schedule(args) -> int:
       env = dict(os.environ, **(ONE_THREAD if args.jobs > 1 else {}))
       running[x[:3]] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
       print(f"[{time.time() - t_start:7.0f}s] start {task}/{cell} seed {seed}", flush=True)
-    if not ready and not running and pending:
+    if not ready and not running and pending and not any(
+        elsewhere(*x[:3]) or any(elsewhere(x[0], d, x[2]) for d in x[3]) for x in pending):
       break  # waiting on nothing: dependencies will never appear
     time.sleep(1.0)
   print(f"suite: {len(todo) - len(failed)} of {len(todo)} cells have results "

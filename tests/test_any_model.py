@@ -182,7 +182,7 @@ class Convs(nn.Module):
     return nn.Conv(5, ks, kernel_dilation=2, padding="VALID")(x)
 
 
-@pytest.mark.parametrize("nd", [1, 2, 3])
+@pytest.mark.parametrize("nd", [1, 2, pytest.param(3, marks=pytest.mark.slow)])
 def test_convs_1d_2d_3d(nd):
   x = jax.random.normal(KEY, (2,) + (9,) * nd + (3,))
   check_model(Convs(nd), x, rank=2, expect=2)

@@ -252,6 +252,7 @@ def _tiny_resnet():
   return model, variables, x
 
 
+@pytest.mark.slow  # heavy (default run <= ~3 min): make test-slow
 def test_bn_recalibration_is_exact_for_the_first_layer_and_differs_per_width():
   import jax
   import numpy as np
@@ -282,6 +283,7 @@ def test_bn_recalibration_is_exact_for_the_first_layer_and_differs_per_width():
   assert not np.allclose(bn1(full_bs), bn1(variables["batch_stats"]))
 
 
+@pytest.mark.slow  # heavy (default run <= ~3 min): make test-slow
 def test_rank_mask_equals_the_extracted_and_the_svd_model():
   import jax
   import numpy as np

@@ -60,7 +60,8 @@ def n_lowrank(tree):
 EXPECTED = {"bert": 12, "gpt2": 8, "vit": 12, "bart": 30}
 
 
-@pytest.mark.parametrize("kind", ["bert", "gpt2", "vit", "bart"])
+@pytest.mark.parametrize("kind", [pytest.param("bert", marks=pytest.mark.slow), "gpt2",
+                                  pytest.param("vit", marks=pytest.mark.slow), "bart"])
 def test_factorized_forward_equals_merged(kind):
   model, inputs = tiny(kind)
   fwd = forward(model)
@@ -78,6 +79,7 @@ def test_factorized_forward_equals_merged(kind):
   assert err < 1e-5, err
 
 
+@pytest.mark.slow  # heavy (default run <= ~3 min): make test-slow
 @pytest.mark.parametrize("kind", ["bert", "gpt2", "vit", "bart"])
 def test_trp_and_lod_steps_run(kind):
   model, inputs = tiny(kind, layers=1)  # one block: the steps compile in a few seconds

@@ -96,6 +96,7 @@ def test_tokenizer_round_trip_and_control_tokens(smol):
   assert ids[0] == 1 and tok.decode(ids).endswith("<|im_start|>assistant\n")
 
 
+@pytest.mark.slow  # heavy (default run <= ~3 min): make test-slow
 def test_greedy_chat_decoding_is_sensible_english(smol):
   model, variables, tok = smol[:3]
   out = llama.greedy(jax.jit(lambda v, i, p, c: model.apply(v, i, p, c)), variables, model,
@@ -103,6 +104,7 @@ def test_greedy_chat_decoding_is_sensible_english(smol):
   assert "Paris" in tok.decode(out)
 
 
+@pytest.mark.slow  # heavy (default run <= ~3 min): make test-slow
 def test_perplexity_in_range_and_factorized_equals_merged(smol):
   """Held-out text (KJV verses): 2 windows of 128 tokens. Factorized projections (the
   first and last block's 7) run through jlr.flax.apply and equal the merged dense model."""

@@ -65,6 +65,7 @@ def test_ill_conditioned_kernels_are_truncated_optimally(cond):
     assert err_t <= np.sqrt((s[r // 2:] ** 2).sum()) * 1.01 + 1e-5 * np.linalg.norm(w)
 
 
+@pytest.mark.slow  # heavy (default run <= ~3 min): make test-slow
 def test_bf16_end_to_end_factorize_truncate_lod_trp():
   import flax.linen as nn
   import jlr.flax

@@ -4,6 +4,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -28,6 +29,7 @@ def kernels(draw):
   return kind, jnp.asarray(w, dtype), len(batch)
 
 
+@pytest.mark.slow  # heavy (default run <= ~3 min): make test-slow
 @given(kernels(), st.floats(0.0, 1.0))
 def test_factorize_is_optimal_for_every_layout_and_stack(kernel, frac):
   kind, w, b = kernel
@@ -53,6 +55,7 @@ def test_factorize_is_optimal_for_every_layout_and_stack(kernel, frac):
   chex.assert_type(merged, w.dtype)
 
 
+@pytest.mark.slow  # heavy (default run <= ~3 min): make test-slow
 @given(kernels())
 def test_full_rank_roundtrip_and_truncate_never_grows_error(kernel):
   kind, w, b = kernel

@@ -3,6 +3,8 @@
 import pathlib
 import re
 
+import pytest
+
 
 def test_quick_start_runs(capsys):
   text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
@@ -13,6 +15,7 @@ def test_quick_start_runs(capsys):
   assert "total (all leaves)" in out and "smaller" in out
 
 
+@pytest.mark.slow  # heavy (default run <= ~3 min): make test-slow
 def test_your_model_snippets_run(capsys):
   text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
   section = text[text.index("## Your model"):text.index("## Trainable compression")]

@@ -69,7 +69,8 @@ def test_quick_suite_end_to_end(tmp_path):
 
   size = resnet20.SIZES["quick"]
   data = report.load("quick", "resnet20", out)
-  assert set(data) == {c for c, _ in resnet20.cells(size) + resnet20.ablations(size)}
+  assert set(data) == {c for c, _ in resnet20.cells(size) + resnet20.ablations(size)
+                       + resnet20.trp_plain(size)}
   for cell, recs in data.items():
     (rec,) = recs
     assert rec["command"].endswith(f"--cell {cell} --seed 0") and rec["versions"]["jax"]
