@@ -279,21 +279,24 @@ def nuclear_norm(strength: float, *, every: int = 1, rank: Any = None, select=No
 
 
 def trp(optimizer: optax.GradientTransformation, *, every: int = 20, energy: float = 0.9,
-        nuclear: float = 0.0, nuclear_every_step: bool = False, select=None,
-        layout=None) -> optax.GradientTransformation:
+        rank: Any = None, nuclear: float = 0.0, nuclear_every_step: bool = False, select=None,
+        layout=None, **project_kwargs) -> optax.GradientTransformation:
   """TRP around ``optimizer``: ``chain(nuclear_norm, optimizer, project)``.
 
-  ``nuclear=0`` turns the regularizer off. By default it is applied on projection steps
-  with the truncated factors (the released code); ``nuclear_every_step=True`` applies
-  the full ``U V^T`` on every step (the older script).
+  The projection keeps ``ranks.energy(energy)`` (the paper's rule), or ``rank`` when given
+  (any jittable rule: ``ranks.ratio(0.25)`` holds a parameter budget). ``nuclear=0`` turns
+  the regularizer off. By default it is applied on projection steps with the truncated
+  factors (the released code); ``nuclear_every_step=True`` applies the full ``U V^T`` on
+  every step (the older script). ``project_kwargs`` (``method="warm"``, ``max_rank``,
+  ``n_iter`` ...) go to :func:`project`.
   """
-  rule = ranks_lib.energy(energy)
+  rule = ranks_lib.energy(energy) if rank is None else ranks_lib.as_rule(rank)
   parts = []
   if nuclear:
     parts.append(nuclear_norm(nuclear, every=1 if nuclear_every_step else every,
                               rank=None if nuclear_every_step else rule, select=select,
                               layout=layout))
-  parts += [optimizer, project(every, rule, select=select, layout=layout)]
+  parts += [optimizer, project(every, rule, select=select, layout=layout, **project_kwargs)]
   return optax.chain(*parts)
 
 

@@ -313,3 +313,16 @@ def test_trp_lowers_energy_rank_and_decouples_with_less_loss_than_plain_training
   loss_plain = accuracy(p_plain) - accuracy(cut_plain)
   assert accuracy(p_trp) > 0.95 and accuracy(p_plain) > 0.95  # both learned the task
   assert loss_trp <= 0.005 and loss_plain > loss_trp + 0.02
+
+
+def test_trp_with_a_budget_rule_and_warm_projections():
+  """``trp(rank=ratio)`` holds the budget's rank after every projection; the warm method
+  lands on the same point as the exact one (within the 1.05 error bound)."""
+  w = jnp.asarray(_decaying(32, 24, 4, rate=0.95), jnp.float32)
+  params = {"k": {"kernel": w}}
+  g = {"k": {"kernel": jnp.asarray(np.random.default_rng(0).normal(size=(32, 24)) * 1e-2, jnp.float32)}}
+  for kw in ({}, dict(method="warm", max_rank=12, n_iter=1)):
+    tx = trp.trp(optax.sgd(0.1), every=1, rank=ranks.ratio(0.25, min_rank=1), nuclear=1e-3, **kw)
+    u, _ = tx.update(g, tx.init(params), params)
+    new = np.asarray(optax.apply_updates(params, u)["k"]["kernel"])
+    assert np.linalg.matrix_rank(new, tol=1e-5) == 3  # floor(0.25 * 32 * 24 / 56)
