@@ -18,8 +18,8 @@ Variants, each a jitted ``train_step`` (``jlr.train``) on a fixed random batch:
 * ``trp_no_nuclear`` -- the projection only (exact SVD);
 * ``trp_randomized`` -- the projection only with ``method="randomized"`` and ``max_rank``
   (the energy rule then keeps at most ``max_rank`` components);
-* ``trp_warm`` -- the projection only with ``method="warm"``: one subspace iteration
-  started from the previous projection's basis (``jlr.trp.warm_low_rank_point``; its
+* ``trp_warm`` -- the projection only with ``method="warm"``, ``n_iter=0``: one range
+  step ``qr(W V_prev)`` from the previous projection's basis (``jlr.trp.warm_low_rank_point``; its
   error stays within 1.05x of the exact SVD's along a trajectory: ``tests/test_trp.py``).
 
 A *window* is 20 consecutive steps (exactly one projection step). Every repeat times
@@ -94,7 +94,7 @@ def variants(select, layout, max_rank: int) -> dict[str, optax.GradientTransform
           key=jax.random.key(7), max_rank=max_rank)),
       "trp_warm": optax.chain(sgd, jlr.trp.project(
           EVERY, rule, select=select, layout=layout, method="warm", max_rank=max_rank,
-          n_iter=1)),
+          n_iter=0)),
   }
 
 
