@@ -326,3 +326,30 @@ def test_trp_with_a_budget_rule_and_warm_projections():
     u, _ = tx.update(g, tx.init(params), params)
     new = np.asarray(optax.apply_updates(params, u)["k"]["kernel"])
     assert np.linalg.matrix_rank(new, tol=1e-5) == 3  # floor(0.25 * 32 * 24 / 56)
+
+
+def test_warm_nuclear_subgradient_equals_the_exact_truncated_one():
+  """nuclear_norm(method='warm') adds the same U_k V_k^T as the exact SVD on a matrix
+  near the one its basis came from; trp(method='warm') then has no exact SVD in the step."""
+  w0 = _decaying(40, 30, 5)
+  params = {"k": {"kernel": jnp.asarray(w0, jnp.float32)}}
+  rule = ranks.energy(0.8)
+  exact = trp.nuclear_norm(0.5, every=1, rank=rule)
+  warm = trp.nuclear_norm(0.5, every=1, rank=rule, method="warm", max_rank=12)
+  state = warm.init(params)
+  moved = {"k": {"kernel": params["k"]["kernel"] + 1e-3 * jnp.asarray(
+      np.random.default_rng(2).normal(size=(40, 30)), jnp.float32)}}
+  zeros = jax.tree.map(jnp.zeros_like, moved)
+  ge, _ = exact.update(zeros, exact.init(moved), moved)
+  gw, state = warm.update(zeros, state, moved)
+  np.testing.assert_allclose(gw["k"]["kernel"], ge["k"]["kernel"], atol=2e-3)
+  tx = trp.trp(optax.sgd(0.1), every=2, energy=0.8, nuclear=1e-3, method="warm", max_rank=12)
+  st = tx.init(params)
+  assert isinstance(st[0], trp.WarmTRPState) and isinstance(st[-1], trp.WarmTRPState)
+  step = jax.jit(lambda p, s, g: tx.update(g, s, p))
+  for _ in range(2):
+    u, st = step(params, st, zeros)
+    params = optax.apply_updates(params, u)
+  assert np.linalg.matrix_rank(np.asarray(params["k"]["kernel"]), tol=1e-4) < 30
+  with pytest.raises(ValueError, match="rank="):
+    trp.nuclear_norm(0.5, method="warm", max_rank=4)
