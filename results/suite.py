@@ -121,6 +121,13 @@ def schedule(args) -> int:
       groups += [(cell, deps, seeds[:1]) for cell, deps in mod.ablations(size)]
     if args.group in ("main", "all"):
       groups += [(cell, deps, seeds) for cell, deps in mod.trp_plain(size)]
+    deps_of = {cell: deps for cell, deps, _ in groups}
+    if args.queue:  # an explicit order of "cell seed" lines (a partial run in a short session)
+      with open(args.queue) as f:
+        for line in filter(None, (ln.split("#")[0].strip() for ln in f)):
+          cell, seed = line.split()
+          todo.append((task, cell, int(seed), deps_of[cell]))
+      continue
     for cell, deps, cell_seeds in groups:
       if args.only and not any(cell.startswith(o) for o in args.only):
         continue
@@ -191,6 +198,7 @@ def main(argv=None) -> int:
   p.add_argument("--seed", type=int, default=None)
   p.add_argument("--seeds", default=None, help="comma list overriding the size's seeds")
   p.add_argument("--only", default=None, help="comma list of cell-name prefixes to run")
+  p.add_argument("--queue", default=None, help="a file of 'cell seed' lines: run these, in order")
   p.add_argument("--group", default="all", choices=("main", "ablation", "all"),
                  help="the comparison cells, the ablation search (seed 0), or both")
   p.add_argument("--jobs", type=int, default=1, help="cells run in parallel (one core each)")
