@@ -80,14 +80,22 @@ def sample_ranks(params, key, *, sampler: str = "layer", fraction: float | None 
 
 
 def with_ranks(params, ranks: Mapping[str, Any]):
-  """Zero the components ``j >= ranks[path]`` of each listed ``LowRank`` (static shapes,
-  so it runs inside jit; gradients of the zeroed components are zero)."""
+  """Drop the components ``j >= ranks[path]`` of each listed ``LowRank`` (static shapes,
+  so it runs inside jit; gradients of the dropped components are zero).
+
+  Only the smaller factor is masked: ``u diag(keep) v = u (diag(keep) v)``, and the
+  gradient of ``u``'s column ``j`` is ``x^T g v_j^T keep_j`` -- zero for a dropped
+  component either way -- so masking one factor gives the same forward and the same
+  gradients as masking both, at half the elementwise work (LoD's per-step overhead)."""
   leaves, treedef = _leaves(params)
   out = []
   for path, x in leaves:
     if is_lowrank(x) and path in ranks:
       keep = (jnp.arange(x.rank) < ranks[path]).astype(x.u.dtype)
-      x = LowRank(x.u * keep, x.v * keep[:, None], x.layout)
+      if x.u.shape[-2] <= x.v.shape[-1]:
+        x = LowRank(x.u * keep, x.v, x.layout)
+      else:
+        x = LowRank(x.u, x.v * keep[:, None], x.layout)
     out.append(x)
   return jax.tree_util.tree_unflatten(treedef, out)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import warnings
 from typing import Any, Callable, Iterable, Mapping
 
@@ -310,6 +311,23 @@ def _factor(w, key, r_w, r_inv, *, layout, rank, method, split, oversample, n_it
   return from_svd(u, s, vt, layout, split=split, dtype=w.dtype)
 
 
+_STACK_BYTES = 1 << 28  # stacked same-shape kernels per batched call: at most 256 MiB
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "rank", "method", "split", "oversample", "n_iter"))
+def _factor_stack(ws, keys, *, layout, rank, method, split, oversample, n_iter):
+  """:func:`_factor` of ``ws[j]`` for every ``j`` in one program; leaf ``j`` of a
+  randomized call uses ``keys[j]`` (the per-leaf key of the loop), so the result equals
+  the per-leaf one."""
+  mats = layout.to_matrix(ws)
+  if method == "randomized":
+    one = lambda a, k: svd_lib.randomized(a, rank, k, oversample=oversample, n_iter=n_iter)  # noqa: E731
+    u, s, vt = jax.vmap(one)(mats, keys)
+  else:
+    u, s, vt = svd_lib.truncated(mats, rank, method=method)
+  return from_svd(u, s, vt, layout, split=split, dtype=ws.dtype)
+
+
 def factorize(params, rank=None, *, select=None, layout=None, method: str = "svd", key=None,
               split: str = "balanced", oversample: int = 10, n_iter: int = 2, stats=None,
               damping: float = 1e-2):
@@ -345,16 +363,34 @@ def factorize(params, rank=None, *, select=None, layout=None, method: str = "svd
   the_plan = rank if isinstance(rank, Plan) else plan(
       params, rank, select=select, layout=layout, stats=stats, damping=damping)
   leaves, treedef = _leaves(params)
-  out = []
+  out = [leaf for _, leaf in leaves]
+  opts = dict(method=method, split=split, oversample=oversample, n_iter=n_iter)
+  groups: dict[tuple, list[int]] = {}
   for i, (path, leaf) in enumerate(leaves):
     entry = the_plan.get(path)
     if entry is None or is_lowrank(leaf):
-      out.append(leaf)
       continue
-    k = jax.random.fold_in(key, i) if key is not None else None
     r_w, r_inv = _whitening(stats, path, entry.layout, entry.batch_shape, damping)
-    out.append(_factor(leaf, k, r_w, r_inv, layout=entry.layout, rank=entry.rank,
-                       method=method, split=split, oversample=oversample, n_iter=n_iter))
+    if r_w is not None:  # data-aware: its own whitener, its own call
+      out[i] = _factor(leaf, None, r_w, r_inv, layout=entry.layout, rank=entry.rank, **opts)
+      continue
+    group = (entry.layout, entry.rank, tuple(jnp.shape(leaf)), jnp.result_type(leaf))
+    groups.setdefault(group, []).append(i)
+  for (lay, r, shape, dtype), idx in groups.items():
+    # same-shape kernels go through one compiled, batched call (few dispatches, one
+    # compile per shape), in chunks that bound the stacked copy's memory
+    per = max(1, _STACK_BYTES // max(1, math.prod(shape) * jnp.dtype(dtype).itemsize))
+    for start in range(0, len(idx), per):
+      chunk = idx[start: start + per]
+      keys = None if key is None else [jax.random.fold_in(key, i) for i in chunk]
+      if len(chunk) == 1:
+        i = chunk[0]
+        out[i] = _factor(leaves[i][1], keys and keys[0], None, None, layout=lay, rank=r, **opts)
+        continue
+      keys = None if keys is None else jnp.stack(keys)
+      f = _factor_stack(jnp.stack([leaves[i][1] for i in chunk]), keys, layout=lay, rank=r, **opts)
+      for j, i in enumerate(chunk):
+        out[i] = LowRank(f.u[j], f.v[j], lay)
   return follow(jax.tree_util.tree_unflatten(treedef, out), params)
 
 

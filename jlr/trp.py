@@ -95,28 +95,46 @@ def low_rank_point(w, layout: Layout, rule, *, key=None, max_rank: int | None = 
   return layout.from_matrix((u * s[..., None, :]) @ vt).astype(w.dtype)
 
 
-def warm_low_rank_point(w, layout: Layout, rule, basis, *, n_iter: int = 1):
-  """``(D(W), new basis)`` from a subspace iteration started at ``basis`` -- the right
-  singular vectors (``(*batch, n, k)``) of the previous projection. Jittable.
+def warm_svd(mat, basis, *, n_iter: int = 0):
+  """Truncated SVD ``(u, s, vt)`` of ``mat`` (``(*batch, m, n)``) in the span found from
+  ``basis`` (``(*batch, n, k)``, e.g. the right singular vectors of a nearby matrix).
 
-  Between two projections the weights move by a few optimizer steps, so the previous
-  dominant subspace is already close to the new one: ``Q = qr(W V_prev)`` then ``n_iter``
-  re-orthonormalized rounds ``Q <- qr(W qr(W^T Q))`` (Halko et al. 2011, Alg. 4.4, with
-  the previous basis for the Gaussian sketch), and the SVD of the small ``Q^T W``. Cost
-  ``O(m n k (2 + 2 n_iter))`` against the exact SVD's ``O(m n min(m, n))``; the rule's
-  energy fractions are taken of the exact ``||W||_F^2``, so it keeps at most ``k``.
+  ``Q = qr(A V_prev)``, then ``n_iter`` re-orthonormalized rounds ``Q <- qr(A qr(A^T Q))``
+  (Halko et al. 2011, Alg. 4.4, with the previous basis in place of the Gaussian
+  sketch), and the SVD of the small ``Q^T A``. Cost ``O(m n k (2 + 2 n_iter))``
+  against the exact SVD's ``O(m n min(m, n))``. Jittable.
   """
-  mat = layout.to_matrix(w).astype(jnp.float32)
   at = jnp.swapaxes(mat, -1, -2)
   q, _ = jnp.linalg.qr(mat @ basis)
   for _ in range(n_iter):
     z, _ = jnp.linalg.qr(at @ q)
     q, _ = jnp.linalg.qr(mat @ z)
   ub, s, vt = jnp.linalg.svd(jnp.swapaxes(q, -1, -2) @ mat, full_matrices=False)
+  return q @ ub, s, vt
+
+
+def warm_low_rank_point(w, layout: Layout, rule, basis, *, n_iter: int = 0):
+  """``(D(W), new basis)`` with the truncated SVD from :func:`warm_svd` started at
+  ``basis`` -- the right singular vectors of the previous projection. Between two
+  projections the weights move by a few optimizer steps, so the previous dominant
+  subspace is already close to the new one. The rule's energy fractions are taken of
+  the exact ``||W||_F^2``, so it keeps at most ``k`` components. Jittable.
+  """
+  mat = layout.to_matrix(w).astype(jnp.float32)
+  u, s, vt = warm_svd(mat, basis, n_iter=n_iter)
   keep = rule.mask(layout, s, jnp.sum(jnp.square(mat), axis=(-2, -1)))
-  s_kept = jnp.where(keep, s, 0.0)
-  point = layout.from_matrix(((q @ ub) * s_kept[..., None, :]) @ vt).astype(w.dtype)
+  point = layout.from_matrix((u * jnp.where(keep, s, 0.0)[..., None, :]) @ vt).astype(w.dtype)
   return point, jnp.swapaxes(vt, -1, -2)
+
+
+def warm_nuclear_subgradient(w, layout: Layout, rule, basis, *, n_iter: int = 0):
+  """``(U_k V_k^T, new basis)``: :func:`nuclear_subgradient` with the truncated SVD from
+  :func:`warm_svd` (only the components ``rule`` keeps, all inside the basis). Jittable."""
+  mat = layout.to_matrix(w).astype(jnp.float32)
+  u, s, vt = warm_svd(mat, basis, n_iter=n_iter)
+  keep = rule.mask(layout, s, jnp.sum(jnp.square(mat), axis=(-2, -1)))
+  sub = layout.from_matrix((u * keep[..., None, :].astype(u.dtype)) @ vt).astype(w.dtype)
+  return sub, jnp.swapaxes(vt, -1, -2)
 
 
 def warm_basis(w, layout: Layout, width: int) -> jax.Array:
@@ -151,7 +169,7 @@ def _map_selected(fn, targets, *trees, with_path: bool = False):
 
 def project(every: int, rank: Any = ranks_lib.energy(0.9), *, select=None, layout=None,
             method: str = "svd", key=None, max_rank: int | None = None, oversample: int = 10,
-            n_iter: int = 2) -> optax.GradientTransformation:
+            n_iter: int | None = None) -> optax.GradientTransformation:
   """Land the selected kernels on their low-rank point every ``every`` steps.
 
   Place it *last* in a chain: on a projection step it rewrites the final updates to
@@ -167,7 +185,9 @@ def project(every: int, rank: Any = ranks_lib.energy(0.9), *, select=None, layou
   the previous projection's right singular basis (``max_rank + oversample`` columns,
   kept in the state; the first from an exact SVD at ``init``) with ``n_iter`` rounds
   (:func:`warm_low_rank_point`): near-exact projections at a fraction of an SVD's cost,
-  because the weights move little in ``every`` steps.
+  because the weights move little in ``every`` steps. ``n_iter`` defaults to 2 power
+  iterations for ``"randomized"`` and 0 for ``"warm"`` (one range step: the basis keeps
+  iterating from one projection to the next).
   """
   if every < 1:
     raise ValueError(f"every must be >= 1, got {every}")
@@ -179,7 +199,8 @@ def project(every: int, rank: Any = ranks_lib.energy(0.9), *, select=None, layou
     raise ValueError("method='warm' needs max_rank= (the largest rank the rule may keep)")
   rule = ranks_lib.as_rule(rank)
   if method == "warm":
-    return _warm_project(every, rule, select, layout, max_rank + oversample, n_iter)
+    return _warm_project(every, rule, select, layout, max_rank + oversample, n_iter or 0)
+  n_iter = 2 if n_iter is None else n_iter
 
   def init(params):
     del params
@@ -207,8 +228,10 @@ def project(every: int, rank: Any = ranks_lib.energy(0.9), *, select=None, layou
   return optax.GradientTransformation(init, update)
 
 
-def _warm_project(every, rule, select, layout, width, n_iter) -> optax.GradientTransformation:
-  """:func:`project` with ``method="warm"``."""
+def _warm_transform(every, select, layout, width, leaf_fn) -> optax.GradientTransformation:
+  """A periodic transform that keeps, per selected kernel, the right singular basis of its
+  last SVD (``width`` columns; the first from an exact SVD at ``init``). On schedule,
+  ``leaf_fn(layout, param, update, basis) -> (new update, new basis)``."""
 
   def widths(targets, params):
     flat = {path_str(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]}
@@ -221,39 +244,62 @@ def _warm_project(every, rule, select, layout, width, n_iter) -> optax.GradientT
 
   def update(updates, state, params=None):
     if params is None:
-      raise ValueError("trp.project needs params: call tx.update(grads, state, params)")
+      raise ValueError("jlr.trp transforms need params: call tx.update(grads, state, params)")
     targets = _targets(params, select, layout)
 
-    def projected(args):
+    def on_schedule(args):
       updates, bases = args
       flat_u = {path_str(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(updates)[0]}
       new_updates, new_bases = {}, {}
       for p, (lay, w, _) in widths(targets, params).items():
-        point, new_bases[p] = warm_low_rank_point(w + flat_u[p], lay, rule, bases[p],
-                                                  n_iter=n_iter)
-        new_updates[p] = (point - w).astype(flat_u[p].dtype)
+        new_updates[p], new_bases[p] = leaf_fn(lay, w, flat_u[p], bases[p])
       out = jax.tree_util.tree_map_with_path(
           lambda kp, u: new_updates.get(path_str(kp), u), updates)
       return out, new_bases
 
-    updates, bases = jax.lax.cond(_on_schedule(state.count, every), projected, lambda a: a,
+    updates, bases = jax.lax.cond(_on_schedule(state.count, every), on_schedule, lambda a: a,
                                   (updates, state.bases))
     return updates, WarmTRPState(optax.safe_int32_increment(state.count), bases)
 
   return optax.GradientTransformation(init, update)
 
 
+def _warm_project(every, rule, select, layout, width, n_iter) -> optax.GradientTransformation:
+  """:func:`project` with ``method="warm"``."""
+
+  def leaf(lay, w, u, basis):
+    point, basis = warm_low_rank_point(w + u, lay, rule, basis, n_iter=n_iter)
+    return (point - w).astype(u.dtype), basis
+
+  return _warm_transform(every, select, layout, width, leaf)
+
+
 def nuclear_norm(strength: float, *, every: int = 1, rank: Any = None, select=None,
-                 layout=None) -> optax.GradientTransformation:
+                 layout=None, method: str = "svd", max_rank: int | None = None,
+                 oversample: int = 10, n_iter: int = 0) -> optax.GradientTransformation:
   """Add ``strength * U V^T``, a sub-gradient of ``strength * ||W||_*``, to the gradients
   of the selected kernels.
 
   Place it *before* the optimizer (like ``optax.add_decayed_weights``). With ``rank``
   (a jittable rule) the truncated ``U_k V_k^T`` is used; with ``every > 1`` it is added
   only on steps ``every, 2 every, ...`` -- TRP's released code uses both, aligned with
-  :func:`project` (see the module doc).
+  :func:`project` (see the module doc). ``method="warm"`` (needs ``rank`` and
+  ``max_rank``) takes ``U_k V_k^T`` from a subspace iteration started at the previous
+  call's basis, as ``project(method="warm")`` does, instead of an exact SVD.
   """
   rule = None if rank is None else ranks_lib.as_rule(rank)
+  if method not in ("svd", "warm"):
+    raise ValueError(f"nuclear_norm method must be 'svd' or 'warm', got {method!r}")
+  if method == "warm":
+    if rule is None or max_rank is None:
+      raise ValueError("nuclear_norm(method='warm') needs rank= (a rule: the truncated "
+                       "U_k V_k^T) and max_rank= (the largest rank it may keep)")
+
+    def leaf(lay, w, g, basis):
+      sub, basis = warm_nuclear_subgradient(w, lay, rule, basis, n_iter=n_iter)
+      return g + strength * sub.astype(g.dtype), basis
+
+    return _warm_transform(every, select, layout, max_rank + oversample, leaf)
 
   def init(params):
     del params
@@ -279,21 +325,29 @@ def nuclear_norm(strength: float, *, every: int = 1, rank: Any = None, select=No
 
 
 def trp(optimizer: optax.GradientTransformation, *, every: int = 20, energy: float = 0.9,
-        nuclear: float = 0.0, nuclear_every_step: bool = False, select=None,
-        layout=None) -> optax.GradientTransformation:
+        rank: Any = None, nuclear: float = 0.0, nuclear_every_step: bool = False, select=None,
+        layout=None, **project_kwargs) -> optax.GradientTransformation:
   """TRP around ``optimizer``: ``chain(nuclear_norm, optimizer, project)``.
 
-  ``nuclear=0`` turns the regularizer off. By default it is applied on projection steps
-  with the truncated factors (the released code); ``nuclear_every_step=True`` applies
-  the full ``U V^T`` on every step (the older script).
+  The projection keeps ``ranks.energy(energy)`` (the paper's rule), or ``rank`` when given
+  (any jittable rule: ``ranks.ratio(0.25)`` holds a parameter budget). ``nuclear=0`` turns
+  the regularizer off. By default it is applied on projection steps with the truncated
+  factors (the released code); ``nuclear_every_step=True`` applies the full ``U V^T`` on
+  every step (the older script). ``project_kwargs`` (``method="warm"``, ``max_rank``,
+  ``n_iter`` ...) go to :func:`project`; with ``method="warm"`` the nuclear norm's
+  ``U_k V_k^T`` is warm-started too (no exact SVD left in the step).
   """
-  rule = ranks_lib.energy(energy)
+  rule = ranks_lib.energy(energy) if rank is None else ranks_lib.as_rule(rank)
   parts = []
   if nuclear:
+    warm = {k: v for k, v in project_kwargs.items() if k in ("max_rank", "oversample", "n_iter")}
+    warm = dict(warm, method="warm") if project_kwargs.get("method") == "warm" else {}
+    if warm and nuclear_every_step:
+      raise ValueError("method='warm' needs the truncated nuclear norm (nuclear_every_step=False)")
     parts.append(nuclear_norm(nuclear, every=1 if nuclear_every_step else every,
                               rank=None if nuclear_every_step else rule, select=select,
-                              layout=layout))
-  parts += [optimizer, project(every, rule, select=select, layout=layout)]
+                              layout=layout, **warm))
+  parts += [optimizer, project(every, rule, select=select, layout=layout, **project_kwargs)]
   return optax.chain(*parts)
 
 

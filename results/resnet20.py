@@ -410,10 +410,8 @@ def run_cell(name: str, seed: int, size: Size, cache: str, dataset: str = "auto"
     layout_name, nuclear = TRP_ENERGY.get(method, ("conv_channel", True))
     lay = s.layouts[layout_name.split("_")[1]]
     rule = ranks.energy(size.energy) if b is None else s.budget_rule(b)
-    parts = [jlr.trp.nuclear_norm(size.nuclear, every=size.period, rank=rule, select=is_block,
-                                  layout=lay)] if nuclear else []
-    tx = optax.chain(*parts, s.sgd(size.lr, T),
-                     jlr.trp.project(size.period, rule, select=is_block, layout=lay))
+    tx = jlr.trp.trp(s.sgd(size.lr, T), every=size.period, rank=rule,
+                     nuclear=size.nuclear if nuclear else 0.0, select=is_block, layout=lay)
     st, out["log"] = s.train(s.params0, s.stats0, tx, [(T, plain, None)], name)
     p, bs = jax.device_get((st.params, st.extra["batch_stats"]))
     out["trained_dense_weights"] = s.score(p, bs)

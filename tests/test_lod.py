@@ -61,13 +61,25 @@ def test_independent_and_fixed_samplers():
 
 
 def test_sample_zeroes_exactly_the_tail():
+  """The masked sub-network equals the extracted prefix model in value and in gradients
+  (one factor is masked: the dropped components' gradients vanish on both factors)."""
   f = lod.init(two_layers())
   sub = lod.with_ranks(f, {"a/kernel": 3})
-  a = sub["a"]["kernel"]
-  np.testing.assert_array_equal(a.u[:, 3:], 0)
-  np.testing.assert_array_equal(a.v[3:], 0)
-  np.testing.assert_array_equal(a.u[:, :3], f["a"]["kernel"].u[:, :3])
+  a, fa = sub["a"]["kernel"], f["a"]["kernel"]
+  prefix = lod.extract(f, ranks={"a/kernel": 3})["a"]["kernel"]
+  np.testing.assert_allclose(a.dense(), prefix.dense(), atol=1e-6)
+  tail_u, tail_v = np.asarray(a.u[:, 3:]), np.asarray(a.v[3:])
+  assert not tail_u.any() or not tail_v.any()  # at least one factor's tail is zero
   assert sub["b"]["kernel"] is f["b"]["kernel"]
+  x = rnd((7, fa.u.shape[0]), 5)
+  loss = lambda p: jnp.sum(jnp.tanh(x @ lod.with_ranks(p, {"a/kernel": 3})["a"]["kernel"].dense()))  # noqa: E731
+  g = jax.grad(loss)(f)["a"]["kernel"]
+  np.testing.assert_array_equal(g.u[:, 3:], 0)
+  np.testing.assert_array_equal(g.v[3:], 0)
+  both = lambda p: jnp.sum(jnp.tanh(x @ (p.u[:, :3] @ p.v[:3])))  # noqa: E731
+  gb = jax.grad(both)(fa)
+  np.testing.assert_allclose(g.u, gb.u, atol=1e-5)
+  np.testing.assert_allclose(g.v, gb.v, atol=1e-5)
 
 
 def test_group_lasso_closed_form_and_nan_safe_at_zero():

@@ -233,3 +233,30 @@ def test_paths_flatten_and_replace_keep_lowrank_leaves_and_the_input():
   assert new["params"]["a"]["kernel"] is small["params"]["a"]["kernel"]
   with pytest.raises(KeyError, match="params/c/kernel"):
     paths.replace(small, {"params/c/kernel": jnp.ones(2)})
+
+
+@pytest.mark.parametrize("method", ["svd", "randomized"])
+def test_same_shape_kernels_batched_equal_the_per_leaf_factorization(method):
+  """factorize stacks same-(layout, rank, shape) kernels into one compiled call; each
+  leaf must come out as its own call would give it (randomized: the same per-leaf key)."""
+  from jlr.transforms import _factor
+
+  rng = np.random.default_rng(0)
+  tree = {f"b{i}": {n: {"kernel": jnp.asarray(rng.normal(size=s), jnp.float32)} for n, s in
+                    [("q", (24, 24)), ("k", (24, 24)), ("up", (24, 40))]} for i in range(2)}
+  tree["stacked"] = {"kernel": jnp.asarray(rng.normal(size=(2, 24, 24)), jnp.float32)}
+  layout = {"stacked": jlr.layouts.Spec(batch_ndim=1)}
+  key = jax.random.key(3) if method == "randomized" else None
+  before = jax.tree.map(np.asarray, tree)
+  got = jlr.paths.flatten(jlr.factorize(tree, ranks.ratio(0.25, min_rank=1), method=method,
+                                        key=key, layout=layout))
+  the_plan = jlr.plan(tree, ranks.ratio(0.25, min_rank=1), layout=layout)
+  for i, (path, w) in enumerate(jlr.paths.flatten(tree).items()):
+    e = the_plan[path]
+    k = None if key is None else jax.random.fold_in(key, i)
+    ref = _factor(w, k, None, None, layout=e.layout, rank=e.rank, method=method,
+                  split="balanced", oversample=10, n_iter=2)
+    chex.assert_equal_shape([got[path].u, ref.u])
+    np.testing.assert_allclose(got[path].u, ref.u, atol=1e-5)
+    np.testing.assert_allclose(got[path].v, ref.v, atol=1e-5)
+  chex.assert_trees_all_equal(jax.tree.map(np.asarray, tree), before)  # input untouched

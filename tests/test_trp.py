@@ -188,7 +188,7 @@ def test_warm_projection_tracks_the_exact_one_along_a_trajectory(layout):
   params = {"k": {"kernel": to_kernel(w0)}}
   rule = ranks.energy(0.9)
   exact = trp.project(1, rule, layout=layout)
-  warm = trp.project(1, rule, layout=layout, method="warm", max_rank=24, n_iter=1)
+  warm = trp.project(1, rule, layout=layout, method="warm", max_rank=24, n_iter=0)
   state = warm.init(params)
   chex.assert_shape(state.bases["k/kernel"], (n, 34))
   exact_update, warm_update = jax.jit(exact.update), jax.jit(warm.update)
@@ -313,3 +313,43 @@ def test_trp_lowers_energy_rank_and_decouples_with_less_loss_than_plain_training
   loss_plain = accuracy(p_plain) - accuracy(cut_plain)
   assert accuracy(p_trp) > 0.95 and accuracy(p_plain) > 0.95  # both learned the task
   assert loss_trp <= 0.005 and loss_plain > loss_trp + 0.02
+
+
+def test_trp_with_a_budget_rule_and_warm_projections():
+  """``trp(rank=ratio)`` holds the budget's rank after every projection; the warm method
+  lands on the same point as the exact one (within the 1.05 error bound)."""
+  w = jnp.asarray(_decaying(32, 24, 4, rate=0.95), jnp.float32)
+  params = {"k": {"kernel": w}}
+  g = {"k": {"kernel": jnp.asarray(np.random.default_rng(0).normal(size=(32, 24)) * 1e-2, jnp.float32)}}
+  for kw in ({}, dict(method="warm", max_rank=12, n_iter=1)):
+    tx = trp.trp(optax.sgd(0.1), every=1, rank=ranks.ratio(0.25, min_rank=1), nuclear=1e-3, **kw)
+    u, _ = tx.update(g, tx.init(params), params)
+    new = np.asarray(optax.apply_updates(params, u)["k"]["kernel"])
+    assert np.linalg.matrix_rank(new, tol=1e-5) == 3  # floor(0.25 * 32 * 24 / 56)
+
+
+def test_warm_nuclear_subgradient_equals_the_exact_truncated_one():
+  """nuclear_norm(method='warm') adds the same U_k V_k^T as the exact SVD on a matrix
+  near the one its basis came from; trp(method='warm') then has no exact SVD in the step."""
+  w0 = _decaying(40, 30, 5)
+  params = {"k": {"kernel": jnp.asarray(w0, jnp.float32)}}
+  rule = ranks.energy(0.8)
+  exact = trp.nuclear_norm(0.5, every=1, rank=rule)
+  warm = trp.nuclear_norm(0.5, every=1, rank=rule, method="warm", max_rank=12)
+  state = warm.init(params)
+  moved = {"k": {"kernel": params["k"]["kernel"] + 1e-3 * jnp.asarray(
+      np.random.default_rng(2).normal(size=(40, 30)), jnp.float32)}}
+  zeros = jax.tree.map(jnp.zeros_like, moved)
+  ge, _ = exact.update(zeros, exact.init(moved), moved)
+  gw, state = warm.update(zeros, state, moved)
+  np.testing.assert_allclose(gw["k"]["kernel"], ge["k"]["kernel"], atol=2e-3)
+  tx = trp.trp(optax.sgd(0.1), every=2, energy=0.8, nuclear=1e-3, method="warm", max_rank=12)
+  st = tx.init(params)
+  assert isinstance(st[0], trp.WarmTRPState) and isinstance(st[-1], trp.WarmTRPState)
+  step = jax.jit(lambda p, s, g: tx.update(g, s, p))
+  for _ in range(2):
+    u, st = step(params, st, zeros)
+    params = optax.apply_updates(params, u)
+  assert np.linalg.matrix_rank(np.asarray(params["k"]["kernel"]), tol=1e-4) < 30
+  with pytest.raises(ValueError, match="rank="):
+    trp.nuclear_norm(0.5, method="warm", max_rank=4)
