@@ -177,6 +177,7 @@ def plot(path: str, data, budgets, cols, title: str) -> None:
                   color=f"C{i}")
   ax.set_xscale("log")
   ax.set_xticks([100 * b for b in budgets], [f"{b:.0%}" for b in budgets])
+  ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
   ax.set_xlabel("block-conv kernel parameters kept")
   ax.set_ylabel("test accuracy (%)")
   ax.set_title(title, fontsize=9)
