@@ -92,7 +92,6 @@ class Size:
   energy: float = 0.9  # TRP energy threshold T
   nuclear: float = 3e-4
   lam: float = 3e-4   # LoD group-lasso strength
-  eps: float = 0.0    # unused by the schedule-based shrink; kept for the record
 
 
 SIZES = {
