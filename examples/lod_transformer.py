@@ -123,24 +123,31 @@ def play_text(markdown: str) -> str:
   return "\n".join(out) + "\n"
 
 
+def plays() -> list[tuple[str, str]]:
+  """``[(title, plain text)]`` of every play in the wheel, in path order."""
+  out = []
+  for path in play_paths():
+    with open(path, encoding="utf-8") as f:
+      out.append((os.path.splitext(os.path.basename(path))[0], play_text(f.read())))
+  return out
+
+
+def encode(texts: list[str]) -> tuple[list[np.ndarray], str]:
+  """uint8 token ids of every text over their joint character vocabulary (sorted)."""
+  vocab = "".join(sorted(set().union(*map(set, texts))))
+  lut = np.zeros(256, np.uint8)
+  lut[[ord(c) for c in vocab]] = np.arange(len(vocab))
+  return [lut[np.frombuffer(t.encode("ascii"), np.uint8)] for t in texts], vocab
+
+
 def shakespeare(val_every: int = 10):
   """``(train_ids, val_ids, vocab, val_titles)``: uint8 token ids of the train and
   held-out plays (every ``val_every``-th play in path order, joined by blank lines)."""
-  train, val, titles = [], [], []
-  for i, path in enumerate(play_paths()):
-    with open(path, encoding="utf-8") as f:
-      text = play_text(f.read())
-    if (i + 1) % val_every == 0:
-      val.append(text)
-      titles.append(os.path.splitext(os.path.basename(path))[0])
-    else:
-      train.append(text)
-  train_text, val_text = "\n".join(train), "\n".join(val)
-  vocab = "".join(sorted(set(train_text) | set(val_text)))
-  lut = np.zeros(256, np.uint8)
-  lut[[ord(c) for c in vocab]] = np.arange(len(vocab))
-  encode = lambda t: lut[np.frombuffer(t.encode("ascii"), np.uint8)]  # noqa: E731
-  return encode(train_text), encode(val_text), vocab, titles
+  every = plays()
+  held = [(t, x) for i, (t, x) in enumerate(every) if (i + 1) % val_every == 0]
+  train = [x for i, (_, x) in enumerate(every) if (i + 1) % val_every]
+  (train_ids, val_ids), vocab = encode(["\n".join(train), "\n".join(x for _, x in held)])
+  return train_ids, val_ids, vocab, [t for t, _ in held]
 
 
 def random_windows(ids: np.ndarray, batch_size: int, ctx: int, steps: int, rng):

@@ -113,6 +113,15 @@ def warm_svd(mat, basis, *, n_iter: int = 0):
   return q @ ub, s, vt
 
 
+def _warm_kept(w, layout: Layout, rule, basis, n_iter: int):
+  """``(U, keep, s, V^T)``: :func:`warm_svd` of ``W``'s matrix started at ``basis`` and
+  the rule's mask of it (energy fractions of the exact ``||W||_F^2``)."""
+  mat = layout.to_matrix(w).astype(jnp.float32)
+  u, s, vt = warm_svd(mat, basis, n_iter=n_iter)
+  keep = rule.mask(layout, s, jnp.sum(jnp.square(mat), axis=(-2, -1)))
+  return u, keep, s, vt
+
+
 def warm_low_rank_point(w, layout: Layout, rule, basis, *, n_iter: int = 0):
   """``(D(W), new basis)`` with the truncated SVD from :func:`warm_svd` started at
   ``basis`` -- the right singular vectors of the previous projection. Between two
@@ -120,9 +129,7 @@ def warm_low_rank_point(w, layout: Layout, rule, basis, *, n_iter: int = 0):
   subspace is already close to the new one. The rule's energy fractions are taken of
   the exact ``||W||_F^2``, so it keeps at most ``k`` components. Jittable.
   """
-  mat = layout.to_matrix(w).astype(jnp.float32)
-  u, s, vt = warm_svd(mat, basis, n_iter=n_iter)
-  keep = rule.mask(layout, s, jnp.sum(jnp.square(mat), axis=(-2, -1)))
+  u, keep, s, vt = _warm_kept(w, layout, rule, basis, n_iter)
   point = layout.from_matrix((u * jnp.where(keep, s, 0.0)[..., None, :]) @ vt).astype(w.dtype)
   return point, jnp.swapaxes(vt, -1, -2)
 
@@ -130,9 +137,7 @@ def warm_low_rank_point(w, layout: Layout, rule, basis, *, n_iter: int = 0):
 def warm_nuclear_subgradient(w, layout: Layout, rule, basis, *, n_iter: int = 0):
   """``(U_k V_k^T, new basis)``: :func:`nuclear_subgradient` with the truncated SVD from
   :func:`warm_svd` (only the components ``rule`` keeps, all inside the basis). Jittable."""
-  mat = layout.to_matrix(w).astype(jnp.float32)
-  u, s, vt = warm_svd(mat, basis, n_iter=n_iter)
-  keep = rule.mask(layout, s, jnp.sum(jnp.square(mat), axis=(-2, -1)))
+  u, keep, _, vt = _warm_kept(w, layout, rule, basis, n_iter)
   sub = layout.from_matrix((u * keep[..., None, :].astype(u.dtype)) @ vt).astype(w.dtype)
   return sub, jnp.swapaxes(vt, -1, -2)
 

@@ -1,7 +1,8 @@
 """Tables and plots from the suite's JSONs only (``results/runs/<size>/<task>/*.json``).
 
-    python results/report.py                 # the CPU size: print, write the PNG, update README.md
+    python results/report.py                 # the CPU size: print, write the PNGs, update README.md
     python results/report.py --size quick --out /tmp/r --no-readme
+    python results/report.py --task charlm   # one task
 
 Every number is the mean +- sample std over the seeds that have a JSON (n is shown).
 A difference smaller than the spread is reported as none: a method *ties* the best of
@@ -12,7 +13,9 @@ marked ``=``; the best is in bold.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
+import importlib
 import json
 import os
 import re
@@ -42,6 +45,26 @@ TRP_ROWS = [("TRP channel", "trp_channel"), ("TRP spatial", "trp_spatial"),
 PAPER_TRP = {"dense": (91.74, 1.0), "trp_nu_channel": (90.50, 2.17), "trp_nu_spatial": (90.62, 2.84)}
 
 
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+  """How a task is scored: ``test``/``val`` keys of a score, better when higher or lower."""
+  test: str
+  val: str
+  higher: bool
+  scale: float      # shown as scale * value
+  digits: int
+  label: str        # axis label
+  unit: str = ""    # after the number (the kept-parameter column: "%")
+
+
+METRICS = {"resnet20": Metric("test_acc", "val_acc", True, 100, 2, "test accuracy (%)"),
+           "charlm": Metric("test_loss", "val_loss", False, 1, 3, "test loss (nats / char)")}
+PERCENT = Metric("kernel_fraction", "", True, 100, 1, "", "%")
+RATIO = Metric("flop_speedup", "", True, 1, 2, "")
+
+
 def load(size: str, task: str, runs: str) -> dict[str, list[dict]]:
   """``{cell: [record per seed]}``."""
   out: dict[str, list[dict]] = {}
@@ -67,65 +90,76 @@ def stat(recs: list[dict] | None, key: str, metric: str = "test_acc"):
   return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0, len(a), vals
 
 
-def fmt(s, pct=True, bold=False, tie=False) -> str:
+def fmt(s, metric: Metric = METRICS["resnet20"], bold=False, tie=False) -> str:
   if s is None:
     return "-"
   m, sd, n = s[:3]
-  text = f"{100 * m:.2f} ± {100 * sd:.2f}" if pct else f"{m:.2f} ± {sd:.2f}"
+  k, d, u = metric.scale, metric.digits, metric.unit
+  text = f"{k * m:.{d}f}{u} ± {k * sd:.{d}f}{u}"
   text = f"**{text}**" if bold else text + (" =" if tie else "")
   return f"{text} ({n})" if n != 3 else text
 
 
-def ties(cells: dict):
+def ties(cells: dict, higher: bool = True):
   """``{label: (is_best, ties_best)}`` for one column ``{label: stat}``."""
   have = {k: v for k, v in cells.items() if v is not None}
   if not have:
     return {}
-  best = max(have, key=lambda k: have[k][0])
+  sign = 1 if higher else -1
+  best = max(have, key=lambda k: sign * have[k][0])
   bm, bs = have[best][:2]
-  return {k: (k == best, k != best and bm - v[0] <= bs + v[1]) for k, v in have.items()}
+  return {k: (k == best, k != best and sign * (bm - v[0]) <= bs + v[1]) for k, v in have.items()}
 
 
-def curve_table(data, budgets) -> tuple[str, dict]:
-  dense = stat(data.get("dense"), "score")
+def curve_table(data, budgets, metric: Metric) -> tuple[str, dict]:
+  dense = stat(data.get("dense"), "score", metric.test)
   cols = {}
   for b in budgets:
-    cols[b] = {label: stat(data.get(cell.format(b=f"{b:g}")), key.format(b=f"{b:g}"))
+    cols[b] = {label: stat(data.get(cell.format(b=f"{b:g}")), key.format(b=f"{b:g}"), metric.test)
                for label, cell, key in CURVE}
-  marks = {b: ties(cols[b]) for b in budgets}
+  marks = {b: ties(cols[b], metric.higher) for b in budgets}
   head = ["method (T steps each)"] + [f"{b:.0%} of kernel params" for b in budgets]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  lines.append("| dense (100%) | " + " | ".join(fmt(dense) for _ in budgets) + " |")
+  lines.append("| dense (100%) | " + " | ".join(fmt(dense, metric) for _ in budgets) + " |")
   for label, _, _ in CURVE:
-    row = [fmt(cols[b][label], bold=marks[b].get(label, (0, 0))[0],
+    row = [fmt(cols[b][label], metric, bold=marks[b].get(label, (0, 0))[0],
                tie=marks[b].get(label, (0, 0))[1]) for b in budgets]
     lines.append(f"| {label} | " + " | ".join(row) + " |")
   for label, cell, key in SEPARATE:
-    row = [fmt(stat(data.get(cell.format(b=f"{b:g}")), key)) for b in budgets]
+    row = [fmt(stat(data.get(cell.format(b=f"{b:g}")), key, metric.test), metric) for b in budgets]
     lines.append(f"| *{label}* | " + " | ".join(row) + " |")
   return "\n".join(lines), cols
 
 
-def trp_table(data) -> str:
-  dense = stat(data.get("dense"), "score")
-  head = ["run", "top-1 (decoupled)", "FLOP speed-up", "kernel params kept",
-          "SVD of dense at the same ranks", "paper top-1 (CIFAR-10)", "paper speed-up"]
+def trp_table(data, metric: Metric, rows, paper: dict | None = None) -> str:
+  """TRP's Table 1 shape: decoupled quality, FLOP speed-up, kernel parameters kept and the
+  SVD of the dense model at the same ranks, for every ``(label, cell)`` of ``rows``; with
+  ``paper``, the paper's numbers alongside."""
+  dense = stat(data.get("dense"), "score", metric.test)
+  name = metric.label.split(" (")[0]
+  head = ["run", f"{name} (decoupled)", "FLOP speed-up", "kernel params kept",
+          "SVD of dense at the same ranks"]
+  head += ["paper top-1 (CIFAR-10)", "paper speed-up"] if paper else []
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  p = PAPER_TRP["dense"]
-  lines.append(f"| dense | {fmt(dense)} | 1.00 | 100% | - | {p[0]:.2f} | {p[1]:.2f} |")
-  for label, cell in TRP_ROWS:
+  tail = lambda cell: [f"{v:.2f}" for v in paper.get(cell, ("-", "-"))] if paper else []  # noqa: E731
+  lines.append(" | ".join([f"| dense | {fmt(dense, metric)} | 1.00 | 100% | -", *tail("dense")])
+               + " |")
+  for label, cell in rows:
     recs = data.get(cell)
-    paper = [f"{v:.2f}" for v in PAPER_TRP[cell]] if cell in PAPER_TRP else ["-", "-"]
+    paper_cols = [f"{v:.2f}" for v in paper[cell]] if paper and cell in paper else \
+        (["-", "-"] if paper else [])
     lines.append(" | ".join([
-        f"| {label}", fmt(stat(recs, "score")), fmt(stat(recs, "score", "flop_speedup"), pct=False),
-        fmt(stat(recs, "score", "kernel_fraction")).replace(" ± ", "% ± ") if recs else "-",
-        fmt(stat(recs, "dense_svd_same_ranks")), *paper]) + " |")
+        f"| {label}", fmt(stat(recs, "score", metric.test), metric),
+        fmt(stat(recs, "score", RATIO.test), RATIO), fmt(stat(recs, "score", PERCENT.test), PERCENT),
+        fmt(stat(recs, "dense_svd_same_ranks", metric.test), metric), *paper_cols]) + " |")
   return "\n".join(lines)
 
 
-def ablation_table(data) -> str:
-  """Seed-0 validation accuracy of every ``cell~setting`` next to its default ``cell``."""
-  lines = ["| method | setting | val acc | default's val acc | difference |", "|---|---|---|---|---|"]
+def ablation_table(data, metric: Metric) -> str:
+  """Seed-0 validation score of every ``cell~setting`` next to its default ``cell``."""
+  name = "val acc" if metric.higher else "val loss"
+  lines = [f"| method | setting | {name} | default's {name} | difference |", "|---|---|---|---|---|"]
+  sign, k, d = (1 if metric.higher else -1), metric.scale, metric.digits
   best = {}
   for cell in sorted(c for c in data if "~" in c):
     base, _, setting = cell.partition("~")
@@ -133,24 +167,24 @@ def ablation_table(data) -> str:
     ref = [r for r in data.get(base, []) if r["seed"] == 0]
     if rec is None:
       continue
-    v = rec["score"]["val_acc"]
-    r0 = ref[0]["score"]["val_acc"] if ref else None
-    diff = f"{100 * (v - r0):+.2f}" if r0 is not None else "-"
-    lines.append(f"| {base} | {setting} | {100 * v:.2f} | "
-                 f"{'-' if r0 is None else f'{100 * r0:.2f}'} | {diff} |")
-    if r0 is not None and v > best.get(base, (None, r0))[1]:
+    v = rec["score"][metric.val]
+    r0 = ref[0]["score"][metric.val] if ref else None
+    diff = f"{k * (v - r0):+.{d}f}" if r0 is not None else "-"
+    lines.append(f"| {base} | {setting} | {k * v:.{d}f} | "
+                 f"{'-' if r0 is None else f'{k * r0:.{d}f}'} | {diff} |")
+    if r0 is not None and sign * v > sign * best.get(base, (None, r0))[1]:
       best[base] = (setting, v)
   if len(lines) == 2:
     return ""
-  found = "; ".join(f"{b}: {s_} ({100 * v:.2f})" for b, (s_, v) in best.items()) or \
+  found = "; ".join(f"{b}: {s_} ({k * v:.{d}f})" for b, (s_, v) in best.items()) or \
       "no setting beat the defaults"
   return "\n".join(lines) + f"\n\nBest on validation (seed 0): {found}."
 
 
-def winners(cols, budgets) -> str:
+def winners(cols, budgets, metric: Metric) -> str:
   out = []
   for b in budgets:
-    m = ties(cols[b])
+    m = ties(cols[b], metric.higher)
     if not m:
       continue
     best = [k for k, (is_best, _) in m.items() if is_best][0]
@@ -159,68 +193,93 @@ def winners(cols, budgets) -> str:
   return "; ".join(out)
 
 
-def plot(path: str, data, budgets, cols, title: str) -> None:
+def plot(path: str, data, budgets, cols, title: str, metric: Metric, xlabel: str) -> None:
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   fig, ax = plt.subplots(figsize=(7.2, 4.6), dpi=120)
-  dense = stat(data.get("dense"), "score")
+  k = metric.scale
+  dense = stat(data.get("dense"), "score", metric.test)
   if dense:
-    ax.axhline(100 * dense[0], color="k", lw=1, ls="--", label="dense")
+    ax.axhline(k * dense[0], color="k", lw=1, ls="--", label="dense")
   for i, (label, _, _) in enumerate(CURVE):
     pts = [(b, cols[b][label]) for b in budgets if cols[b][label] is not None]
     if pts:
-      ax.errorbar([100 * b for b, _ in pts], [100 * s[0] for _, s in pts],
-                  yerr=[100 * s[1] for _, s in pts], marker="o", capsize=3, label=label,
+      ax.errorbar([100 * b for b, _ in pts], [k * s[0] for _, s in pts],
+                  yerr=[k * s[1] for _, s in pts], marker="o", capsize=3, label=label,
                   color=f"C{i}")
   ax.set_xscale("log")
   ax.set_xticks([100 * b for b in budgets], [f"{b:.0%}" for b in budgets])
   ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-  ax.set_xlabel("block-conv kernel parameters kept")
-  ax.set_ylabel("test accuracy (%)")
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(metric.label)
   ax.set_title(title, fontsize=9)
   ax.grid(True, alpha=0.3)
-  ax.legend(fontsize=7, loc="lower right")
+  ax.legend(fontsize=7, loc="lower right" if metric.higher else "upper right")
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)
 
 
-def render(size: str, runs: str) -> tuple[str, dict]:
-  """The README block of the ResNet-20 task and what the plot needs."""
-  sys.path.insert(0, HERE)
-  import resnet20
-
-  data = load(size, "resnet20", runs)
-  if not data:
-    raise SystemExit(f"no results under {os.path.join(runs, size, 'resnet20')}: run results/suite.py")
-  setting = resnet20.SIZES[size]
-  budgets = setting.budgets
-  curve, cols = curve_table(data, budgets)
-  recs = [r for rs in data.values() for r in rs]
+def _runs_line(recs, size, task) -> str:
   wall = sum(r["wall_s"] for r in recs)
-  dataset = recs[0]["dataset"]
   devices = sorted({r["device"] for r in recs})
-  text = (f"ResNet-20 on {dataset}, size `{size}`: every run {setting.steps} SGD steps of "
-          f"{setting.batch} images (fine-tunes: the last {setting.ft} of them), test accuracy "
-          f"on {setting.test:,} images after BatchNorm recalibration, mean ± std over seeds "
-          f"{', '.join(map(str, setting.seeds))} (n in brackets when fewer); bold: best of the "
-          "column, `=`: within the spread of the best (no difference). "
-          f"{len(recs)} runs, {wall / 3600:.1f} CPU-hours of cells on {'; '.join(devices)}. "
-          f"Reproduce: `python results/suite.py --size {size} --jobs 2 && "
-          f"python results/report.py --size {size}`.\n\n" + curve + "\n\n"
-          f"Winners: {winners(cols, budgets)}.\n\n"
-          "TRP's Table 1 shape (energy-threshold operating point, decoupled; our dataset is "
-          f"{dataset}, the paper's CIFAR-10, so only the *gaps to dense* compare):\n\n"
-          + trp_table(data))
-  abl = ablation_table(data)
+  return (f"{len(recs)} runs, {wall / 3600:.1f} CPU-hours of cells on {'; '.join(devices)}. "
+          f"Reproduce: `python results/suite.py --size {size} --task {task} --jobs 2 && "
+          f"python results/report.py --size {size} --task {task}`.")
+
+
+LEGEND = ("mean ± std over seeds {seeds} (n in brackets when fewer); bold: best of the "
+          "column, `=`: within the spread of the best (no difference).")
+
+
+def render(size: str, runs: str, task: str = "resnet20") -> tuple[str, dict]:
+  """The README block of one task and what its plot needs."""
+  sys.path.insert(0, HERE)
+  mod = importlib.import_module(task)
+  data = load(size, task, runs)
+  if not data:
+    raise SystemExit(f"no results under {os.path.join(runs, size, task)}: run results/suite.py")
+  st, metric = mod.SIZES[size], METRICS[task]
+  budgets = st.budgets
+  curve, cols = curve_table(data, budgets, metric)
+  recs = [r for rs in data.values() for r in rs]
+  dataset = recs[0]["dataset"]
+  legend = LEGEND.format(seeds=", ".join(map(str, st.seeds)))
+  if task == "resnet20":
+    text = (f"ResNet-20 on {dataset}, size `{size}`: every run {st.steps} SGD steps of "
+            f"{st.batch} images (fine-tunes: the last {st.ft} of them), test accuracy "
+            f"on {st.test:,} images after BatchNorm recalibration, {legend} "
+            f"{_runs_line(recs, size, task)}\n\n{curve}\n\n"
+            f"Winners: {winners(cols, budgets, metric)}.\n\n"
+            "TRP's Table 1 shape (energy-threshold operating point, decoupled; our dataset is "
+            f"{dataset}, the paper's CIFAR-10, so only the *gaps to dense* compare):\n\n"
+            + trp_table(data, metric, TRP_ROWS, PAPER_TRP))
+    held = f"{st.val:,} held-out training images"
+  else:
+    text = (f"Character-level transformer ({st.layers} layers, d = {st.d}, context {st.ctx}) "
+            f"on Shakespeare, size `{size}`: every run {st.steps} Adam steps of {st.batch} x "
+            f"{st.ctx} characters (fine-tunes: the last {st.ft}), test cross-entropy in nats "
+            f"per character (lower is better) on {st.test_tokens:,} characters of held-out "
+            f"plays, {legend} {_runs_line(recs, size, task)}\n\n{curve}\n\n"
+            f"Winners: {winners(cols, budgets, metric)}.\n\n"
+            "TRP + nuclear norm at its energy-threshold operating point (decoupled):\n\n"
+            + trp_table(data, metric, [("TRP + Nu", "trp_nu")]))
+    held = f"{st.val_tokens:,} characters of other held-out plays"
+  abl = ablation_table(data, metric)
   if abl:
     text += ("\n\nAblation (one seed, the middle budget; chosen on the validation split, "
-             f"{setting.val:,} held-out training images, never the test split):\n\n" + abl)
+             f"{held}, never the test split):\n\n" + abl)
   return text, {"data": data, "budgets": budgets, "cols": cols, "dataset": dataset,
-                "setting": setting}
+                "setting": st, "metric": metric}
+
+
+TITLES = {"resnet20": ("ResNet-20 / {dataset}: accuracy vs size at {steps} steps per run "
+                       "(mean ± std)", "block-conv kernel parameters kept"),
+          "charlm": ("char transformer / Shakespeare: test loss vs size at {steps} steps per "
+                     "run (mean ± std)", "attention + MLP kernel parameters kept")}
 
 
 def update_readme(readme: str, tag: str, block: str) -> None:
@@ -235,26 +294,31 @@ def update_readme(readme: str, tag: str, block: str) -> None:
     f.write(text)
 
 
-def main(argv=None) -> str:
+def main(argv=None) -> dict[str, str]:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--size", default="cpu", choices=("quick", "cpu", "full"))
+  p.add_argument("--task", default=None, help="one task (default: every task with results)")
   p.add_argument("--runs", default=os.path.join(HERE, "runs"))
-  p.add_argument("--out", default=HERE, help="where resnet20_<size>.png goes")
+  p.add_argument("--out", default=HERE, help="where <task>_<size>.png goes")
   p.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
   p.add_argument("--no-readme", action="store_true", help="print only")
   args = p.parse_args(argv)
-  block, ctx = render(args.size, args.runs)
-  png = os.path.join(args.out, f"resnet20_{args.size}.png")
-  os.makedirs(args.out, exist_ok=True)
-  st = ctx["setting"]
-  plot(png, ctx["data"], ctx["budgets"], ctx["cols"],
-       f"ResNet-20 / {ctx['dataset']}: accuracy vs size at {st.steps} steps per run (mean ± std)")
-  block += f"\n\n![accuracy vs size]({os.path.relpath(png, ROOT)})"
-  print(block)
-  if not args.no_readme:
-    update_readme(args.readme, f"resnet20-{args.size}", block)
-    print(f"\nupdated {args.readme}")
-  return block
+  tasks = [args.task] if args.task else [t for t in METRICS if load(args.size, t, args.runs)]
+  blocks = {}
+  for task in tasks:
+    block, ctx = render(args.size, args.runs, task)
+    png = os.path.join(args.out, f"{task}_{args.size}.png")
+    os.makedirs(args.out, exist_ok=True)
+    title, xlabel = TITLES[task]
+    plot(png, ctx["data"], ctx["budgets"], ctx["cols"],
+         title.format(dataset=ctx["dataset"], steps=ctx["setting"].steps), ctx["metric"], xlabel)
+    block += f"\n\n![{ctx['metric'].label.split(' (')[0]} vs size]({os.path.relpath(png, ROOT)})"
+    print(block + "\n")
+    if not args.no_readme:
+      update_readme(args.readme, f"{task}-{args.size}", block)
+      print(f"updated {args.readme}\n")
+    blocks[task] = block
+  return blocks
 
 
 if __name__ == "__main__":

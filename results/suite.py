@@ -1,6 +1,6 @@
 """The results suite: every cell of every task, one JSON per run, resumable.
 
-    python results/suite.py                    # the CPU setting (see results/resnet20.py)
+    python results/suite.py                    # the CPU setting (results/resnet20.py, charlm.py)
     python results/suite.py --size quick       # every code path in minutes (CI-slow)
     python results/suite.py --size full        # long runs, for a GPU
     python results/suite.py --jobs 2           # cells in parallel, one core each
@@ -19,6 +19,7 @@ JSONs into the README's tables and plots.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -28,19 +29,17 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-TASKS = ("resnet20",)
+TASKS = ("resnet20", "charlm")
 ONE_THREAD = {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
               "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
               "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
 def task_module(task: str):
-  sys.path.insert(0, HERE)
-  if task == "resnet20":
-    import resnet20 as mod
-  else:
+  if task not in TASKS:
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
-  return mod
+  sys.path.insert(0, HERE)
+  return importlib.import_module(task)
 
 
 def run_dir(out: str, size: str, task: str) -> str:

@@ -14,8 +14,8 @@ sys.path.insert(0, os.path.join(ROOT, "results"))
 import report  # noqa: E402
 
 
-def _write(runs, cell, seed, **metrics):
-  d = os.path.join(runs, "quick", "resnet20")
+def _write(runs, cell, seed, task="resnet20", **metrics):
+  d = os.path.join(runs, "quick", task)
   os.makedirs(d, exist_ok=True)
   rec = {"cell": cell, "seed": seed, "wall_s": 10.0, "dataset": "fashion_mnist",
          "device": "cpu:test", **metrics}
@@ -57,6 +57,28 @@ def test_report_statistics_ties_and_readme_block(tmp_path):
   assert "STALE TABLE" not in text and block in text and text.startswith("a\n") and text.endswith("b\n")
 
 
+def test_report_lower_is_better_for_the_language_model(tmp_path):
+  """The char LM is scored by test loss: the lowest mean is best, ties use the same spread."""
+  runs = str(tmp_path)
+  losses = {"dense": [1.50, 1.52, 1.54], "svd_ft@0.25": [1.70, 1.71, 1.72],
+            "scratch@0.25": [1.66, 1.74, 1.82], "lod@0.25": [1.90, 1.91, 1.92]}
+  for cell, vals in losses.items():
+    for seed, v in enumerate(vals):
+      _write(runs, cell, seed, task="charlm", dataset="shakespeare",
+             score={"test_loss": v, "val_loss": v, "kernel_fraction": 0.25, "flop_speedup": 3.0})
+  _write(runs, "lod@0.25~lam=0", 0, task="charlm", dataset="shakespeare",
+         score={"test_loss": 1.8, "val_loss": 1.85, "kernel_fraction": 0.25, "flop_speedup": 3.0})
+  block, ctx = report.render("quick", runs, "charlm")
+  m = report.stat(ctx["data"]["svd_ft@0.25"], "score", "test_loss")
+  assert m[0] == pytest.approx(1.71) and m[1] == pytest.approx(0.01)
+  assert "| SVD + fine-tune | **1.710 ± 0.010** |" in block
+  assert "| low-rank from scratch | 1.740 ± 0.080 = |" in block  # 1.74 - 1.71 <= 0.01 + 0.08
+  assert "| LoD, progressive shrink to the budget | 1.910 ± 0.010 |" in block
+  # the ablation's lower validation loss (seed 0: 1.85 < 1.90) is the better setting
+  assert "| lod@0.25 | lam=0 | 1.850 | 1.900 | -0.050 |" in block
+  assert "Best on validation (seed 0): lod@0.25: lam=0 (1.850)" in block
+
+
 @pytest.mark.slow
 def test_quick_suite_end_to_end(tmp_path):
   """``make results-quick``: every cell of the quick size trains, writes its JSON and the
@@ -85,3 +107,19 @@ def test_quick_suite_end_to_end(tmp_path):
   assert d["svd@0.25"]["ranks"] == d["whiten@0.25"]["ranks"] == data["scratch@0.25"][0]["score"]["ranks"]
   block, _ = report.render("quick", out)
   assert "SVD + fine-tune" in block and "TRP spatial + Nu" in block
+
+  import charlm
+
+  size = charlm.SIZES["quick"]
+  data = report.load("quick", "charlm", out)
+  assert set(data) == {c for c, _ in charlm.cells(size) + charlm.ablations(size)}
+  vocab = len(charlm.split()[3])
+  for cell, recs in data.items():
+    (rec,) = recs
+    assert 0.0 < rec["score"]["test_loss"] < 1.5 * np.log(vocab)  # finite, not diverged
+    if "@" in cell:
+      assert rec["score"]["kernel_fraction"] <= size.budgets[0] + 1e-9
+  d = data["dense"][0]["derived"]
+  assert d["whiten@0.25"]["test_loss"] < d["svd@0.25"]["test_loss"]
+  assert d["svd@0.25"]["ranks"] == d["whiten@0.25"]["ranks"] == data["scratch@0.25"][0]["score"]["ranks"]
+  assert "TRP + Nu" in report.render("quick", out, "charlm")[0]
