@@ -109,6 +109,7 @@ def one(args) -> int:
 def schedule(args) -> int:
   """Every pending cell of the chosen tasks and seeds, ``--jobs`` at a time."""
   todo = []  # (task, cell, seed, deps)
+  deps_of = {}  # (task, cell) -> deps
   for task in args.tasks:
     mod = task_module(task)
     size = mod.SIZES[args.size]
@@ -120,18 +121,19 @@ def schedule(args) -> int:
       groups += [(cell, deps, seeds[:1]) for cell, deps in mod.ablations(size)]
     if args.group in ("main", "all"):
       groups += [(cell, deps, seeds) for cell, deps in mod.trp_plain(size)]
-    deps_of = {cell: deps for cell, deps, _ in groups}
-    if args.queue:  # an explicit order of "cell seed" lines (a partial run in a short session)
-      with open(args.queue) as f:
-        for line in filter(None, (ln.split("#")[0].strip() for ln in f)):
-          cell, seed = line.split()
-          todo.append((task, cell, int(seed), deps_of[cell]))
-      continue
+    deps_of.update({(task, cell): deps for cell, deps, _ in groups})
     for cell, deps, cell_seeds in groups:
       if args.only and not any(cell.startswith(o) for o in args.only):
         continue
-      for seed in cell_seeds:
-        todo.append((task, cell, seed, deps))
+      todo += [(task, cell, seed, deps) for seed in cell_seeds]
+  if args.queue:  # an explicit order of "[task/]cell seed" lines (a partial run in a short session)
+    todo = []
+    with open(args.queue) as f:
+      for line in filter(None, (ln.split("#")[0].strip() for ln in f)):
+        name, seed = line.split()
+        task, _, cell = name.rpartition("/")
+        for t in [task] if task else [t for t in args.tasks if (t, cell) in deps_of]:
+          todo.append((t, cell, int(seed), deps_of[(t, cell)]))
   done = lambda t, c, s: os.path.exists(json_path(args.out, args.size, t, c, s))  # noqa: E731
 
   def elsewhere(t, c, s) -> bool:
@@ -197,7 +199,8 @@ def main(argv=None) -> int:
   p.add_argument("--seed", type=int, default=None)
   p.add_argument("--seeds", default=None, help="comma list overriding the size's seeds")
   p.add_argument("--only", default=None, help="comma list of cell-name prefixes to run")
-  p.add_argument("--queue", default=None, help="a file of 'cell seed' lines: run these, in order")
+  p.add_argument("--queue", default=None,
+                 help="a file of '[task/]cell seed' lines: run these, in order")
   p.add_argument("--group", default="all", choices=("main", "ablation", "all"),
                  help="the comparison cells, the ablation search (seed 0), or both")
   p.add_argument("--jobs", type=int, default=1, help="cells run in parallel (one core each)")
