@@ -35,6 +35,10 @@ ONE_THREAD = {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallel
               "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
+sys.path.insert(0, HERE)
+import cells  # noqa: E402
+
+
 def task_module(task: str):
   if task not in TASKS:
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
@@ -92,7 +96,7 @@ def one(args) -> int:
   finally:
     os.remove(path + ".running")
   record = {"task": args.task, "cell": args.cell, "seed": args.seed, "size": args.size,
-            "setting": {k: v for k, v in vars(size).items()},
+            "setting": vars(cells.parse(args.cell, size)[2]),  # after the cell's ~ settings
             "command": (f"python results/suite.py --size {args.size} --task {args.task} "
                         f"--cell {args.cell} --seed {args.seed}"),
             "versions": versions(), "device": device(), "commit": commit(),
