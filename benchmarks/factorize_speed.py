@@ -12,6 +12,8 @@ the 36 attention/FFN kernels of the pretrained all-MiniLM-L6-v2 (384 wide; when 
 * ``jlr randomized`` -- ``jlr.factorize(method="randomized", key)``: Halko-Martinsson-Tropp
   with ``oversample=10``, ``n_iter=2``; same-shape kernels go through one batched,
   compiled call (``jlr.transforms._factor_stack``, equal to the per-leaf result);
+* ``jlr randomized n_iter=1`` -- the same with one power iteration (40% fewer FLOPs):
+  whether it stays within the error goal is what the row measures;
 * ``numpy svd loop`` -- ``numpy.linalg.svd(full_matrices=False)`` per layer, truncated;
 * ``sklearn randomized`` -- ``sklearn.utils.extmath.randomized_svd`` per layer with the
   same rank, ``n_oversamples=10``, ``n_iter=2`` and QR power-iteration normalization.
@@ -40,7 +42,9 @@ import plots  # noqa: I001  (first: sets OPENBLAS_NUM_THREADS before numpy loads
 import numpy as np
 
 NAME = "factorize_speed"
-METHODS = ("jlr svd", "jlr randomized", "numpy svd loop", "sklearn randomized")
+METHODS = ("jlr svd", "jlr randomized", "jlr randomized n_iter=1", "numpy svd loop",
+           "sklearn randomized")
+N_ITER = {"jlr randomized": 2, "jlr randomized n_iter=1": 1}
 
 
 def parse(argv):
@@ -175,7 +179,12 @@ def main(argv=None) -> dict:
         state[("rnd", x)] = jlr.factorize(tree, rule, method="randomized", key=key)
         return state[("rnd", x)]
 
+      def rnd1(rule=rule, x=x):
+        state[("rnd1", x)] = jlr.factorize(tree, rule, method="randomized", key=key, n_iter=1)
+        return state[("rnd1", x)]
+
       fns.update({f"jlr svd@{x}": svd, f"jlr randomized@{x}": rnd,
+                  f"jlr randomized n_iter=1@{x}": rnd1,
                   f"sklearn randomized@{x}": functools.partial(sk_loop, x)})
     times = plots.interleaved(fns, repeats=a.repeats, warmup=1)
     raw[spectrum] = times
@@ -201,20 +210,23 @@ def main(argv=None) -> dict:
       approx = {
           "jlr svd": lowrank_mats(state[("svd", x)]),
           "jlr randomized": lowrank_mats(state[("rnd", x)]),
+          "jlr randomized n_iter=1": lowrank_mats(state[("rnd1", x)]),
           "numpy svd loop": [(u[:, :r] * s[:r]) @ vt[:r] for (u, s, vt), r in zip(state["np"], rs)],
           "sklearn randomized": [(u * s) @ vt for u, s, vt in state[("sk", x)]],
       }
       base = times["numpy svd loop"]
       sk = times[f"sklearn randomized@{x}"]
-      limit = sum(randomized_flops(*w.shape, r) for (_, w), r in zip(mats, rs)) / rate
+      limits = {k: sum(randomized_flops(*w.shape, r, n_iter=n) for (_, w), r in zip(mats, rs)) / rate
+                for k, n in N_ITER.items()}
       for m in METHODS:
+        limit = limits.get(m, limits["jlr randomized"])
         t = base if m == "numpy svd loop" else times[f"{m}@{x}"]
         speed = plots.ratio(base, t)
         err, worst = err_of(approx[m])
         goal = speed >= 10 and worst <= 1.05 and plots.ratio(sk, t) > 1
         rows.append([spectrum, f"ratio({x})", m, plots.median(t), speed, plots.ratio(sk, t),
                      plots.median(t) / limit, err, worst,
-                     ("met" if goal else "missed") if m == "jlr randomized" else "-"])
+                     ("met" if goal else "missed") if m in N_ITER else "-"])
   cols = ["tree", "rank rule", "method", "median s", "vs numpy", "vs sklearn",
           "x FLOP limit", "error / optimal", "worst kernel", "goal (>=10x numpy, > sklearn, <=1.05)"]
   tab = plots.table(cols, rows)

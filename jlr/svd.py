@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 METHODS = ("svd", "randomized")
 
@@ -33,28 +34,64 @@ def exact(a: jax.Array, rank: int | None = None):
   return u, s, vt
 
 
+def orthonormal(y: jax.Array) -> jax.Array:
+  """An orthonormal basis of the columns of tall ``y`` (``(*batch, m, w)``, ``m >= w``).
+
+  Shifted CholeskyQR, then CholeskyQR2 (Fukaya, Kannan, Nakatsukasa, Yamamoto & Yanagisawa,
+  SIAM J. Sci. Comput. 2020): ``Q = Y L^-T`` with ``L L^T = Y^T Y + s I``, three times.
+  The first shift (``1e-6 ||Y||_F^2``) bounds ``cond(Q)`` by ~``10^3``, so the next two
+  passes give ``Q^T Q = I`` to float32 rounding. Three ``w x w`` Cholesky factorizations,
+  Gram products and triangular solves replace a Householder QR, several times faster on
+  XLA CPU for sketch widths. Directions of ``Y`` below ~``1e-6`` of its largest singular
+  value (float32 noise in a sketch) come out shrunk instead of normalized. Jittable.
+  """
+  w = y.shape[-1]
+  eye = jnp.eye(w, dtype=y.dtype)
+  eps = jnp.finfo(y.dtype).eps
+
+  def chol_qr(q, rel):
+    g = jnp.swapaxes(q, -1, -2) @ q
+    tr = jnp.trace(g, axis1=-2, axis2=-1)[..., None, None]
+    l = jnp.linalg.cholesky(g + (rel * tr + jnp.finfo(y.dtype).tiny) * eye)
+    return lax.linalg.triangular_solve(l, q, left_side=False, lower=True, transpose_a=True)
+
+  return chol_qr(chol_qr(chol_qr(y, 1e-6), eps), eps)
+
+
+def subspace_svd(a: jax.Array, start: jax.Array, *, n_iter: int = 2):
+  """Truncated SVD ``(u, s, vt)`` of ``a`` (``(*batch, m, n)``) in the span found from
+  ``start`` (``(*batch, n, w)``: a Gaussian sketch, or the right singular vectors of a
+  nearby matrix).
+
+  ``Q = orth(A Omega)``, then ``n_iter`` rounds ``Q <- orth(A orth(A^T Q))`` (Halko,
+  Martinsson & Tropp 2011, Alg. 4.4; ``orth`` = :func:`orthonormal`), and the SVD of the
+  small ``B = Q^T A`` (a Householder SVD: the eigendecomposition of ``B B^T`` would
+  square its condition number and lose singular values below ~``1e-4 s_1`` in float32).
+  Cost ``O(m n w (2 + 2 n_iter))`` matmul FLOPs plus ``O((m + n) w^2)``. Jittable.
+  """
+  at = jnp.swapaxes(a, -1, -2)
+  y = a @ start
+  for _ in range(n_iter):
+    y = a @ orthonormal(at @ orthonormal(y))
+  q, _ = jnp.linalg.qr(y)  # the basis B is taken in: Householder, every direction normalized
+  ub, s, vt = jnp.linalg.svd(jnp.swapaxes(q, -1, -2) @ a, full_matrices=False)
+  return q @ ub, s, vt
+
+
 def randomized(a: jax.Array, rank: int, key: jax.Array, *, oversample: int = 10,
                n_iter: int = 2):
   """Randomized truncated SVD (Halko, Martinsson & Tropp 2011, Alg. 4.4 + 5.1).
 
   A Gaussian sketch ``Y = A Omega`` with ``rank + oversample`` columns finds the range
-  of ``A``; ``n_iter`` rounds of re-orthonormalized subspace iteration
-  (``Q <- qr(A qr(A^T Q))``) sharpen it for slowly decaying spectra; the SVD of the
-  small ``B = Q^T A`` gives the factors. Cost O(m n (rank + oversample) (1 + 2 n_iter)),
-  and no intermediate is larger than the input.
+  of ``A``; ``n_iter`` rounds of re-orthonormalized subspace iteration sharpen it for
+  slowly decaying spectra (:func:`subspace_svd`). Cost O(m n (rank + oversample)
+  (2 + 2 n_iter)), and no intermediate is larger than the input.
   """
   a = a.astype(compute_dtype(a.dtype))
   m, n = a.shape[-2:]
   width = min(rank + oversample, m, n)
   omega = jax.random.normal(key, a.shape[:-2] + (n, width), a.dtype)
-  at = jnp.swapaxes(a, -1, -2)
-  q, _ = jnp.linalg.qr(a @ omega)
-  for _ in range(n_iter):
-    z, _ = jnp.linalg.qr(at @ q)
-    q, _ = jnp.linalg.qr(a @ z)
-  b = jnp.swapaxes(q, -1, -2) @ a
-  ub, s, vt = jnp.linalg.svd(b, full_matrices=False)
-  u = q @ ub
+  u, s, vt = subspace_svd(a, omega, n_iter=n_iter)
   return u[..., :rank], s[..., :rank], vt[..., :rank, :]
 
 

@@ -97,20 +97,12 @@ def low_rank_point(w, layout: Layout, rule, *, key=None, max_rank: int | None = 
 
 def warm_svd(mat, basis, *, n_iter: int = 0):
   """Truncated SVD ``(u, s, vt)`` of ``mat`` (``(*batch, m, n)``) in the span found from
-  ``basis`` (``(*batch, n, k)``, e.g. the right singular vectors of a nearby matrix).
-
-  ``Q = qr(A V_prev)``, then ``n_iter`` re-orthonormalized rounds ``Q <- qr(A qr(A^T Q))``
-  (Halko et al. 2011, Alg. 4.4, with the previous basis in place of the Gaussian
-  sketch), and the SVD of the small ``Q^T A``. Cost ``O(m n k (2 + 2 n_iter))``
-  against the exact SVD's ``O(m n min(m, n))``. Jittable.
+  ``basis`` (``(*batch, n, k)``, e.g. the right singular vectors of a nearby matrix):
+  :func:`jlr.svd.subspace_svd` with the previous basis in place of the Gaussian sketch
+  (Halko et al. 2011, Alg. 4.4). Cost ``O(m n k (2 + 2 n_iter))`` against the exact
+  SVD's ``O(m n min(m, n))``. Jittable.
   """
-  at = jnp.swapaxes(mat, -1, -2)
-  q, _ = jnp.linalg.qr(mat @ basis)
-  for _ in range(n_iter):
-    z, _ = jnp.linalg.qr(at @ q)
-    q, _ = jnp.linalg.qr(mat @ z)
-  ub, s, vt = jnp.linalg.svd(jnp.swapaxes(q, -1, -2) @ mat, full_matrices=False)
-  return q @ ub, s, vt
+  return svd_lib.subspace_svd(mat, basis, n_iter=n_iter)
 
 
 def _warm_kept(w, layout: Layout, rule, basis, n_iter: int):

@@ -106,7 +106,8 @@ def parse(name: str, size) -> tuple[str, float | None, Any, dict]:
 
 
 class Task:
-  """What a task supplies (subclasses set the attributes and the four methods below).
+  """What a task supplies: subclasses set the attributes and define every method below
+  that raises ``NotImplementedError``; the rest (training, budgets, cost) is shared.
 
   ``params0`` / ``extra0``: the init (``extra``: the other variable collections, e.g.
   ``{"batch_stats": ...}``, or ``{}``); ``layout``: the ``{path: layout}`` tree the budgets

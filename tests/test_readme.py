@@ -20,8 +20,9 @@ def test_your_model_snippets_run(capsys):
   text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
   section = text[text.index("## Your model"):text.index("## Trainable compression")]
   blocks = re.findall(r"```python\n(.*?)```", section, re.S)
-  assert len(blocks) == 3  # linen + scan stack, NNX, Hugging Face / any function
+  assert len(blocks) == 4  # linen + scan stack, NNX, Hugging Face / any function, autotune
   for i, code in enumerate(blocks):
     exec(compile(code, f"README.md (Your model, block {i})", "exec"), {})
   out = capsys.readouterr().out
   assert "ScanCheckpointBlock_0/Dense_0/kernel: dense 64x64 -> 64x64, stacked 4" in out
+  assert "| params/Conv_0/kernel |" in out and "chosen" in out

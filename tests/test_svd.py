@@ -85,3 +85,26 @@ def test_regression_reduces_to_weighted_and_solves_shifted_least_squares():
   u2, s2, vt2 = svd.weighted(jnp.asarray(w, jnp.float32), 3,
                              *svd.whitener(gram=xp.T @ xp, damping=1e-9))
   assert err(np.asarray((u * s) @ vt)) < err(np.asarray((u2 * s2) @ vt2))
+
+
+@pytest.mark.parametrize("cond", [1.0, 1e3, 1e5])
+def test_orthonormal_spans_the_columns_with_orthonormal_q(cond):
+  """Shifted CholeskyQR2 against numpy's Householder QR: same span, Q^T Q = I."""
+  rng = np.random.default_rng(0)
+  p, _ = np.linalg.qr(rng.normal(size=(400, 40)))
+  r, _ = np.linalg.qr(rng.normal(size=(40, 40)))
+  y = (p * np.logspace(0, -np.log10(cond), 40)) @ r
+  q = np.asarray(svd.orthonormal(jnp.asarray(y, jnp.float32)), np.float64)
+  chex.assert_shape(q, (400, 40))
+  np.testing.assert_allclose(q.T @ q, np.eye(40), atol=5e-5)
+  qn, _ = np.linalg.qr(y)
+  np.testing.assert_allclose(np.abs(np.linalg.svd(qn.T @ q, compute_uv=False)), 1.0, atol=1e-3)
+
+
+def test_randomized_of_a_rank_deficient_matrix_is_finite_and_exact():
+  rng = np.random.default_rng(2)
+  a = rng.normal(size=(120, 6)) @ rng.normal(size=(6, 90))  # rank 6 < sketch width 30
+  u, s, vt = svd.randomized(jnp.asarray(a, jnp.float32), 20, jax.random.key(0))
+  chex.assert_tree_all_finite((u, s, vt))
+  np.testing.assert_allclose(np.asarray((u * s) @ vt), a, atol=1e-3 * np.abs(a).max())
+  np.testing.assert_allclose(np.asarray(s)[:6], np.linalg.svd(a, compute_uv=False)[:6], rtol=1e-4)

@@ -1,8 +1,9 @@
 """Flax integration: linen (``layouts``, ``factorize``, ``apply``, ``LowRankDense``,
-``LowRankConv``) and NNX (``jlr.flax.nnx.compress``)."""
+``LowRankConv``), the measured per-layer ``autotune`` and NNX (``jlr.flax.nnx.compress``)."""
 
 from jlr.flax import calibrate, nnx
 from jlr.flax.linen import LowRankConv, LowRankDense, apply, factorize, intercept, layouts
+from jlr.flax.tune import Tuned, autotune
 
-__all__ = ["LowRankConv", "LowRankDense", "apply", "calibrate", "factorize", "intercept",
-           "layouts", "nnx"]
+__all__ = ["LowRankConv", "LowRankDense", "Tuned", "apply", "autotune", "calibrate", "factorize",
+           "intercept", "layouts", "nnx"]
