@@ -90,7 +90,11 @@ def trp_plain(size: Size) -> list[tuple[str, tuple[str, ...]]]:
 
 
 def ablations(size: Size) -> list[tuple[str, tuple[str, ...]]]:
-  """The small search on seed 0 at the middle budget (validation loss decides)."""
+  """The small search on seed 0 at the middle budget (validation loss decides). The quick
+  size has none: ablation cells run task-independent code (``cells.py``) that ResNet-20's
+  quick size already exercises, and CI-slow has 15 minutes for both tasks."""
+  if size == SIZES["quick"]:
+    return []
   b, longer = cells_lib.middle(size), lambda m: cells_lib.longer(m, size)  # noqa: E731
   return [(f"lod@{b}~warm=1", ("dense_pre",)), (f"lod@{b}~sampler=none", ()),
           (f"lod@{b}~lam=0", ()), (f"trp_nu@{b}~nuclear=0", ()), (longer("lod"), ()),
