@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from jlr import ranks, transforms
+from jlr.flax import calibrate
 from jlr.flax import linen as jlr_linen
 
 CONV_LAYOUTS = ("channel", "spatial")
@@ -69,7 +70,7 @@ def _record_inputs(model: nn.Module, variables, args, apply_kwargs):
     module = context.module
     if (context.method_name == "__call__" and a and
         isinstance(module, (nn.Dense, nn.DenseGeneral, nn.Conv))):
-      path = "params/" + "/".join(module.scope.path) + "/kernel"
+      path = f"params/{calibrate._module_path(module)}/kernel"
       seen.setdefault(path, []).append(
           (module.clone(parent=None), jax.ShapeDtypeStruct(a[0].shape, a[0].dtype)))
     return next_fun(*a, **kw)
