@@ -84,8 +84,11 @@ def trp_plain(size: Size) -> list[tuple[str, tuple[str, ...]]]:
 
 
 def ablations(size: Size) -> list[tuple[str, tuple[str, ...]]]:
-  """The small search on seed 0 at the middle budget (validation accuracy decides)."""
+  """The small search on seed 0 at the middle budget (validation accuracy decides). The
+  quick size keeps two (CI-slow has 15 minutes for both tasks)."""
   b, longer = cells_lib.middle(size), lambda m: cells_lib.longer(m, size)  # noqa: E731
+  if size == SIZES["quick"]:  # the code paths only (an override with a dependency, a
+    return [(f"lod@{b}~warm=1", ("dense_pre",)), (longer("scratch"), ())]  # longer run)
   # most telling first (a short session may stop the search part-way)
   return [(f"lod@{b}~warm=1", ("dense_pre",)), (f"lod@{b}~sampler=none", ()),
           (longer("lod"), ()), (longer("scratch"), ()), (f"lod@{b}~lam=0", ()),

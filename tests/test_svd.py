@@ -108,3 +108,19 @@ def test_randomized_of_a_rank_deficient_matrix_is_finite_and_exact():
   chex.assert_tree_all_finite((u, s, vt))
   np.testing.assert_allclose(np.asarray((u * s) @ vt), a, atol=1e-3 * np.abs(a).max())
   np.testing.assert_allclose(np.asarray(s)[:6], np.linalg.svd(a, compute_uv=False)[:6], rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(3, 20, 90), (40, 50)])  # wide and batched; not wide
+def test_wide_svd_equals_numpy_svd(shape):
+  b = np.random.default_rng(4).normal(size=shape).astype(np.float32)
+  b[..., 0, :] *= 100.0  # a spread spectrum: the small singular values must survive
+  u, s, vt = svd.wide_svd(jnp.asarray(b))
+  k = min(shape[-2:])
+  chex.assert_shape((u, s, vt), (shape[:-1] + (k,), shape[:-2] + (k,), shape[:-2] + (k, shape[-1])))
+  s_np = np.linalg.svd(b.astype(np.float64), compute_uv=False)
+  np.testing.assert_allclose(s, s_np, rtol=1e-4, atol=1e-5 * s_np.max())
+  np.testing.assert_allclose((np.asarray(u) * np.asarray(s)[..., None, :]) @ vt, b,
+                             atol=1e-4 * np.abs(b).max())
+  eye = np.broadcast_to(np.eye(k), shape[:-2] + (k, k))
+  np.testing.assert_allclose(np.swapaxes(u, -1, -2) @ u, eye, atol=1e-5)
+  np.testing.assert_allclose(vt @ np.swapaxes(vt, -1, -2), eye, atol=1e-5)
