@@ -60,7 +60,11 @@ def test_inference_speed_tiny(tmp_path, models):
   assert {r[0] for r in rows} == set(models)
   for r in rows:
     kept, fl = r[cols.index("params kept")], r[cols.index("FLOP ratio")]
-    assert 0 < kept < 1 and 0 < fl < 1  # factorized is smaller and cheaper
+    if r[cols.index("variant")] == "default":
+      assert 0 < kept < 1 and 0 < fl < 1  # factorized is smaller and cheaper
+    else:  # autotune may keep a layer dense (or all of them) where dense is faster
+      assert 0 < kept <= 1 and 0 < fl <= 1 + 1e-6
+    assert r[cols.index("floor latency")] > 0 and r[cols.index("goal (batch 32: <= 1.5x FLOPs, <= dense)")] == "-"
 
 
 @pytest.mark.slow  # a benchmark script run: make test-slow
