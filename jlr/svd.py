@@ -79,17 +79,12 @@ def subspace_svd(a: jax.Array, start: jax.Array, *, n_iter: int = 2):
 
 
 def wide_svd(b: jax.Array):
-  """Thin SVD of a wide ``b`` (``(*batch, w, n)``, ``w <= n``) through the Householder QR
-  ``b^T = Q R``: ``b = R^T Q^T`` and ``R^T = U S W^T`` give ``b = U S (W^T Q^T)``. Only
-  the ``w x w`` core goes through the SVD iteration, which on XLA CPU is the slow part of
-  a ``w x n`` SVD (138 x 1024: 4.3 ms against 10.4 ms); no Gram matrix is formed, so no
-  accuracy is lost. Falls back to the plain SVD when ``b`` is not wide."""
-  w, n = b.shape[-2:]
-  if w * 2 > n:
-    return jnp.linalg.svd(b, full_matrices=False)
-  q, r = jnp.linalg.qr(jnp.swapaxes(b, -1, -2))
-  u, s, wt = jnp.linalg.svd(jnp.swapaxes(r, -1, -2))
-  return u, s, wt @ jnp.swapaxes(q, -1, -2)
+  """Thin SVD of a wide ``b`` (``(*batch, w, n)``, ``w <= n``) as the SVD of its
+  transpose: ``b^T = P S Q^T`` gives ``b = Q S P^T``. LAPACK reduces a tall matrix by a
+  QR first and runs the SVD iteration on the ``w x w`` factor only, which on XLA CPU is
+  ~1.5x faster than the same SVD of the wide matrix (138 x 1024: 7 ms against 10 ms)."""
+  p, s, qt = jnp.linalg.svd(jnp.swapaxes(b, -1, -2), full_matrices=False)
+  return jnp.swapaxes(qt, -1, -2), s, jnp.swapaxes(p, -1, -2)
 
 
 def randomized(a: jax.Array, rank: int, key: jax.Array, *, oversample: int = 10,
