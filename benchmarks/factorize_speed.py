@@ -175,16 +175,13 @@ def main(argv=None) -> dict:
         state[("svd", x)] = jlr.factorize(tree, rule)
         return state[("svd", x)]
 
-      def rnd(rule=rule, x=x):
-        state[("rnd", x)] = jlr.factorize(tree, rule, method="randomized", key=key)
-        return state[("rnd", x)]
+      def rnd(name, rule=rule, x=x):
+        state[(name, x)] = jlr.factorize(tree, rule, method="randomized", key=key,
+                                         n_iter=N_ITER[name])
+        return state[(name, x)]
 
-      def rnd1(rule=rule, x=x):
-        state[("rnd1", x)] = jlr.factorize(tree, rule, method="randomized", key=key, n_iter=1)
-        return state[("rnd1", x)]
-
-      fns.update({f"jlr svd@{x}": svd, f"jlr randomized@{x}": rnd,
-                  f"jlr randomized n_iter=1@{x}": rnd1,
+      fns.update({f"jlr svd@{x}": svd,
+                  **{f"{name}@{x}": functools.partial(rnd, name) for name in N_ITER},
                   f"sklearn randomized@{x}": functools.partial(sk_loop, x)})
     times = plots.interleaved(fns, repeats=a.repeats, warmup=1)
     raw[spectrum] = times
@@ -209,8 +206,7 @@ def main(argv=None) -> dict:
 
       approx = {
           "jlr svd": lowrank_mats(state[("svd", x)]),
-          "jlr randomized": lowrank_mats(state[("rnd", x)]),
-          "jlr randomized n_iter=1": lowrank_mats(state[("rnd1", x)]),
+          **{name: lowrank_mats(state[(name, x)]) for name in N_ITER},
           "numpy svd loop": [(u[:, :r] * s[:r]) @ vt[:r] for (u, s, vt), r in zip(state["np"], rs)],
           "sklearn randomized": [(u * s) @ vt for u, s, vt in state[("sk", x)]],
       }
