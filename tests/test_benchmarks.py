@@ -126,3 +126,16 @@ def test_accuracy_tiny(tmp_path):
   compressed = [r for r in rows[1:]]
   assert {r[0] for r in compressed} == {"svd", "svd + fine-tune", "trp", "lod"}
   assert len({r[p] for r in compressed}) == 1 and compressed[0][p] < rows[0][p]  # equal budgets
+
+
+def test_inference_goal_separates_met_missed_and_the_floor_limit():
+  g = inference_speed.goal
+  assert g(1, 0.1, 0.1, 0.9, 0.5, 0.01) == "-"  # only batch 32 is judged
+  assert g(32, 0.25, 0.27, 0.40, 0.10, 0.03) == "met"  # 1.48x its FLOPs
+  assert g(32, 0.5, 0.5, 0.70, 0.10, 0.03) == "met"
+  assert g(32, 0.5, 0.5, 1.05, 0.10, 0.03) == "missed"  # slower than dense at 0.5
+  assert g(32, 0.1, 0.2, 0.50, 0.05, 0.01) == "missed"  # ideal 0.23 <= 0.30: reachable
+  # the measured transformer at 0.1: floor 0.265 alone is above 1.5 x 0.127
+  assert g(32, 0.1, 0.127, 0.34, 0.265, 0.032) == "limit (floor)"
+  # floor 0.265 below 1.5 x 0.272, but floor + kernels at their FLOPs is 0.447 > 0.408
+  assert g(32, 0.25, 0.272, 0.43, 0.265, 0.032) == "limit (floor)"
