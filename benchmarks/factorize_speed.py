@@ -25,7 +25,9 @@ variants interleaved), the time relative to the FLOP limit of the randomized alg
 this machine measured in the same run), and the error relative to optimal,
 ``||W - W_r||_F / ||W - W_r^*||_F`` over the whole tree, with ``||W - W_r^*||_F^2 =
 sum_{i>r} s_i^2`` (Eckart-Young) from the numpy SVD; "worst kernel" is the largest
-per-kernel ratio.
+per-kernel ratio. The goal (issue 14: >= 10x the numpy loop, faster than sklearn, <= 1.05x
+the optimal error on every kernel) reads ``limit (FLOPs)`` where the rest is met but the
+numpy loop takes less than 10x the FLOP limit: 10x would need a faster-than-FLOPs SVD.
 
     python benchmarks/factorize_speed.py [--quick]
 """
@@ -219,10 +221,13 @@ def main(argv=None) -> dict:
         t = base if m == "numpy svd loop" else times[f"{m}@{x}"]
         speed = plots.ratio(base, t)
         err, worst = err_of(approx[m])
-        goal = speed >= 10 and worst <= 1.05 and plots.ratio(sk, t) > 1
+        rest = worst <= 1.05 and plots.ratio(sk, t) > 1
+        # 10x the numpy loop is out of reach when it would be faster than the FLOP limit
+        unreachable = plots.median(base) / limit < 10
+        goal = "met" if speed >= 10 and rest else "limit (FLOPs)" if rest and unreachable \
+            else "missed"
         rows.append([spectrum, f"ratio({x})", m, plots.median(t), speed, plots.ratio(sk, t),
-                     plots.median(t) / limit, err, worst,
-                     ("met" if goal else "missed") if m in N_ITER else "-"])
+                     plots.median(t) / limit, err, worst, goal if m in N_ITER else "-"])
   cols = ["tree", "rank rule", "method", "median s", "vs numpy", "vs sklearn",
           "x FLOP limit", "error / optimal", "worst kernel", "goal (>=10x numpy, > sklearn, <=1.05)"]
   tab = plots.table(cols, rows)
