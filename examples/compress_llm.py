@@ -190,8 +190,9 @@ def main(argv=None) -> dict:
   stats_seconds = time.perf_counter() - t0
 
   # ---- per method one full-rank factorization; every cell is a rank prefix of it.
-  # The balanced split u = R^-1 U S^1/2, v = S^1/2 V^T makes the first r components the
-  # optimal rank-r solution of that method's (weighted) problem, and s_j = ||v_j||^2.
+  # nested=True keeps the data-aware components, u = R^-1 U S^1/2, v = S^1/2 V^T: the
+  # first r are the optimal rank-r solution of that method's (weighted) problem, and
+  # s_j = ||v_j||^2. (The default, the SVD of W' itself, is at full rank the plain SVD.)
   probe = jnp.asarray(calib[: a.probe])
   base = float(dense_nll(variables, probe))
   ft_method = "whitened" if "whitened" in a.methods else a.methods[-1]
@@ -200,7 +201,7 @@ def main(argv=None) -> dict:
 
   def full_rank(method):
     tree = jlr.factorize(variables, ranks.full(), select=target, layout=layouts,
-                         stats=method_stats[method], damping=a.damping)
+                         stats=method_stats[method], damping=a.damping, nested=True)
     spec = {p: np.asarray(jnp.sum(jnp.square(f.v.astype(jnp.float32)), -1), np.float64)
             for p, f in paths.flatten(tree).items() if jlr.is_lowrank(f)}
     return tree, spec

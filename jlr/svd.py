@@ -168,15 +168,19 @@ def _unwhiten(r_inv, p, s, vt):
   return q @ p2, s2, wt @ vt
 
 
-def weighted(a: jax.Array, rank: int, r: jax.Array, r_inv: jax.Array):
+def weighted(a: jax.Array, rank: int, r: jax.Array, r_inv: jax.Array, *, nested: bool = False):
   """Best rank-``rank`` ``W'`` under ``||R (W - W')||_F``: ``W' = R^{-1} (R W)_rank``.
 
   Returns the SVD ``(u, s, vt)`` of ``W'`` itself (orthonormal ``u`` and ``vt``; ``s``
-  its singular values, not those of the whitened ``R W``).
+  its singular values, not those of the whitened ``R W``). With ``nested=True`` it
+  returns the whitened components instead, ``(R^{-1} P, S, V^T)`` with ``R W = P S V^T``:
+  ``u`` is not orthonormal, but every prefix of them is the optimum at its own rank
+  (the SVD of ``W'`` at full rank is the plain SVD of ``W``, whose prefixes are not).
   """
   a = a.astype(compute_dtype(a.dtype))
   p, s, vt = jnp.linalg.svd(r @ a, full_matrices=False)
-  return _unwhiten(r_inv, p[..., :rank], s[..., :rank], vt[..., :rank, :])
+  p, s, vt = p[..., :rank], s[..., :rank], vt[..., :rank, :]
+  return (r_inv @ p, s, vt) if nested else _unwhiten(r_inv, p, s, vt)
 
 
 def regression(a: jax.Array, rank: int, gram: jax.Array, cross: jax.Array, *,

@@ -300,11 +300,13 @@ def plan(params, rank, *, select=None, layout=None, stats=None, damping: float =
 # ----------------------------------------------------------------------------- factorize
 
 
-@functools.partial(jax.jit, static_argnames=("layout", "rank", "method", "split", "oversample", "n_iter"))
-def _factor(w, key, r_w, r_inv, *, layout, rank, method, split, oversample, n_iter):
+@functools.partial(jax.jit, static_argnames=("layout", "rank", "method", "split", "oversample",
+                                             "n_iter", "nested"))
+def _factor(w, key, r_w, r_inv, *, layout, rank, method, split, oversample, n_iter,
+            nested=False):
   mat = layout.to_matrix(w)
   if r_w is not None:
-    u, s, vt = svd_lib.weighted(mat, rank, r_w, r_inv)
+    u, s, vt = svd_lib.weighted(mat, rank, r_w, r_inv, nested=nested)
   else:
     kw = dict(oversample=oversample, n_iter=n_iter) if method == "randomized" else {}
     u, s, vt = svd_lib.truncated(mat, rank, method=method, key=key, **kw)
@@ -330,7 +332,7 @@ def _factor_stack(ws, keys, *, layout, rank, method, split, oversample, n_iter):
 
 def factorize(params, rank=None, *, select=None, layout=None, method: str = "svd", key=None,
               split: str = "balanced", oversample: int = 10, n_iter: int = 2, stats=None,
-              damping: float = 1e-2):
+              damping: float = 1e-2, nested: bool = False):
   """Replace selected kernels by their best rank-``r`` :class:`LowRank` factors.
 
   ``W ~ u v`` with ``u v`` the truncated SVD of the matricized kernel (Eckart-Young:
@@ -350,6 +352,12 @@ def factorize(params, rank=None, *, select=None, layout=None, method: str = "svd
     stats, damping: data-aware factorization (see :func:`plan` and :mod:`jlr.stats`):
       listed kernels minimize ``||R (W - W')||_F`` -- activation-whitened (SVD-LLM) for
       a ``Gram``, Fisher-weighted (FWSVD) for ``RowWeights`` -- with an exact SVD.
+    nested: with ``stats``, keep the data-aware components themselves (``u = R^-1 P
+      S^1/2``, ``v = S^1/2 V^T`` with ``R W = P S V^T``) instead of the SVD of the
+      result: ``u`` is not orthonormal, but every rank prefix of the factors is then the
+      data-aware optimum at that rank, so one full-rank factorization serves every
+      rank (``u[:, :k] @ v[:k]``). The default SVD form is better conditioned for
+      training; at full rank it is the plain SVD of the kernel. No effect without stats.
 
   Returns:
     A new tree with a ``LowRank`` wherever a kernel was factorized.
@@ -372,7 +380,8 @@ def factorize(params, rank=None, *, select=None, layout=None, method: str = "svd
       continue
     r_w, r_inv = _whitening(stats, path, entry.layout, entry.batch_shape, damping)
     if r_w is not None:  # data-aware: its own whitener, its own call
-      out[i] = _factor(leaf, None, r_w, r_inv, layout=entry.layout, rank=entry.rank, **opts)
+      out[i] = _factor(leaf, None, r_w, r_inv, layout=entry.layout, rank=entry.rank,
+                       nested=nested, **opts)
       continue
     group = (entry.layout, entry.rank, tuple(jnp.shape(leaf)), jnp.result_type(leaf))
     groups.setdefault(group, []).append(i)

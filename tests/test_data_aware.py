@@ -44,6 +44,28 @@ def test_whitened_factorization_minimizes_output_error():
   np.testing.assert_allclose(v @ v.T, np.diag(sv), atol=1e-3 * sv[0])
 
 
+def test_nested_whitened_factors_are_optimal_at_every_prefix():
+  """``nested=True``: one full-rank factorization whose every prefix is the whitened
+  optimum at that rank (the default SVD form is, at full rank, the plain SVD of W)."""
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(400, 16)) * np.linspace(0.1, 3.0, 16)
+  w = rnd((16, 10), 4)
+  g = stats.Gram(x.T @ x, 400)
+  tree = {"k": jnp.asarray(w, jnp.float32)}
+  full = jlr.factorize(tree, ranks.full(), select="k", stats={"k": g}, damping=1e-8, nested=True)["k"]
+  default = jlr.factorize(tree, ranks.full(), select="k", stats={"k": g}, damping=1e-8)["k"]
+  u, v = np.asarray(full.u, np.float64), np.asarray(full.v, np.float64)
+  out_err = lambda w2: np.linalg.norm(x @ (w - w2))  # noqa: E731
+  for k in (2, 5, 8):
+    best = out_err(best_weighted(w, x.T @ x, k))
+    np.testing.assert_allclose(out_err(u[:, :k] @ v[:k]), best, rtol=1e-3)
+    du, dv = np.asarray(default.u, np.float64), np.asarray(default.v, np.float64)
+    assert out_err(du[:, :k] @ dv[:k]) > 1.05 * best  # plain-SVD prefixes are not optimal
+  np.testing.assert_allclose(u @ v, w, atol=1e-4)  # full rank: exact either way
+  plain = jlr.factorize(tree, 4, select="k", nested=True)["k"]  # no stats: no effect
+  np.testing.assert_array_equal(plain.u, jlr.factorize(tree, 4, select="k")["k"].u)
+
+
 def test_rank_deficient_activations_do_not_break():
   rng = np.random.default_rng(1)
   x = rng.normal(size=(50, 3)) @ rng.normal(size=(3, 16))  # X^T X has rank 3
