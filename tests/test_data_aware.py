@@ -55,11 +55,11 @@ def test_nested_whitened_factors_are_optimal_at_every_prefix():
   full = jlr.factorize(tree, ranks.full(), select="k", stats={"k": g}, damping=1e-8, nested=True)["k"]
   default = jlr.factorize(tree, ranks.full(), select="k", stats={"k": g}, damping=1e-8)["k"]
   u, v = np.asarray(full.u, np.float64), np.asarray(full.v, np.float64)
+  du, dv = np.asarray(default.u, np.float64), np.asarray(default.v, np.float64)
   out_err = lambda w2: np.linalg.norm(x @ (w - w2))  # noqa: E731
   for k in (2, 5, 8):
     best = out_err(best_weighted(w, x.T @ x, k))
     np.testing.assert_allclose(out_err(u[:, :k] @ v[:k]), best, rtol=1e-3)
-    du, dv = np.asarray(default.u, np.float64), np.asarray(default.v, np.float64)
     assert out_err(du[:, :k] @ dv[:k]) > 1.05 * best  # plain-SVD prefixes are not optimal
   np.testing.assert_allclose(u @ v, w, atol=1e-4)  # full rank: exact either way
   plain = jlr.factorize(tree, 4, select="k", nested=True)["k"]  # no stats: no effect

@@ -110,7 +110,7 @@ def test_randomized_of_a_rank_deficient_matrix_is_finite_and_exact():
   np.testing.assert_allclose(np.asarray(s)[:6], np.linalg.svd(a, compute_uv=False)[:6], rtol=1e-4)
 
 
-@pytest.mark.parametrize("shape", [(3, 20, 90), (40, 50)])  # wide and batched; not wide
+@pytest.mark.parametrize("shape", [(3, 20, 90), (40, 50)])  # batched and wide; near-square
 def test_wide_svd_equals_numpy_svd(shape):
   b = np.random.default_rng(4).normal(size=shape).astype(np.float32)
   b[..., 0, :] *= 100.0  # a spread spectrum: the small singular values must survive
