@@ -114,15 +114,30 @@ def _safe_sqrt(x):
   return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1.0)), 0.0)
 
 
+def _suffix_sums(c: jax.Array, block: int = 32) -> jax.Array:
+  """``out[..., j] = sum_{k >= j} c[..., k]`` as two small triangular matmuls.
+
+  ``c`` is cut into blocks of ``block``: suffix sums inside each block (one product with
+  the ``block x block`` triangle of ones) plus the totals of the later blocks (one
+  product with the strict ``(r / block)``-square triangle). On CPU this is ~15x faster
+  than one ``r x r`` triangular product (which reads ``r^2`` ones: 0.22 ms at r = 1024,
+  a tenth of an MLP's LoD step) and than ``lax.cumsum`` (an associative scan)."""
+  r = c.shape[-1]
+  x = jnp.pad(c, [(0, 0)] * (c.ndim - 1) + [(0, -r % block)])
+  x = x.reshape(c.shape[:-1] + (-1, block))
+  hi = jax.lax.Precision.HIGHEST
+  within = jnp.matmul(x, jnp.tril(jnp.ones((block, block), c.dtype)), precision=hi)
+  totals = jnp.sum(x, axis=-1)
+  nb = totals.shape[-1]
+  later = jnp.matmul(totals, jnp.tril(jnp.ones((nb, nb), c.dtype), -1), precision=hi)
+  return (within + later[..., None]).reshape(c.shape[:-1] + (-1,))[..., :r]
+
+
 def _tail_sq_norms(f: LowRank):
   """``(||u[:, j:]||_F^2, ||v[j:, :]||_F^2)`` for every ``j``, shape ``(..., r)``."""
   cu = jnp.sum(jnp.square(f.u.astype(jnp.float32)), axis=-2)
   cv = jnp.sum(jnp.square(f.v.astype(jnp.float32)), axis=-1)
-  # suffix sums as one product with the triangular ones(k >= j): a single matmul compiles
-  # and runs faster on CPU than cumsum's associative scan (r^2 flops, negligible here)
-  tri = jnp.tril(jnp.ones((f.rank, f.rank), jnp.float32))  # tri[k, j] = 1 iff k >= j
-  tail = lambda c: jnp.matmul(c, tri, precision=jax.lax.Precision.HIGHEST)  # noqa: E731
-  return tail(cu), tail(cv)
+  return _suffix_sums(cu), _suffix_sums(cv)
 
 
 def group_lasso(params) -> jax.Array:

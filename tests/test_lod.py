@@ -93,6 +93,22 @@ def test_group_lasso_closed_form_and_nan_safe_at_zero():
   assert np.isfinite(np.asarray(g["k"].u)).all() and np.isfinite(np.asarray(g["k"].v)).all()
 
 
+@pytest.mark.parametrize("shape", [(1,), (31,), (32,), (70,), (3, 100)])
+def test_group_lasso_and_importance_match_numpy_tail_norms_at_block_edges(shape):
+  # the suffix sums are blocked (32 wide): ranks below, at and across block edges,
+  # and stacked (batched) factors, against numpy's norms of every tail
+  *batch, r = shape
+  u, v = rnd((*batch, 6, r), 3), rnd((*batch, r, 5), 4)
+  f = jlr.LowRank(u, v, jlr.Layout("dense", (6, 5)))
+  un, vn = np.asarray(u, np.float64), np.asarray(v, np.float64)
+  tu = np.stack([np.linalg.norm(un[..., :, j:], axis=(-2, -1)) for j in range(r)], -1)
+  tv = np.stack([np.linalg.norm(vn[..., j:, :], axis=(-2, -1)) for j in range(r)], -1)
+  imp = lod.importance(f)
+  chex.assert_shape(imp, shape)
+  np.testing.assert_allclose(imp, tu * tv, rtol=1e-5)
+  np.testing.assert_allclose(lod.group_lasso({"k": f}), (tu + tv).sum(), rtol=1e-5)
+
+
 def _train(loss, params, steps, lr, key=jax.random.key(0)):
   tx = optax.adam(lr)
 
