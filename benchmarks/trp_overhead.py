@@ -21,8 +21,9 @@ Variants, each a jitted ``train_step`` (``jlr.train``) on a fixed random batch:
 * ``trp_warm`` -- the projection only with ``method="warm"``, ``n_iter=0``: one range
   step ``qr(W V_prev)`` from the previous projection's basis (``jlr.trp.warm_low_rank_point``; its
   error stays within 1.05x of the exact SVD's along a trajectory: ``tests/test_trp.py``);
-* ``trp_warm_nuclear`` -- ``trp(..., nuclear=3e-4, method="warm")``: the full TRP with the
-  nuclear norm's ``U_k V_k^T`` warm-started too (no exact SVD in the step).
+* ``trp_warm_nuclear`` -- ``trp(..., nuclear=3e-4, method="warm")``: the full TRP as one
+  transform; the nuclear norm's ``U_k V_k^T`` is the projected point's, from the
+  projection's own SVD, added on the step after it (no second SVD, no exact SVD).
 
 A *window* is 20 consecutive steps (exactly one projection step). Every repeat times
 one window of each variant in turn (interleaved, so load from other processes hits all

@@ -58,24 +58,56 @@ def orthonormal(y: jax.Array) -> jax.Array:
   return chol_qr(chol_qr(chol_qr(y, 1e-6), eps), eps)
 
 
+def range_basis(a: jax.Array, start: jax.Array, *, n_iter: int = 2) -> jax.Array:
+  """An orthonormal ``(*batch, m, w)`` basis ``Q`` of the dominant range of ``a`` found
+  from ``start`` (``(*batch, n, w)``): ``Q = orth(A Omega)`` after ``n_iter`` rounds
+  ``Y <- A orth(A^T orth(Y))`` (Halko, Martinsson & Tropp 2011, Alg. 4.4; the inner
+  ``orth`` is :func:`orthonormal`, the last one a Householder QR, so every direction of
+  the basis is normalized). Cost ``O(m n w (1 + 2 n_iter))`` matmul FLOPs. Jittable."""
+  at = jnp.swapaxes(a, -1, -2)
+  y = a @ start
+  for _ in range(n_iter):
+    y = a @ orthonormal(at @ orthonormal(y))
+  q, _ = jnp.linalg.qr(y)
+  return q
+
+
 def subspace_svd(a: jax.Array, start: jax.Array, *, n_iter: int = 2):
   """Truncated SVD ``(u, s, vt)`` of ``a`` (``(*batch, m, n)``) in the span found from
   ``start`` (``(*batch, n, w)``: a Gaussian sketch, or the right singular vectors of a
   nearby matrix).
 
-  ``Q = orth(A Omega)``, then ``n_iter`` rounds ``Q <- orth(A orth(A^T Q))`` (Halko,
-  Martinsson & Tropp 2011, Alg. 4.4; ``orth`` = :func:`orthonormal`), and the SVD of the
-  small ``B = Q^T A`` (a Householder SVD: the eigendecomposition of ``B B^T`` would
-  square its condition number and lose singular values below ~``1e-4 s_1`` in float32).
-  Cost ``O(m n w (2 + 2 n_iter))`` matmul FLOPs plus ``O((m + n) w^2)``. Jittable.
+  ``Q`` from :func:`range_basis`, then the SVD of the small ``B = Q^T A`` (a Householder
+  SVD: the eigendecomposition of ``B B^T`` would square its condition number and lose
+  singular values below ~``1e-4 s_1`` in float32; :func:`projected_eigh` is that cheaper
+  form where only the kept subspace matters). Cost ``O(m n w (2 + 2 n_iter))`` matmul
+  FLOPs plus ``O((m + n) w^2)``. Jittable.
   """
-  at = jnp.swapaxes(a, -1, -2)
-  y = a @ start
-  for _ in range(n_iter):
-    y = a @ orthonormal(at @ orthonormal(y))
-  q, _ = jnp.linalg.qr(y)  # the basis B is taken in: Householder, every direction normalized
+  q = range_basis(a, start, n_iter=n_iter)
   ub, s, vt = wide_svd(jnp.swapaxes(q, -1, -2) @ a)
   return q @ ub, s, vt
+
+
+def projected_eigh(a: jax.Array, q: jax.Array):
+  """``(u, s, svt, v)`` with ``Q Q^T A = u @ svt``: ``u`` orthonormal (``(*batch, m, w)``),
+  ``s`` descending, ``svt = diag(s) V^T`` and ``v = V`` (``(*batch, n, w)``) -- the SVD of
+  ``B = Q^T A`` in projector form, from the eigendecomposition ``B B^T = E diag(s^2) E^T``
+  (``u = Q E``, ``svt = E^T B``, ``v = B^T E / s`` with ``s`` floored at ``1e-6 s_1``).
+
+  Any truncation ``(u * keep) @ svt = Q E_k E_k^T B`` is an orthogonal projection of
+  ``B`` onto eigenvectors, so it needs no division by ``s`` and stays exact where ``s``
+  is tiny; only ``s`` itself loses relative accuracy below ~``sqrt(eps) s_1`` (float32:
+  ``3e-4 s_1``), which rank rules on energy or on values above that never see. The
+  ``w x w`` eigendecomposition costs a quarter of the SVD of the ``w x n`` ``B`` on XLA
+  CPU (1024 x 1024 at w = 138: 1.4 ms against 5.8 ms). ``v`` is its own small product
+  (not ``svt^T``), so it comes out in row-major layout with no transpose. Jittable."""
+  b = jnp.swapaxes(q, -1, -2) @ a
+  lam, e = jnp.linalg.eigh(b @ jnp.swapaxes(b, -1, -2))
+  lam, e = lam[..., ::-1], e[..., ::-1]
+  s = jnp.sqrt(jnp.maximum(lam, 0.0))
+  floor = jnp.maximum(s[..., :1] * 1e-6, jnp.finfo(s.dtype).tiny)
+  v = (jnp.swapaxes(b, -1, -2) @ e) / jnp.maximum(s, floor)[..., None, :]
+  return q @ e, s, jnp.swapaxes(e, -1, -2) @ b, v
 
 
 def wide_svd(b: jax.Array):

@@ -56,6 +56,13 @@ class WarmTRPState(NamedTuple):
   bases: dict       # path -> (*batch, n, w) right singular basis of the last projection
 
 
+class WarmTRPChainState(NamedTuple):
+  count: jax.Array  # int32 number of updates seen
+  inner: Any        # the wrapped optimizer's state
+  bases: dict       # path -> (*batch, n, w) right singular basis of the last projection
+  nuclear: dict     # path -> (a, b): U_k V_k^T = a @ b at the last projected point
+
+
 def _targets(params, select, layout) -> dict[str, tuple[Layout, int]]:
   """Selected kernel paths -> (layout, batch_ndim); trace-time only (shapes, paths)."""
   chosen = candidates(select, layout)
@@ -106,32 +113,38 @@ def warm_svd(mat, basis, *, n_iter: int = 0):
 
 
 def _warm_kept(w, layout: Layout, rule, basis, n_iter: int):
-  """``(U, keep, s, V^T)``: :func:`warm_svd` of ``W``'s matrix started at ``basis`` and
-  the rule's mask of it (energy fractions of the exact ``||W||_F^2``)."""
+  """``(U, keep, s, S V^T, new basis)`` of ``W``'s matrix: the range of ``W basis``
+  (:func:`jlr.svd.range_basis`), the SVD inside it in projector form
+  (:func:`jlr.svd.projected_eigh`), the rule's mask (energy fractions of the exact
+  ``||W||_F^2``) and the next start, ``V``."""
   mat = layout.to_matrix(w).astype(jnp.float32)
-  u, s, vt = warm_svd(mat, basis, n_iter=n_iter)
+  q = svd_lib.range_basis(mat, basis, n_iter=n_iter)
+  u, s, svt, v = svd_lib.projected_eigh(mat, q)
   keep = rule.mask(layout, s, jnp.sum(jnp.square(mat), axis=(-2, -1)))
-  return u, keep, s, vt
+  return u, keep, s, svt, v
 
 
 def warm_low_rank_point(w, layout: Layout, rule, basis, *, n_iter: int = 0):
-  """``(D(W), new basis)`` with the truncated SVD from :func:`warm_svd` started at
-  ``basis`` -- the right singular vectors of the previous projection. Between two
+  """``(D(W), new basis)`` with the truncated SVD from the range of ``W basis`` --
+  ``basis`` being the right singular vectors of the previous projection. Between two
   projections the weights move by a few optimizer steps, so the previous dominant
-  subspace is already close to the new one. The rule's energy fractions are taken of
-  the exact ``||W||_F^2``, so it keeps at most ``k`` components. Jittable.
+  subspace is already close to the new one. ``D(W) = U_k U_k^T Q^T W`` (an orthogonal
+  projection in the range ``Q``: :func:`jlr.svd.projected_eigh`); the rule's energy
+  fractions are taken of the exact ``||W||_F^2``, so it keeps at most ``k`` components.
+  Jittable.
   """
-  u, keep, s, vt = _warm_kept(w, layout, rule, basis, n_iter)
-  point = layout.from_matrix((u * jnp.where(keep, s, 0.0)[..., None, :]) @ vt).astype(w.dtype)
-  return point, jnp.swapaxes(vt, -1, -2)
+  u, keep, _, svt, basis = _warm_kept(w, layout, rule, basis, n_iter)
+  point = layout.from_matrix((u * keep[..., None, :].astype(u.dtype)) @ svt).astype(w.dtype)
+  return point, basis
 
 
 def warm_nuclear_subgradient(w, layout: Layout, rule, basis, *, n_iter: int = 0):
   """``(U_k V_k^T, new basis)``: :func:`nuclear_subgradient` with the truncated SVD from
-  :func:`warm_svd` (only the components ``rule`` keeps, all inside the basis). Jittable."""
-  u, keep, _, vt = _warm_kept(w, layout, rule, basis, n_iter)
-  sub = layout.from_matrix((u * keep[..., None, :].astype(u.dtype)) @ vt).astype(w.dtype)
-  return sub, jnp.swapaxes(vt, -1, -2)
+  the range of ``W basis`` (only the components ``rule`` keeps, all inside it). Jittable."""
+  u, keep, s, svt, basis = _warm_kept(w, layout, rule, basis, n_iter)
+  inv = jnp.where(keep, 1.0 / jnp.maximum(s, jnp.finfo(s.dtype).tiny), 0.0)
+  sub = layout.from_matrix((u * inv[..., None, :]) @ svt).astype(w.dtype)
+  return sub, basis
 
 
 def warm_basis(w, layout: Layout, width: int) -> jax.Array:
@@ -321,6 +334,77 @@ def nuclear_norm(strength: float, *, every: int = 1, rank: Any = None, select=No
   return optax.GradientTransformation(init, update)
 
 
+def _warm_trp(optimizer, every, rule, strength, select, layout, width, n_iter
+              ) -> optax.GradientTransformation:
+  """``trp(optimizer, nuclear=strength, method="warm")`` as one transform.
+
+  The nuclear-norm sub-gradient comes from the projection's own SVD: a projection lands
+  the kernel on ``D(W) = U_k S_k V_k^T`` and keeps ``(U_k, V_k^T)``; the next step (the
+  first one at the low-rank point, steps ``0, every, 2 every, ...``; step 0 from the
+  exact SVD at ``init``) adds ``strength * U_k V_k^T``, which is exactly a sub-gradient
+  of ``||W||_*`` there (``D(W)`` has rank ``k``) -- the paper's update
+  ``W <- D(W) - lr (grad f + lambda U V^T)(D(W))`` -- with no second SVD. Between
+  projections the sub-gradient enters as ``grads + cond(..., zeros)`` on small state
+  operands, which XLA fuses into the optimizer's loop, and the projection's ``lax.cond``
+  is the only pass-through of the updates.
+  """
+
+  def init(params):
+    targets = _targets(params, select, layout)
+    flat = {path_str(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    bases, nuclear = {}, {}
+    for p, (lay, _) in targets.items():
+      k = min(width, lay.max_rank)
+      u, s, vt = _svd(flat[p], lay)
+      u, s, vt = u[..., :k], s[..., :k], vt[..., :k, :]
+      mat = lay.to_matrix(flat[p]).astype(jnp.float32)
+      keep = rule.mask(lay, s, jnp.sum(jnp.square(mat), axis=(-2, -1)))
+      bases[p] = jnp.swapaxes(vt, -1, -2)
+      nuclear[p] = (u * keep[..., None, :].astype(u.dtype), vt)
+    return WarmTRPChainState(jnp.zeros([], jnp.int32), optimizer.init(params), bases, nuclear)
+
+  def update(grads, state, params=None):
+    if params is None:
+      raise ValueError("jlr.trp.trp needs params: call tx.update(grads, state, params)")
+    targets = _targets(params, select, layout)
+
+    def subgradients(nuclear):
+      return {p: targets[p][0].from_matrix(strength * (a @ b)) for p, (a, b) in nuclear.items()}
+
+    def zeros(nuclear):
+      return {p: jnp.zeros(a.shape[:-2] + targets[p][0].shape, jnp.float32)
+              for p, (a, _) in nuclear.items()}
+
+    sub = jax.lax.cond(state.count % every == 0, subgradients, zeros, state.nuclear)
+    grads = jax.tree_util.tree_map_with_path(
+        lambda kp, g: g + sub[path_str(kp)].astype(g.dtype) if path_str(kp) in sub else g, grads)
+    updates, inner = optimizer.update(grads, state.inner, params)
+
+    def project_all(args):
+      updates, bases, nuclear = args
+      flat_u = {path_str(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(updates)[0]}
+      flat_p = {path_str(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+      new_u, bases, nuclear = {}, dict(bases), dict(nuclear)
+      for p, (lay, _) in targets.items():
+        w = flat_p[p] + flat_u[p]
+        u, keep, s, svt, bases[p] = _warm_kept(w, lay, rule, bases[p], n_iter)
+        kept = u * keep[..., None, :].astype(u.dtype)
+        new_u[p] = (lay.from_matrix(kept @ svt).astype(flat_p[p].dtype) - flat_p[p]
+                    ).astype(flat_u[p].dtype)
+        inv = jnp.where(keep, 1.0 / jnp.maximum(s, jnp.finfo(s.dtype).tiny), 0.0)
+        nuclear[p] = (u * inv[..., None, :], svt)
+      out = jax.tree_util.tree_map_with_path(lambda kp, x: new_u.get(path_str(kp), x), updates)
+      return out, bases, nuclear
+
+    updates, bases, nuclear = jax.lax.cond(
+        _on_schedule(state.count, every), project_all, lambda a: a,
+        (updates, state.bases, state.nuclear))
+    return updates, WarmTRPChainState(optax.safe_int32_increment(state.count), inner, bases,
+                                      nuclear)
+
+  return optax.GradientTransformation(init, update)
+
+
 def trp(optimizer: optax.GradientTransformation, *, every: int = 20, energy: float = 0.9,
         rank: Any = None, nuclear: float = 0.0, nuclear_every_step: bool = False, select=None,
         layout=None, **project_kwargs) -> optax.GradientTransformation:
@@ -331,19 +415,26 @@ def trp(optimizer: optax.GradientTransformation, *, every: int = 20, energy: flo
   the regularizer off. By default it is applied on projection steps with the truncated
   factors (the released code); ``nuclear_every_step=True`` applies the full ``U V^T`` on
   every step (the older script). ``project_kwargs`` (``method="warm"``, ``max_rank``,
-  ``n_iter`` ...) go to :func:`project`; with ``method="warm"`` the nuclear norm's
-  ``U_k V_k^T`` is warm-started too (no exact SVD left in the step).
+  ``n_iter`` ...) go to :func:`project`. With ``method="warm"`` and ``nuclear`` it is one
+  transform (:class:`WarmTRPChainState`) with no SVD but the projection's: the
+  sub-gradient ``U_k V_k^T`` is that of the projected point, added on the step after each
+  projection (the first gradient at the low-rank point, as in the paper's update), so
+  the nuclear norm costs one ``(m x k) (k x n)`` product per projection.
   """
   rule = ranks_lib.energy(energy) if rank is None else ranks_lib.as_rule(rank)
+  if nuclear and project_kwargs.get("method") == "warm":
+    if nuclear_every_step:
+      raise ValueError("method='warm' needs the truncated nuclear norm (nuclear_every_step=False)")
+    if project_kwargs.get("max_rank") is None:
+      raise ValueError("method='warm' needs max_rank= (the largest rank the rule may keep)")
+    width = project_kwargs["max_rank"] + project_kwargs.get("oversample", 10)
+    return _warm_trp(optimizer, every, rule, nuclear, select, layout, width,
+                     project_kwargs.get("n_iter") or 0)
   parts = []
   if nuclear:
-    warm = {k: v for k, v in project_kwargs.items() if k in ("max_rank", "oversample", "n_iter")}
-    warm = dict(warm, method="warm") if project_kwargs.get("method") == "warm" else {}
-    if warm and nuclear_every_step:
-      raise ValueError("method='warm' needs the truncated nuclear norm (nuclear_every_step=False)")
     parts.append(nuclear_norm(nuclear, every=1 if nuclear_every_step else every,
                               rank=None if nuclear_every_step else rule, select=select,
-                              layout=layout, **warm))
+                              layout=layout))
   parts += [optimizer, project(every, rule, select=select, layout=layout, **project_kwargs)]
   return optax.chain(*parts)
 
