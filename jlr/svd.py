@@ -41,8 +41,8 @@ def orthonormal(y: jax.Array) -> jax.Array:
   SIAM J. Sci. Comput. 2020): ``Q = Y L^-T`` with ``L L^T = Y^T Y + s I``, three times.
   The first shift (``1e-6 ||Y||_F^2``) bounds ``cond(Q)`` by ~``10^3``, so the next two
   passes give ``Q^T Q = I`` to float32 rounding. Three ``w x w`` Cholesky factorizations,
-  Gram products and triangular solves replace a Householder QR, several times faster on
-  XLA CPU for sketch widths. Directions of ``Y`` below ~``1e-6`` of its largest singular
+  Gram products and products with the inverted ``w x w`` factor replace a Householder QR,
+  several times faster on XLA CPU for sketch widths. Directions of ``Y`` below ~``1e-6`` of its largest singular
   value (float32 noise in a sketch) come out shrunk instead of normalized. Jittable.
   """
   w = y.shape[-1]
@@ -53,7 +53,11 @@ def orthonormal(y: jax.Array) -> jax.Array:
     g = jnp.swapaxes(q, -1, -2) @ q
     tr = jnp.trace(g, axis1=-2, axis2=-1)[..., None, None]
     l = jnp.linalg.cholesky(g + (rel * tr + jnp.finfo(y.dtype).tiny) * eye)
-    return lax.linalg.triangular_solve(l, q, left_side=False, lower=True, transpose_a=True)
+    # Q L^-T as a product with the small explicit inverse: a batched matmul runs ~2x
+    # faster than the tall triangular solve on XLA CPU (24 x 384 x 58: 1.8 vs 3.1 ms)
+    l_inv = lax.linalg.triangular_solve(l, jnp.broadcast_to(eye, l.shape), left_side=True,
+                                        lower=True)
+    return q @ jnp.swapaxes(l_inv, -1, -2)
 
   return chol_qr(chol_qr(chol_qr(y, 1e-6), eps), eps)
 
