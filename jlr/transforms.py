@@ -152,11 +152,23 @@ def _layout_for(layout_arg, path: str, leaf) -> tuple[Layout, int]:
     raise ValueError(f"{path}: {e}") from None
 
 
-def _check_values(path: str, leaf) -> None:
+def _check_dtype(path: str, leaf) -> None:
   if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
     raise ValueError(f"{path}: cannot factorize a leaf of dtype {jnp.result_type(leaf)}; need floats")
-  if _is_concrete(leaf) and not bool(jnp.isfinite(leaf).all()):
-    raise ValueError(f"{path}: kernel contains NaN or Inf; refusing to factorize it")
+
+
+def _check_finite(paths: list[str], leaves: list) -> None:
+  """Raise naming the first of ``paths`` whose (concrete) kernel holds NaN or Inf. The
+  per-leaf reductions are dispatched asynchronously and read back in one host transfer:
+  a sync per leaf stalled the dispatch of the factorization itself (MiniLM's 36 kernels:
+  0.31 -> 0.26 s for the whole randomized factorize)."""
+  concrete = [(p, x) for p, x in zip(paths, leaves) if _is_concrete(x)]
+  if not concrete:
+    return
+  ok = np.asarray(jnp.stack([jnp.isfinite(x).all() for _, x in concrete]))
+  for (p, _), good in zip(concrete, ok):
+    if not good:
+      raise ValueError(f"{p}: kernel contains NaN or Inf; refusing to factorize it")
 
 
 def _check_rank(path: str, layout: Layout, rank: int) -> None:
@@ -251,7 +263,7 @@ def plan(params, rank, *, select=None, layout=None, stats=None, damping: float =
     A :class:`Plan` ``{path: Entry}`` in tree order.
   """
   chosen = candidates(select, layout)
-  items, meta, seen, guessed = [], [], [], []
+  items, meta, seen, guessed, checked = [], [], [], [], []
   for path, leaf in _leaves(params)[0]:
     if is_lowrank(leaf) or not _is_array(leaf) or not chosen(path, leaf):
       continue
@@ -266,7 +278,8 @@ def plan(params, rank, *, select=None, layout=None, stats=None, damping: float =
       if select is None:
         continue  # nothing to factorize
       raise ValueError(f"{path}: cannot factorize an empty kernel of shape {jnp.shape(leaf)}")
-    _check_values(path, leaf)
+    _check_dtype(path, leaf)
+    checked.append((path, leaf))
     r_w, _ = _whitening(stats, path, lay, tuple(jnp.shape(leaf))[:b], damping)
 
     def spectrum(leaf=leaf, lay=lay, r_w=r_w):
@@ -275,6 +288,7 @@ def plan(params, rank, *, select=None, layout=None, stats=None, damping: float =
 
     items.append((path, lay, rule, spectrum))
     meta.append((lay, tuple(jnp.shape(leaf))[:b], rule))
+  _check_finite([p for p, _ in checked], [x for _, x in checked])
   warn_guessed(guessed)
   for name, arg in (("rank", rank), ("layout", layout)):
     if isinstance(arg, Mapping) and not isinstance(arg, ModelLayouts):
@@ -317,17 +331,21 @@ _STACK_BYTES = 1 << 28  # stacked same-shape kernels per batched call: at most 2
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "rank", "method", "split", "oversample", "n_iter"))
-def _factor_stack(ws, keys, *, layout, rank, method, split, oversample, n_iter):
-  """:func:`_factor` of ``ws[j]`` for every ``j`` in one program; leaf ``j`` of a
-  randomized call uses ``keys[j]`` (the per-leaf key of the loop), so the result equals
-  the per-leaf one."""
-  mats = layout.to_matrix(ws)
+def _factor_stack(ws, key, idx, *, layout, rank, method, split, oversample, n_iter):
+  """:func:`_factor` of every kernel in the tuple ``ws`` as one program: stacked, batched,
+  and handed back as one ``(u, v)`` per kernel. Leaf ``ws[j]`` of a randomized call uses
+  ``fold_in(key, idx[j])`` (the per-leaf key of the loop), so the result equals the
+  per-leaf one. Stacking, key derivation and unstacking happen inside the program: no
+  per-leaf dispatches (36 MiniLM kernels: ~110 eager ``fold_in`` and slicing ops)."""
+  mats = layout.to_matrix(jnp.stack(ws))
   if method == "randomized":
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
     one = lambda a, k: svd_lib.randomized(a, rank, k, oversample=oversample, n_iter=n_iter)  # noqa: E731
     u, s, vt = jax.vmap(one)(mats, keys)
   else:
     u, s, vt = svd_lib.truncated(mats, rank, method=method)
-  return from_svd(u, s, vt, layout, split=split, dtype=ws.dtype)
+  f = from_svd(u, s, vt, layout, split=split, dtype=ws[0].dtype)
+  return [(f.u[j], f.v[j]) for j in range(len(ws))]
 
 
 def factorize(params, rank=None, *, select=None, layout=None, method: str = "svd", key=None,
@@ -391,15 +409,16 @@ def factorize(params, rank=None, *, select=None, layout=None, method: str = "svd
     per = max(1, _STACK_BYTES // max(1, math.prod(shape) * jnp.dtype(dtype).itemsize))
     for start in range(0, len(idx), per):
       chunk = idx[start: start + per]
-      keys = None if key is None else [jax.random.fold_in(key, i) for i in chunk]
       if len(chunk) == 1:
         i = chunk[0]
-        out[i] = _factor(leaves[i][1], keys and keys[0], None, None, layout=lay, rank=r, **opts)
+        k = None if key is None else jax.random.fold_in(key, i)
+        out[i] = _factor(leaves[i][1], k, None, None, layout=lay, rank=r, **opts)
         continue
-      keys = None if keys is None else jnp.stack(keys)
-      f = _factor_stack(jnp.stack([leaves[i][1] for i in chunk]), keys, layout=lay, rank=r, **opts)
-      for j, i in enumerate(chunk):
-        out[i] = LowRank(f.u[j], f.v[j], lay)
+      uvs = _factor_stack(tuple(leaves[i][1] for i in chunk), key,
+                          None if key is None else np.asarray(chunk, np.int32),
+                          layout=lay, rank=r, **opts)
+      for (u, v), i in zip(uvs, chunk):
+        out[i] = LowRank(u, v, lay)
   return follow(jax.tree_util.tree_unflatten(treedef, out), params)
 
 
