@@ -42,8 +42,9 @@ def orthonormal(y: jax.Array) -> jax.Array:
   The first shift (``1e-6 ||Y||_F^2``) bounds ``cond(Q)`` by ~``10^3``, so the next two
   passes give ``Q^T Q = I`` to float32 rounding. Three ``w x w`` Cholesky factorizations,
   Gram products and products with the inverted ``w x w`` factor replace a Householder QR,
-  several times faster on XLA CPU for sketch widths. Directions of ``Y`` below ~``1e-6`` of its largest singular
-  value (float32 noise in a sketch) come out shrunk instead of normalized. Jittable.
+  several times faster on XLA CPU for sketch widths. Directions of ``Y`` below ~``1e-6``
+  of its largest singular value (float32 noise in a sketch) come out shrunk instead of
+  normalized. Jittable.
   """
   w = y.shape[-1]
   eye = jnp.eye(w, dtype=y.dtype)

@@ -138,12 +138,16 @@ def warm_low_rank_point(w, layout: Layout, rule, basis, *, n_iter: int = 0):
   return point, basis
 
 
+def _subgradient_factor(u, keep, s):
+  """``a`` with ``U_k V_k^T = a @ svt`` (``svt = S V^T``): the kept columns of ``U / s``."""
+  return u * jnp.where(keep, 1.0 / jnp.maximum(s, jnp.finfo(s.dtype).tiny), 0.0)[..., None, :]
+
+
 def warm_nuclear_subgradient(w, layout: Layout, rule, basis, *, n_iter: int = 0):
   """``(U_k V_k^T, new basis)``: :func:`nuclear_subgradient` with the truncated SVD from
   the range of ``W basis`` (only the components ``rule`` keeps, all inside it). Jittable."""
   u, keep, s, svt, basis = _warm_kept(w, layout, rule, basis, n_iter)
-  inv = jnp.where(keep, 1.0 / jnp.maximum(s, jnp.finfo(s.dtype).tiny), 0.0)
-  sub = layout.from_matrix((u * inv[..., None, :]) @ svt).astype(w.dtype)
+  sub = layout.from_matrix(_subgradient_factor(u, keep, s) @ svt).astype(w.dtype)
   return sub, basis
 
 
@@ -388,11 +392,9 @@ def _warm_trp(optimizer, every, rule, strength, select, layout, width, n_iter
       for p, (lay, _) in targets.items():
         w = flat_p[p] + flat_u[p]
         u, keep, s, svt, bases[p] = _warm_kept(w, lay, rule, bases[p], n_iter)
-        kept = u * keep[..., None, :].astype(u.dtype)
-        new_u[p] = (lay.from_matrix(kept @ svt).astype(flat_p[p].dtype) - flat_p[p]
-                    ).astype(flat_u[p].dtype)
-        inv = jnp.where(keep, 1.0 / jnp.maximum(s, jnp.finfo(s.dtype).tiny), 0.0)
-        nuclear[p] = (u * inv[..., None, :], svt)
+        point = lay.from_matrix((u * keep[..., None, :].astype(u.dtype)) @ svt)
+        new_u[p] = (point.astype(w.dtype) - flat_p[p]).astype(flat_u[p].dtype)
+        nuclear[p] = (_subgradient_factor(u, keep, s), svt)
       out = jax.tree_util.tree_map_with_path(lambda kp, x: new_u.get(path_str(kp), x), updates)
       return out, bases, nuclear
 
