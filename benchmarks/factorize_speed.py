@@ -23,7 +23,7 @@ variants interleaved), the time relative to the FLOP limit of the randomized alg
 (its multiply-adds -- ``2 m n w`` per product with the ``w = r + 10`` wide sketch, ``2 +
 2 n_iter`` products, plus the QRs and the small SVD -- at the float32 matmul rate of
 one core of this machine, numpy with one BLAS thread as the loops run, measured in the
-same run; jlr's XLA programs use every core, so below 1/cores of it is possible), and
+same run; jlr's XLA programs use every core, so a ratio down to 1/cores is possible), and
 the error relative to optimal,
 ``||W - W_r||_F / ||W - W_r^*||_F`` over the whole tree, with ``||W - W_r^*||_F^2 =
 sum_{i>r} s_i^2`` (Eckart-Young) from the numpy SVD; "worst kernel" is the largest

@@ -134,8 +134,12 @@ def warm_low_rank_point(w, layout: Layout, rule, basis, *, n_iter: int = 0):
   Jittable.
   """
   u, keep, _, svt, basis = _warm_kept(w, layout, rule, basis, n_iter)
-  point = layout.from_matrix((u * keep[..., None, :].astype(u.dtype)) @ svt).astype(w.dtype)
-  return point, basis
+  return layout.from_matrix(_kept_matrix(u, keep, svt)).astype(w.dtype), basis
+
+
+def _kept_matrix(u, keep, svt):
+  """``U_k S_k V_k^T = U_k U_k^T Q^T W``: the kept components of :func:`_warm_kept`."""
+  return (u * keep[..., None, :].astype(u.dtype)) @ svt
 
 
 def _subgradient_factor(u, keep, s):
@@ -347,10 +351,9 @@ def _warm_trp(optimizer, every, rule, strength, select, layout, width, n_iter
   first one at the low-rank point, steps ``0, every, 2 every, ...``; step 0 from the
   exact SVD at ``init``) adds ``strength * U_k V_k^T``, which is exactly a sub-gradient
   of ``||W||_*`` there (``D(W)`` has rank ``k``) -- the paper's update
-  ``W <- D(W) - lr (grad f + lambda U V^T)(D(W))`` -- with no second SVD. Between
-  projections the sub-gradient enters as ``grads + cond(..., zeros)`` on small state
-  operands, which XLA fuses into the optimizer's loop, and the projection's ``lax.cond``
-  is the only pass-through of the updates.
+  ``W <- D(W) - lr (grad f + lambda U V^T)(D(W))`` -- with no second SVD. The
+  sub-gradient enters as ``grads + cond(..., zeros)`` whose operands are the small
+  factors, so the projection's ``lax.cond`` is the only one the updates pass through.
   """
 
   def init(params):
@@ -392,8 +395,8 @@ def _warm_trp(optimizer, every, rule, strength, select, layout, width, n_iter
       for p, (lay, _) in targets.items():
         w = flat_p[p] + flat_u[p]
         u, keep, s, svt, bases[p] = _warm_kept(w, lay, rule, bases[p], n_iter)
-        point = lay.from_matrix((u * keep[..., None, :].astype(u.dtype)) @ svt)
-        new_u[p] = (point.astype(w.dtype) - flat_p[p]).astype(flat_u[p].dtype)
+        point = lay.from_matrix(_kept_matrix(u, keep, svt)).astype(w.dtype)
+        new_u[p] = (point - flat_p[p]).astype(flat_u[p].dtype)
         nuclear[p] = (_subgradient_factor(u, keep, s), svt)
       out = jax.tree_util.tree_map_with_path(lambda kp, x: new_u.get(path_str(kp), x), updates)
       return out, bases, nuclear
