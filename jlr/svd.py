@@ -34,6 +34,30 @@ def exact(a: jax.Array, rank: int | None = None):
   return u, s, vt
 
 
+def _cholesky_qr(x: jax.Array, rel, *, rows: bool = False) -> jax.Array:
+  """One (shifted) CholeskyQR pass: ``X L^-T`` with ``L L^T = X^T X + s I`` for the
+  columns of a tall ``x``, or ``L^-1 X`` with ``L L^T = X X^T + s I`` for the rows of a
+  wide one (the same pass on ``X^T``, with no transposed operand); ``s = rel tr(G)``.
+  The ``w x w`` factor is inverted explicitly: a batched product with it runs ~2x faster
+  than the tall triangular solve on XLA CPU (24 x 384 x 58: 1.8 vs 3.1 ms)."""
+  g = x @ jnp.swapaxes(x, -1, -2) if rows else jnp.swapaxes(x, -1, -2) @ x
+  eye = jnp.eye(g.shape[-1], dtype=x.dtype)
+  tr = jnp.trace(g, axis1=-2, axis2=-1)[..., None, None]
+  l = jnp.linalg.cholesky(g + (rel * tr + jnp.finfo(x.dtype).tiny) * eye)
+  l_inv = lax.linalg.triangular_solve(l, jnp.broadcast_to(eye, l.shape), left_side=True,
+                                      lower=True)
+  return l_inv @ x if rows else x @ jnp.swapaxes(l_inv, -1, -2)
+
+
+def _well_conditioned(x: jax.Array, *, rows: bool = False) -> jax.Array:
+  """A basis of the same span, singular values within ~6% of 1: shifted CholeskyQR (shift
+  ``1e-6 tr(G)``: ``cond <= ~10^3``) and one CholeskyQR pass (orthogonality error ``eps
+  cond^2``). What a power iteration needs between products; :func:`orthonormal` adds
+  the third pass that makes ``Q^T Q = I`` to rounding."""
+  eps = jnp.finfo(x.dtype).eps
+  return _cholesky_qr(_cholesky_qr(x, 1e-6, rows=rows), eps, rows=rows)
+
+
 def orthonormal(y: jax.Array) -> jax.Array:
   """An orthonormal basis of the columns of tall ``y`` (``(*batch, m, w)``, ``m >= w``).
 
@@ -46,51 +70,79 @@ def orthonormal(y: jax.Array) -> jax.Array:
   of its largest singular value (float32 noise in a sketch) come out shrunk instead of
   normalized. Jittable.
   """
-  w = y.shape[-1]
-  eye = jnp.eye(w, dtype=y.dtype)
-  eps = jnp.finfo(y.dtype).eps
-
-  def chol_qr(q, rel):
-    g = jnp.swapaxes(q, -1, -2) @ q
-    tr = jnp.trace(g, axis1=-2, axis2=-1)[..., None, None]
-    l = jnp.linalg.cholesky(g + (rel * tr + jnp.finfo(y.dtype).tiny) * eye)
-    # Q L^-T as a product with the small explicit inverse: a batched matmul runs ~2x
-    # faster than the tall triangular solve on XLA CPU (24 x 384 x 58: 1.8 vs 3.1 ms)
-    l_inv = lax.linalg.triangular_solve(l, jnp.broadcast_to(eye, l.shape), left_side=True,
-                                        lower=True)
-    return q @ jnp.swapaxes(l_inv, -1, -2)
-
-  return chol_qr(chol_qr(chol_qr(y, 1e-6), eps), eps)
+  return _cholesky_qr(_well_conditioned(y), jnp.finfo(y.dtype).eps)
 
 
 def range_basis(a: jax.Array, start: jax.Array, *, n_iter: int = 2) -> jax.Array:
   """An orthonormal ``(*batch, m, w)`` basis ``Q`` of the dominant range of ``a`` found
   from ``start`` (``(*batch, n, w)``): ``Q = orth(A Omega)`` after ``n_iter`` rounds
-  ``Y <- A orth(A^T orth(Y))`` (Halko, Martinsson & Tropp 2011, Alg. 4.4; the inner
-  ``orth`` is :func:`orthonormal`, the last one a Householder QR, so every direction of
-  the basis is normalized). Cost ``O(m n w (1 + 2 n_iter))`` matmul FLOPs. Jittable."""
-  at = jnp.swapaxes(a, -1, -2)
+  ``Y <- A Z^T`` with ``Z = wc(wc(Y)^T A)`` (Halko, Martinsson & Tropp 2011, Alg. 4.4).
+
+  Between products the basis only has to span the right space and be well conditioned
+  (``wc``: :func:`_well_conditioned`, two CholeskyQR passes, not three); the last
+  ``orth`` is a Householder QR, so every direction of ``Q`` is normalized. The row-space
+  iterate ``Z`` is kept as ``w x n`` rows, so both products are plain or ``A``-rhs
+  transposed GEMMs (``A^T Y`` as such is 1.5-2x slower on XLA CPU for wide ``A``).
+  Cost ``O(m n w (1 + 2 n_iter))`` matmul FLOPs. Jittable."""
   y = a @ start
   for _ in range(n_iter):
-    y = a @ orthonormal(at @ orthonormal(y))
+    z = _well_conditioned(jnp.swapaxes(_well_conditioned(y), -1, -2) @ a, rows=True)
+    y = a @ jnp.swapaxes(z, -1, -2)
   q, _ = jnp.linalg.qr(y)
   return q
 
 
-def subspace_svd(a: jax.Array, start: jax.Array, *, n_iter: int = 2):
+def subspace_svd(a: jax.Array, start: jax.Array, *, n_iter: int = 2, rank: int | None = None):
   """Truncated SVD ``(u, s, vt)`` of ``a`` (``(*batch, m, n)``) in the span found from
   ``start`` (``(*batch, n, w)``: a Gaussian sketch, or the right singular vectors of a
   nearby matrix).
 
-  ``Q`` from :func:`range_basis`, then the SVD of the small ``B = Q^T A`` (a Householder
-  SVD: the eigendecomposition of ``B B^T`` would square its condition number and lose
-  singular values below ~``1e-4 s_1`` in float32; :func:`projected_eigh` is that cheaper
-  form where only the kept subspace matters). Cost ``O(m n w (2 + 2 n_iter))`` matmul
-  FLOPs plus ``O((m + n) w^2)``. Jittable.
+  ``Q`` from :func:`range_basis`, then the SVD of the small ``B = Q^T A``. With ``rank``
+  (only the leading ``rank`` components will be used) that SVD comes from the
+  eigendecomposition of ``B B^T`` where float32 resolves it (:func:`_gram_svd`), else a
+  Householder SVD. Cost ``O(m n w (2 + 2 n_iter))`` matmul FLOPs plus ``O((m + n) w^2)``.
+  Jittable.
   """
   q = range_basis(a, start, n_iter=n_iter)
-  ub, s, vt = wide_svd(jnp.swapaxes(q, -1, -2) @ a)
+  b = jnp.swapaxes(q, -1, -2) @ a
+  w = b.shape[-2]
+  ub, s, vt = wide_svd(b) if rank is None or rank >= w else _gram_svd(b, rank)
   return q @ ub, s, vt
+
+
+def _gram_svd(b: jax.Array, rank: int):
+  """SVD ``(e, s, vt)`` of a wide ``b`` (``(*batch, w, n)``) good for its leading
+  ``rank`` components, from ``B B^T = E diag(lam) E^T`` (``s = ||E^T B||`` by rows,
+  ``vt = E^T B / s``): every truncation ``E_r E_r^T B`` is an orthogonal projection.
+
+  The Gram squares the condition number: float32 resolves ``lam`` only to ~``eps lam_1``.
+  By Ky Fan the projection's error exceeds the optimum by at most ``2 r ||Delta||`` for a
+  perturbation ``Delta`` of the Gram, so it is used when the eigenvalues past ``rank``
+  hold ``sum_{i>r} lam_i >= max(r, n) w eps lam_1`` in every matrix of the batch
+  (measured over geometric, power-law, flat and cliff spectra, w = 11..317, n = 12..3072:
+  within 1.0003x of ``B``'s optimal rank-``r`` error there, 1.01x down to 1/50 of that
+  bound, up to 10^4x far below it); else it falls back to :func:`wide_svd` for the batch
+  (one ``lax.cond``; under ``vmap`` both branches run). On XLA CPU the ``w x w``
+  eigendecomposition costs a third of the Householder SVD (24 x 58 x 384: 4.3 vs 11.6 ms).
+  """
+  lam, e = jnp.linalg.eigh(b @ jnp.swapaxes(b, -1, -2))
+  lam, e = lam[..., ::-1], e[..., ::-1]
+
+  def gram(b, e):
+    svt = jnp.swapaxes(e, -1, -2) @ b
+    s = jnp.linalg.norm(svt, axis=-1)
+    return e, s, svt / jnp.maximum(s, jnp.finfo(b.dtype).tiny)[..., None]
+
+  resolved = jnp.all(_gram_resolves(lam, rank, b.shape[-1]))
+  return lax.cond(resolved, gram, lambda b, e: wide_svd(b), b, e)
+
+
+def _gram_resolves(lam: jax.Array, rank: int, n: int) -> jax.Array:
+  """Whether the descending Gram eigenvalues ``lam`` (``(*batch, w)``) of a ``w x n``
+  matrix leave enough past ``rank`` above float rounding for :func:`_gram_svd`."""
+  w = lam.shape[-1]
+  eps = jnp.finfo(lam.dtype).eps
+  return jnp.sum(lam[..., rank:], -1) >= max(rank, n) * w * eps * lam[..., 0]
 
 
 def projected_eigh(a: jax.Array, q: jax.Array):
@@ -131,13 +183,21 @@ def randomized(a: jax.Array, rank: int, key: jax.Array, *, oversample: int = 10,
   A Gaussian sketch ``Y = A Omega`` with ``rank + oversample`` columns finds the range
   of ``A``; ``n_iter`` rounds of re-orthonormalized subspace iteration sharpen it for
   slowly decaying spectra (:func:`subspace_svd`). Cost O(m n (rank + oversample)
-  (2 + 2 n_iter)), and no intermediate is larger than the input.
+  (2 + 2 n_iter)), and no intermediate is larger than the input. ``key`` is one PRNG
+  key for the whole batch, or typed keys for its leading axes (``key.shape`` a prefix
+  of ``a.shape[:-2]``): ``a[j]`` then gets the sketch ``key[j]`` draws for it alone, so
+  a stacked call equals the loop over ``j``.
   """
   a = a.astype(compute_dtype(a.dtype))
-  m, n = a.shape[-2:]
+  batch, (m, n) = a.shape[:-2], a.shape[-2:]
   width = min(rank + oversample, m, n)
-  omega = jax.random.normal(key, a.shape[:-2] + (n, width), a.dtype)
-  u, s, vt = subspace_svd(a, omega, n_iter=n_iter)
+  if (jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim
+      and batch[:key.ndim] == key.shape):
+    draw = lambda k: jax.random.normal(k, batch[key.ndim:] + (n, width), a.dtype)  # noqa: E731
+    omega = jax.vmap(draw)(key.reshape(-1)).reshape(batch + (n, width))
+  else:
+    omega = jax.random.normal(key, batch + (n, width), a.dtype)
+  u, s, vt = subspace_svd(a, omega, n_iter=n_iter, rank=rank)
   return u[..., :rank], s[..., :rank], vt[..., :rank, :]
 
 

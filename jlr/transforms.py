@@ -339,9 +339,11 @@ def _factor_stack(ws, key, idx, *, layout, rank, method, split, oversample, n_it
   per-leaf dispatches (36 MiniLM kernels: ~110 eager ``fold_in`` and slicing ops)."""
   mats = layout.to_matrix(jnp.stack(ws))
   if method == "randomized":
+    if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+      key = jax.random.wrap_key_data(key)  # a raw uint32 key: the same stream, typed
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
-    one = lambda a, k: svd_lib.randomized(a, rank, k, oversample=oversample, n_iter=n_iter)  # noqa: E731
-    u, s, vt = jax.vmap(one)(mats, keys)
+    # batched, not vmapped: the small SVD's choice of route is one lax.cond per group
+    u, s, vt = svd_lib.randomized(mats, rank, keys, oversample=oversample, n_iter=n_iter)
   else:
     u, s, vt = svd_lib.truncated(mats, rank, method=method)
   f = from_svd(u, s, vt, layout, split=split, dtype=ws[0].dtype)

@@ -124,3 +124,32 @@ def test_wide_svd_equals_numpy_svd(shape):
   eye = np.broadcast_to(np.eye(k), shape[:-2] + (k, k))
   np.testing.assert_allclose(np.swapaxes(u, -1, -2) @ u, eye, atol=1e-5)
   np.testing.assert_allclose(vt @ np.swapaxes(vt, -1, -2), eye, atol=1e-5)
+
+
+def _spectrum_matrix(s, n, seed=0):
+  rng = np.random.default_rng(seed)
+  p, _ = np.linalg.qr(rng.normal(size=(len(s), len(s))))
+  q, _ = np.linalg.qr(rng.normal(size=(n, len(s))))
+  return ((p * s) @ q.T).astype(np.float32)
+
+
+def test_gram_svd_is_optimal_where_float32_resolves_it_and_falls_back_where_not():
+  """The eigh route of the small SVD against float64 numpy where its test passes; a steep
+  spectrum (s_w / s_1 = e^-30, beyond float32's Gram) or one such matrix in a batch sends
+  the whole batch to the Householder SVD."""
+  w, n, r = 58, 384, 48
+  flat = _spectrum_matrix(np.linspace(1.0, 0.3, w), n)
+  steep = _spectrum_matrix(np.exp(-np.arange(w) * 30 / w), n, seed=1)
+  lam = lambda b: np.linalg.eigvalsh(b.astype(np.float64) @ b.T.astype(np.float64))[::-1]  # noqa: E731
+  assert bool(svd._gram_resolves(jnp.asarray(lam(flat), jnp.float32), r, n))
+  assert not bool(svd._gram_resolves(jnp.asarray(lam(steep), jnp.float32), r, n))
+  e, s, vt = svd._gram_svd(jnp.asarray(flat), r)
+  chex.assert_shape((e, s, vt), ((w, w), (w,), (w, n)))
+  s64 = np.linalg.svd(flat.astype(np.float64), compute_uv=False)
+  np.testing.assert_allclose(s[:r], s64[:r], rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(vt[:r]) @ np.asarray(vt[:r]).T, np.eye(r), atol=1e-4)
+  err = np.linalg.norm(flat - (np.asarray(e[:, :r]) * np.asarray(s[:r])) @ np.asarray(vt[:r]))
+  assert err <= 1.0005 * np.sqrt((s64[r:] ** 2).sum())
+  both = jnp.asarray(np.stack([flat, steep]))
+  for got, want in zip(svd._gram_svd(both, r), svd.wide_svd(both)):
+    np.testing.assert_array_equal(got, want)

@@ -235,18 +235,21 @@ def test_paths_flatten_and_replace_keep_lowrank_leaves_and_the_input():
     paths.replace(small, {"params/c/kernel": jnp.ones(2)})
 
 
-@pytest.mark.parametrize("method", ["svd", "randomized"])
-def test_same_shape_kernels_batched_equal_the_per_leaf_factorization(method):
+@pytest.mark.parametrize("method,raw_key", [("svd", False), ("randomized", False),
+                                            ("randomized", True)])
+def test_same_shape_kernels_batched_equal_the_per_leaf_factorization(method, raw_key):
   """factorize stacks same-(layout, rank, shape) kernels into one compiled call; each
-  leaf must come out as its own call would give it (randomized: the same per-leaf key)."""
+  leaf must come out as its own call would give it (randomized: the same per-leaf key,
+  typed or a raw uint32 one; kernels with batch axes too)."""
   from jlr.transforms import _factor
 
   rng = np.random.default_rng(0)
   tree = {f"b{i}": {n: {"kernel": jnp.asarray(rng.normal(size=s), jnp.float32)} for n, s in
                     [("q", (24, 24)), ("k", (24, 24)), ("up", (24, 40))]} for i in range(2)}
-  tree["stacked"] = {"kernel": jnp.asarray(rng.normal(size=(2, 24, 24)), jnp.float32)}
-  layout = {"stacked": jlr.layouts.Spec(batch_ndim=1)}
-  key = jax.random.key(3) if method == "randomized" else None
+  for name in ("stacked", "stacked2"):
+    tree[name] = {"kernel": jnp.asarray(rng.normal(size=(2, 24, 24)), jnp.float32)}
+  layout = {"stacked2?": jlr.layouts.Spec(batch_ndim=1)}
+  key = None if method == "svd" else jax.random.PRNGKey(3) if raw_key else jax.random.key(3)
   before = jax.tree.map(np.asarray, tree)
   got = jlr.paths.flatten(jlr.factorize(tree, ranks.ratio(0.25, min_rank=1), method=method,
                                         key=key, layout=layout))
