@@ -59,7 +59,7 @@ def parse(argv):
   p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: d=32
   p.add_argument("--blocks", type=int, default=None)
   p.add_argument("--repeats", type=int, default=None)
-  p.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.1])
+  p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.25, 0.1])
   p.add_argument("--spectra", nargs="+", default=["minilm", "decaying", "gaussian"],
                  help="trees: minilm (the pretrained kernels), decaying, gaussian")
   p.add_argument("--out-dir", default=None)

@@ -11,6 +11,7 @@ from jlr import layouts, lod, masks, ranks, sharding, stats, svd, trp, usage
 from jlr.factorized import DensifiedWarning, factorized
 from jlr.layouts import Layout
 from jlr.lowrank import LowRank, is_lowrank
+from jlr.ops import compiler_options
 from jlr.report import Report, summary
 from jlr.transforms import Entry, GuessedLayoutWarning, Plan, factorize, merge, plan, truncate
 from jlr.usage import ModelLayouts
@@ -27,6 +28,6 @@ def __getattr__(name):  # jlr.flax etc. on first use: the core does not import F
 
 __all__ = [
     "DensifiedWarning", "Entry", "GuessedLayoutWarning", "Layout", "LowRank", "ModelLayouts",
-    "Plan", "Report", "factorize", "factorized", "is_lowrank", "layouts", "lod", "masks",
+    "Plan", "Report", "compiler_options", "factorize", "factorized", "is_lowrank", "layouts", "lod", "masks",
     "merge", "plan", "ranks", "sharding", "stats", "summary", "svd", "trp", "truncate", "usage",
 ]

@@ -105,3 +105,36 @@ def test_real_timings_give_a_model_no_slower_per_layer(setup):
   tuned = at.autotune(model, v, jnp.ones((4, 8, 8, 4)), rank=jlr.ranks.ratio(0.25), repeats=3)
   for path, t in tuned.times_ms.items():
     assert t[tuned.choices[path]] == min(t.values())
+
+
+def test_compiler_options_keep_the_factorized_forward_equal_to_the_merged_dense_one(setup):
+  """Under ``jlr.compiler_options()`` a factorized conv net computes what the dense model
+  computes with the merged kernels, and what a plain ``jax.jit`` computes."""
+  model, v, x = setup
+  opts = jlr.compiler_options()
+  assert opts == ({"xla_cpu_experimental_ynn_fusion_type": ""}
+                  if jax.default_backend() == "cpu" else {})
+  assert jlr.compiler_options("gpu") == {} and jlr.compiler_options("tpu") == {}
+  opts["mutated"] = "x"  # a copy: the cached options are not changed by the caller
+  assert "mutated" not in jlr.compiler_options()
+  small = jlr.factorize(v, jlr.ranks.ratio(0.5))
+  low = jax.jit(lambda p, x: jlr.flax.apply(model, p, x), compiler_options=jlr.compiler_options())
+  plain = jax.jit(lambda p, x: jlr.flax.apply(model, p, x))
+  want = model.apply(jlr.merge(small), x)
+  chex.assert_trees_all_close(low(small, x), want, rtol=1e-5, atol=1e-5)
+  chex.assert_trees_all_close(plain(small, x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_timings_are_cached_per_compiler_options(setup):
+  model, v, x = setup
+  at._CACHE.clear()
+  store = {}
+  at.autotune(model, v, x, rank=jlr.ranks.ratio(0.25), repeats=1, cache=store,
+              compiler_options={})
+  plain = set(store)
+  at.autotune(model, v, x, rank=jlr.ranks.ratio(0.25), repeats=1, cache=store)
+  new = set(store) - plain
+  if jax.default_backend() == "cpu":  # the default options' timings are new entries
+    assert len(new) == len(plain) > 0
+    assert all("xla_cpu_experimental_ynn_fusion_type" in k for k in new)
+    assert not any("xla_cpu_experimental_ynn_fusion_type" in k for k in plain)

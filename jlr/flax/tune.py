@@ -8,7 +8,9 @@ than dense at every rank; the spatial-wise split (``kh x 1`` then ``1 x kw``, Ja
 al. 2014) is often faster than the channel-wise one at the same parameter count.
 :func:`autotune` times every candidate on each layer's real input shape, in isolation,
 and keeps the fastest, so the compressed model is never slower than dense layer by
-layer. Timings are cached per (backend, layer, input shape, dtype, layout, rank).
+layer. Timings are cached per (backend, layer, input shape, dtype, layout, rank,
+compiler options). Layers are timed under :func:`jlr.compiler_options` by default: run the
+model under the same options (``jax.jit(f, compiler_options=jlr.compiler_options())``).
 
     tuned = jlr.flax.autotune(model, variables, x, rank=jlr.ranks.ratio(0.25))
     small = jlr.factorize(variables, tuned.plan)      # only the layers that pay
@@ -27,7 +29,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from jlr import ranks, transforms
+from jlr import ops, ranks, transforms
 from jlr.flax import calibrate
 from jlr.flax import linen as jlr_linen
 
@@ -89,13 +91,15 @@ def _get(tree, path: str):
   return tree
 
 
-def _key(module, x, kernel, layout, rank) -> str:
+def _key(module, x, kernel, layout, rank, options) -> str:
   fields = {f.name: repr(getattr(module, f.name)) for f in dataclasses.fields(module)
             if f.name not in ("parent", "name")}
   dev = jax.devices()[0]
-  return json.dumps([dev.platform, getattr(dev, "device_kind", ""), type(module).__name__,
-                     fields, list(x.shape), str(x.dtype), list(kernel.shape), layout, rank],
-                    sort_keys=True)
+  key = [dev.platform, getattr(dev, "device_kind", ""), type(module).__name__,
+         fields, list(x.shape), str(x.dtype), list(kernel.shape), layout, rank]
+  if options:  # keys measured under XLA's own options stay as they were
+    key.append(options)
+  return json.dumps(key, sort_keys=True)
 
 
 def _time(fns: dict[str, Any], repeats: int, min_seconds: float = 2e-3) -> dict[str, float]:
@@ -121,7 +125,7 @@ def _time(fns: dict[str, Any], repeats: int, min_seconds: float = 2e-3) -> dict[
 
 def autotune(model: nn.Module, variables, *args, rank, candidates=CONV_LAYOUTS, select=None,
              repeats: int = 7, cache: str | Mapping | None = None, apply_kwargs=None,
-             key=None) -> Tuned:
+             key=None, compiler_options: Mapping[str, str] | None = None) -> Tuned:
   """Time each candidate kernel of ``model.apply(variables, *args)`` dense and factorized
   in every layout of ``candidates`` (convs; a Dense has one) at the ranks ``rank`` gives
   (resolved on the whole tree per layout, as :func:`jlr.factorize` would), and keep the
@@ -139,7 +143,11 @@ def autotune(model: nn.Module, variables, *args, rank, candidates=CONV_LAYOUTS, 
       measured again. Measurements are always kept in this process.
     apply_kwargs: keyword arguments of ``model.apply`` (``train=False`` ...).
     key: PRNG key of the random timing inputs (default ``jax.random.key(0)``).
+    compiler_options: the ``jax.jit`` compiler options the model will run under (default
+      :func:`jlr.compiler_options`, where factorized convs run at their FLOPs on CPU;
+      ``{}`` for XLA's defaults): the layers are timed under them.
   """
+  options = dict(ops.compiler_options() if compiler_options is None else compiler_options)
   apply_kwargs = dict(apply_kwargs or {})
   unknown = set(candidates) - set(CONV_LAYOUTS)
   if unknown:
@@ -171,16 +179,17 @@ def autotune(model: nn.Module, variables, *args, rank, candidates=CONV_LAYOUTS, 
       lay, r = (None, None) if entry is None else (entry.layout.kind, entry.rank)
       total = 0.0
       for i, (module, x_struct) in enumerate(calls):
-        k = _key(module, x_struct, layer["kernel"], lay, r)
+        k = _key(module, x_struct, layer["kernel"], lay, r, options)
         if k not in stored and k not in _CACHE:
           x = jax.random.normal(jax.random.fold_in(key, i), x_struct.shape, x_struct.dtype)
           params = {"params": layer}
           if entry is not None:
             params = transforms.factorize(params, {"params/kernel": ranks.fixed(r)},
                                           layout={"params/kernel": entry.layout})
-            fn = jax.jit(lambda p, x, m=module: jlr_linen.apply(m, p, x))
+            fn = jax.jit(lambda p, x, m=module: jlr_linen.apply(m, p, x),
+                         compiler_options=options)
           else:
-            fn = jax.jit(lambda p, x, m=module: m.apply(p, x))
+            fn = jax.jit(lambda p, x, m=module: m.apply(p, x), compiler_options=options)
           _CACHE[k] = _time({"f": lambda fn=fn, p=params, x=x: fn(p, x)}, repeats)["f"]
         total += stored.get(k, _CACHE.get(k))
       t[name] = total
