@@ -153,11 +153,16 @@ def compiler_options(backend: str | None = None) -> dict[str, str]:
   ``r`` channels, then a 1x1 conv) runs far below its FLOPs inside them: measured on the
   ``benchmarks/inference_speed.py`` conv net at batch 32 (2 cores), ratio 0.5 factorized
   51 ms vs 35 ms dense, i.e. *slower* than dense; with these fusions off the same
-  programs take 22 ms vs 31 ms. The dense models are not slowed by it (MLP, transformer
-  and conv net dense forwards were as fast or faster in the same run). So on CPU this
-  returns ``{"xla_cpu_experimental_ynn_fusion_type": ""}`` (no library fusions; XLA's
-  own emitters and Eigen), and ``{}`` on other backends or on an XLA that does not know
-  the option (checked once per backend by compiling a one-op program).
+  programs take 22 ms vs 31 ms. Dense forwards are not slowed by it (MLP, transformer
+  and conv net were as fast or faster in the same run). So on CPU this returns
+  ``{"xla_cpu_experimental_ynn_fusion_type": ""}`` (no library fusions; XLA's own
+  emitters and Eigen), and ``{}`` on other backends or on an XLA that does not know the
+  option (checked once per backend by compiling a one-op program).
+
+  For inference forwards only: *training* steps (forward + backward + optimizer) ran
+  slower under it in ``benchmarks/trp_overhead.py`` (plain SGD step of ResNet-20 at
+  batch 32: ~200 vs ~110 ms; 1024-wide MLP at batch 256: ~42 vs ~26 ms), so jit those
+  with XLA's defaults.
   """
   return dict(_compiler_options(backend or jax.default_backend()))
 
