@@ -159,10 +159,7 @@ def compiler_options(backend: str | None = None) -> dict[str, str]:
   emitters and Eigen), and ``{}`` on other backends or on an XLA that does not know the
   option (checked once per backend by compiling a one-op program).
 
-  For inference forwards only: *training* steps (forward + backward + optimizer) ran
-  slower under it in ``benchmarks/trp_overhead.py`` (plain SGD step of ResNet-20 at
-  batch 32: ~200 vs ~110 ms; 1024-wide MLP at batch 256: ~42 vs ~26 ms), so jit those
-  with XLA's defaults.
+  Measured on inference forwards; training steps were not compared under it.
   """
   return dict(_compiler_options(backend or jax.default_backend()))
 
