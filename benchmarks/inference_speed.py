@@ -164,7 +164,8 @@ def main(argv=None) -> dict:
       fast = {r: jlr.factorize(variables, tuned[r].plan) for r in a.ratios}
       floor = jlr.factorize(variables, jlr.ranks.fixed(1), layout=layouts)
       fns = {"dense": lambda x=x: dense_fn(variables, x), "floor": lambda x=x: low_fn(floor, x),
-             "dense, xla options": lambda x=x: dense_xla(variables, x)}
+             "dense, xla options": lambda x=x: dense_xla(variables, x),
+             "floor, xla options": lambda x=x: low_xla(floor, x)}
       for r in a.ratios:
         fns[("default", r)] = lambda x=x, r=r: low_fn(small[r], x)
         fns[("autotuned", r)] = lambda x=x, r=r: low_fn(fast[r], x)
@@ -174,24 +175,21 @@ def main(argv=None) -> dict:
       calls = {k: plots.calibrate(f) for k, f in fns.items()}
       times = plots.interleaved(fns, repeats=a.repeats, warmup=1, calls=calls)
       f_floor = flops(low_fn, floor, x) / f_dense
-      lat_floor = plots.ratio(times["floor"], times["dense"])
       for r in a.ratios:
         for variant, tree in (("default", small[r]), ("autotuned", fast[r]),
                               ("default, xla options", small[r])):
           f_ratio = flops(low_fn, tree, x) / f_dense
-          dense_key = "dense, xla options" if variant.endswith("xla options") else "dense"
-          lat = plots.ratio(times[(variant, r)], times[dense_key])
-          if dense_key == "dense":  # the part the factorization shrinks: above the rank-1 floor
-            floor_lat = lat_floor
-            kernels = (lat - lat_floor) / max(f_ratio - f_floor, 1e-9) * (1 - f_floor) / (1 - lat_floor)
-            status = goal(b, r, f_ratio, lat, lat_floor, f_floor)
-          else:  # for comparison only: the floor was timed under jlr's options
-            floor_lat = kernels = "-"
-            met = lat / f_ratio <= 1.5 and (r > 0.5 or lat <= 1.0)
-            status = "-" if b != 32 else "met" if met else "missed"
+          xla = variant.endswith("xla options")
+          dense_t, floor_t = ((times["dense, xla options"], times["floor, xla options"]) if xla
+                              else (times["dense"], times["floor"]))
+          lat = plots.ratio(times[(variant, r)], dense_t)
+          floor_lat = plots.ratio(floor_t, dense_t)
+          # the part the factorization shrinks: latency and FLOPs above the rank-1 floor
+          kernels = (lat - floor_lat) / max(f_ratio - f_floor, 1e-9) * (1 - f_floor) / (1 - floor_lat)
           rows.append([name, b, r, variant, n_params(tree) / p_dense, f_ratio, lat,
-                       lat / f_ratio, floor_lat, kernels, plots.median(times[dense_key]) * 1e3,
-                       plots.median(times[(variant, r)]) * 1e3, status])
+                       lat / f_ratio, floor_lat, kernels, plots.median(dense_t) * 1e3,
+                       plots.median(times[(variant, r)]) * 1e3,
+                       goal(b, r, f_ratio, lat, floor_lat, f_floor)])
       print(f"{name} batch {b}: dense {plots.median(times['dense']) * 1e3:.2f} ms "
             f"({plots.median(times['dense, xla options']) * 1e3:.2f} ms under XLA's options)",
             flush=True)
