@@ -4,8 +4,10 @@ Maestro (Horvath et al., ICML 2024, arXiv 2308.14929) trains ``LowRank`` factors
 ordered dropout and a hierarchical group lasso. Two measurements, each side by side in
 one process:
 
-1. **Per-step overhead.** A jitted LoD step -- ``lod.sample`` (ordered-dropout mask),
-   task loss on the sampled sub-network, ``lam * lod.group_lasso(params)``, gradient,
+1. **Per-step overhead.** A jitted LoD step -- ``lod.sample_ranks`` (ordered-dropout
+   ranks), task loss on the sampled sub-network (``jlr.factorized(model.apply,
+   ranks=...)``: the prefix mask on the ``r``-wide activations or the factors, wherever
+   it is cheaper), ``lam * lod.group_lasso(params)``, gradient,
    Adam update -- against the plain factorized step at the *same ranks* (no sampling, no
    lasso, same forward through the factors). Models: an MLP 784-1024-1024-10 and the
    ResNet-20 of ``examples/resnet.py`` (its 3x3 block convs factorized channel-wise),
@@ -75,16 +77,17 @@ def make_steps(model, params, extra, lam: float, tx):
   -> (params, opt_state, extra, loss)``."""
   has_bn = bool(extra)
 
-  def task(p, extra, x, y):
+  def task(p, extra, x, y, ranks=None):
     variables = {"params": p, **extra}
+    apply = jlr.factorized(model.apply, ranks=ranks)
     if has_bn:
-      logits, upd = jlr.flax.apply(model, variables, x, train=True, mutable=["batch_stats"])
+      logits, upd = apply(variables, x, train=True, mutable=["batch_stats"])
     else:
-      logits, upd = jlr.flax.apply(model, variables, x), extra
+      logits, upd = apply(variables, x), extra
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), dict(upd)
 
   def lod_loss(p, extra, x, y, key):
-    ce, upd = task(lod.sample(p, key), extra, x, y)
+    ce, upd = task(p, extra, x, y, ranks=lod.sample_ranks(p, key))
     return ce + lam * lod.group_lasso(p), upd
 
   def plain_loss(p, extra, x, y, key):

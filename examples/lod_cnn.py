@@ -12,7 +12,7 @@ ICML 2024, arXiv 2308.14929):
    classifier stay dense: together they hold ~3.4k of ~272k parameters, and none of them
    can be factorized at a rank that saves parameters *and* keeps them useful (the stem's
    9x16 matrix breaks even at rank 5, the classifier's 64x10 at rank 8).
-2. Every step samples an ordered-dropout sub-network (``lod.sample``, ``--sampler``) and
+2. Every step samples an ordered-dropout sub-network (``lod.sample_ranks``, ``--sampler``) and
    minimizes ``cross-entropy + lam * lod.group_lasso(params)`` with Adam; BatchNorm runs
    in training mode (batch statistics; the running EMA is updated from the sample).
 3. After the warm-up, every epoch ends with ``lod.shrink(params, eps, relative=True,
@@ -103,7 +103,7 @@ def parse_args(argv):
   p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--sampler", choices=lod.SAMPLERS, default="layer",
-                 help="ordered-dropout sampler (lod.sample)")
+                 help="ordered-dropout sampler (lod.sample_ranks)")
   p.add_argument("--fraction", type=float, default=0.5, help="rank fraction of --sampler fixed")
   p.add_argument("--calib", type=int, default=None,
                  help="training images for BatchNorm recalibration (default from the preset)")
@@ -169,15 +169,15 @@ def main(argv=None) -> dict:
     return data_lib.batches(x_train, y_train, args.batch_size,
                             np.random.default_rng([args.seed, epoch]))
 
-  def task_loss(params, batch_stats, x, y):
-    logits, upd = jlr.flax.apply(model, {"params": params, "batch_stats": batch_stats}, x,
-                                 train=True, mutable=["batch_stats"])
+  def task_loss(params, batch_stats, x, y, ranks=None):  # ranks: ordered dropout
+    logits, upd = jlr.factorized(model.apply, ranks=ranks)(
+        {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"])
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     return ce, upd["batch_stats"]
 
   def lod_loss(params, extra, batch, key):
-    sub = lod.sample(params, key, sampler=args.sampler, fraction=args.fraction)
-    ce, bs = task_loss(sub, extra["batch_stats"], *batch)
+    ranks = lod.sample_ranks(params, key, sampler=args.sampler, fraction=args.fraction)
+    ce, bs = task_loss(params, extra["batch_stats"], *batch, ranks=ranks)
     gl = lod.group_lasso(params)
     return ce + args.lam * gl, ({"batch_stats": bs}, {"ce": ce, "group_lasso": gl})
 

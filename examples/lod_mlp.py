@@ -5,7 +5,7 @@ low-rank ordered decomposition of Horvath et al. (Maestro, arXiv 2308.14929):
 
 1. ``params = lod.init(random_init)``: every Dense kernel becomes full-rank balanced
    factors ``u = P sqrt(S)``, ``v = sqrt(S) Q^T`` (the model is unchanged at step 0).
-2. Every step samples an ordered-dropout sub-network ``lod.sample(params, key)``
+2. Every step samples an ordered-dropout sub-network ``lod.sample_ranks(params, key)``
    (``--sampler``: by default one layer at a random rank ``b``, the others full) and
    minimizes ``cross-entropy(jlr.flax.apply(model, sub, x)) + lam * lod.group_lasso(params)``
    with Adam, the gradient taken w.r.t. the full factors.
@@ -78,7 +78,7 @@ def parse_args(argv):
   p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--sampler", choices=lod.SAMPLERS, default="layer",
-                 help="ordered-dropout sampler (lod.sample)")
+                 help="ordered-dropout sampler (lod.sample_ranks)")
   p.add_argument("--fraction", type=float, default=0.5, help="rank fraction of --sampler fixed")
   p.add_argument("--hidden", type=str, default="512,512", help="hidden widths")
   p.add_argument("--train-limit", type=int, default=None,
@@ -122,13 +122,13 @@ def main(argv=None) -> dict:
   def epoch_batches(epoch):  # a pure function of (seed, epoch): resumable
     return batches(x_train, y_train, args.batch_size, np.random.default_rng([args.seed, epoch]))
 
-  def task_loss(params, x, y):
-    logits = jlr.flax.apply(model, {"params": params}, x)
+  def task_loss(params, x, y, ranks=None):  # ranks: the ordered-dropout sub-network
+    logits = jlr.factorized(model.apply, ranks=ranks)({"params": params}, x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
   def lod_loss(params, extra, batch, key):
-    sub = lod.sample(params, key, sampler=args.sampler, fraction=args.fraction)
-    ce = task_loss(sub, *batch)
+    ranks = lod.sample_ranks(params, key, sampler=args.sampler, fraction=args.fraction)
+    ce = task_loss(params, *batch, ranks=ranks)
     gl = lod.group_lasso(params)
     return ce + args.lam * gl, (extra, {"ce": ce, "group_lasso": gl})
 

@@ -12,7 +12,7 @@ MLP of two ``nn.Dense``, a final LayerNorm and an untied ``nn.Dense`` head (``--
 ``embed.attend``). LoD (Horvath et al., Maestro, arXiv 2308.14929) factorizes the
 attention projections (``DenseGeneral`` query/key/value/out) and the MLP kernels with
 ``lod.init(params, select=...)`` -- not the embeddings, not the head -- then trains with
-ordered dropout (``lod.sample``) plus ``lam * lod.group_lasso``, and shrinks the ranks
+ordered dropout (``lod.sample_ranks``) plus ``lam * lod.group_lasso``, and shrinks the ranks
 (``lod.shrink(eps, multiple=8)``, optimizer state sliced alike) after every epoch
 past the warm-up. An "epoch" is ``--steps-per-epoch`` steps of random windows drawn
 from a generator seeded by (seed, epoch).
@@ -234,7 +234,7 @@ def parse_args(argv):
   p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (grads clipped at 1)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--sampler", choices=lod.SAMPLERS, default="layer",
-                 help="ordered-dropout sampler (lod.sample)")
+                 help="ordered-dropout sampler (lod.sample_ranks)")
   p.add_argument("--fraction", type=float, default=0.5, help="rank fraction of --sampler fixed")
   p.add_argument("--val-every", type=int, default=10, help="hold out every N-th play")
   p.add_argument("--train-limit", type=int, default=None,
@@ -283,13 +283,13 @@ def main(argv=None) -> dict:
     rng = np.random.default_rng([args.seed, epoch])
     return random_windows(train_ids, args.batch_size, args.ctx, args.steps_per_epoch, rng)
 
-  def task_loss(params, w):
-    logits = jlr.flax.apply(model, {"params": params}, w[:, :-1])
+  def task_loss(params, w, ranks=None):  # ranks: the ordered-dropout sub-network
+    logits = jlr.factorized(model.apply, ranks=ranks)({"params": params}, w[:, :-1])
     return optax.softmax_cross_entropy_with_integer_labels(logits, w[:, 1:]).mean()
 
   def lod_loss(params, extra, batch, key):
-    sub = lod.sample(params, key, sampler=args.sampler, fraction=args.fraction)
-    ce = task_loss(sub, batch)
+    ranks = lod.sample_ranks(params, key, sampler=args.sampler, fraction=args.fraction)
+    ce = task_loss(params, batch, ranks=ranks)
     gl = lod.group_lasso(params)
     return ce + args.lam * gl, (extra, {"ce": ce, "group_lasso": gl})
 

@@ -45,7 +45,7 @@ import functools
 import math
 import string
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -71,6 +71,9 @@ class Factored:
   tensor is still exactly it (so a function that returns its parameters gets them back).
   ``kernel`` is False once rows were looked up (``u[ids]`` is an activation, and
   finishing it as ``u[ids] @ v`` is the intended computation, not a fallback).
+  ``keep`` (``(*batch, r)`` or None): weights of the components, ``T = a diag(keep) b``
+  -- ordered dropout's prefix mask (``jlr.factorized(fn, ranks=...)``), applied to the
+  ``r``-wide intermediate by the contraction rules and folded into ``a`` anywhere else.
   """
 
   a: Any
@@ -81,6 +84,7 @@ class Factored:
   path: str
   source: Any = None
   kernel: bool = True
+  keep: Any = None
 
   @property
   def ndim(self) -> int:
@@ -112,7 +116,27 @@ class Factored:
     kw.setdefault("source", None)
     return dataclasses.replace(self, **kw)
 
+  def folded(self, into: str = "a") -> "Factored":
+    """The same tensor with ``keep`` multiplied into factor ``into`` (``keep`` None)."""
+    if self.keep is None:
+      return self
+    bs, r = self.a.shape[:self.nb], self.rank
+    if into == "a":
+      k = self.keep.reshape(bs + (1,) * self.na + (r,))
+      return self.replace(a=self.a * k.astype(self.a.dtype), keep=None)
+    k = self.keep.reshape(bs + (r,) + (1,) * (self.b.ndim - self.nb - 1))
+    return self.replace(b=self.b * k.astype(self.b.dtype), keep=None)
+
+  def masked_where_cheapest(self, activation_size: int) -> "Factored":
+    """Keep the mask for the ``r``-wide activation (``activation_size`` elements) when
+    that is the cheapest place to apply it, else fold it into the smaller factor."""
+    if self.keep is None or activation_size <= min(self.a.size, self.b.size):
+      return self
+    return self.folded("a" if self.a.size <= self.b.size else "b")
+
   def dense(self):
+    if self.keep is not None:
+      return self.folded().dense()
     nb, bs = self.nb, self.a.shape[:self.nb]
     a_sh, b_sh, r = self.a.shape[nb:-1], self.b.shape[nb + 1:], self.rank
     c = jnp.matmul(self.a.reshape(bs + (math.prod(a_sh), r)),
@@ -176,6 +200,8 @@ def eval_jaxpr(jaxpr, consts, args):
     ins = [read(v) for v in eqn.invars]
     if eqn.primitive.name not in _LAYOUT_OPS:  # looked-up rows end here: u[ids] @ v
       ins = [x.dense() if isinstance(x, Factored) and not x.kernel else x for x in ins]
+    if eqn.primitive.name not in _KEEP_OPS:
+      ins = [x.folded() if isinstance(x, Factored) else x for x in ins]
     if any(isinstance(x, Factored) for x in ins):
       rule = _RULES.get(eqn.primitive.name)
       outs = rule(eqn, ins) if rule is not None else None
@@ -372,14 +398,28 @@ def _rule_dot_general(eqn, ins):
     return cost, t_lab
 
   (ca, ta), (cb, tb) = plan(a_lab, b_lab), plan(b_lab, a_lab)
+  f = f.masked_where_cheapest(math.prod(size[c] for c in (ta if ca <= cb else tb)))
   j = "".join
   if ca <= cb:
     t = _einsum(f"{j(x_lab)},{j(a_lab)}->{j(ta)}", x, f.a, eqn)
+    t = _masked(t, ta, f, canon[:f.nb] + [r])
     y = _einsum(f"{j(ta)},{j(b_lab)}->{j(out)}", t, f.b, eqn)
   else:
     t = _einsum(f"{j(x_lab)},{j(b_lab)}->{j(tb)}", x, f.b, eqn)
+    t = _masked(t, tb, f, canon[:f.nb] + [r])
     y = _einsum(f"{j(tb)},{j(a_lab)}->{j(out)}", t, f.a, eqn)
   return _cast(y, eqn)
+
+
+def _masked(t, t_lab, f: Factored, keep_lab):
+  """``t`` (labels ``t_lab``, holding the rank label and ``f``'s batch labels) times
+  ``f.keep`` (labels ``keep_lab``) broadcast along the other labels: O(|t|) work."""
+  if f.keep is None:
+    return t
+  order = [lab for lab in t_lab if lab in keep_lab]
+  k = jnp.transpose(f.keep, [keep_lab.index(lab) for lab in order])
+  k = k.reshape([t.shape[i] if lab in keep_lab else 1 for i, lab in enumerate(t_lab)])
+  return t * k.astype(t.dtype)
 
 
 # ----------------------------------------------------------------------------- conv
@@ -404,6 +444,8 @@ def _rule_conv(eqn, ins):
   if gi == go:
     return None
   r = f.rank
+  out_shape = eqn.outvars[0].aval.shape  # the r-wide intermediate is about y with r channels
+  f = f.masked_where_cheapest(math.prod(out_shape) // out_shape[out_spec[1]] * r)
   # first: the factor holding the input channels, as (its logical axes..., r)
   inv = {c: k for k, c in enumerate(f.axes)}
   a_axes = [inv[c] for c in range(f.na)]
@@ -439,6 +481,10 @@ def _rule_conv(eqn, ins):
   z = lax.conv_general_dilated(lhs, k1, pick(strides, s1, 1), pick(pads, s1, (0, 0)),
                                lhs_dilation=pick(lhs_dil, s1, 1),
                                rhs_dilation=pick(rhs_dil, s1, 1), **common)
+  if f.keep is not None:  # the r channels of z: (r,) along the output-feature axis
+    shape = [1] * z.ndim
+    shape[out_spec[1]] = r
+    z = z * f.keep.reshape(shape).astype(z.dtype)
   if not s2:  # channel-wise: the second factor (cout, r) is a channel contraction
     c = out_spec[1]
     y = jnp.moveaxis(jnp.tensordot(z, f2, axes=([c], [f2.ndim - 1]),
@@ -566,6 +612,12 @@ def _rule_scan(eqn, ins):
 _LAYOUT_OPS = {"convert_element_type", "copy", "copy_p", "sharding_constraint", "transpose",
                "reshape", "squeeze", "broadcast_in_dim", "rev"}
 
+# primitives whose rules carry a component mask (``Factored.keep``) through or apply it to
+# the r-wide intermediate; before any other, it is folded into the ``a`` factor
+_KEEP_OPS = {"convert_element_type", "copy", "copy_p", "sharding_constraint", "transpose",
+             "mul", "div", "neg", "dot_general", "conv_general_dilated",
+             "pjit", "jit", "closed_call", "core_call"}
+
 _RULES: dict[str, Callable] = {
     "convert_element_type": _rule_convert,
     "copy": _rule_identity, "copy_p": _rule_identity, "sharding_constraint": _rule_identity,
@@ -591,7 +643,7 @@ def _is_array(x) -> bool:
   return isinstance(x, (jax.Array, np.ndarray, np.generic)) or isinstance(x, jax.core.Tracer)
 
 
-def factorized(fn: Callable) -> Callable:
+def factorized(fn: Callable, *, ranks: Mapping[str, Any] | None = None) -> Callable:
   """``fn`` transformed to accept :class:`jlr.LowRank` leaves anywhere in its arguments.
 
   ``factorized(fn)(*args, **kwargs)`` equals ``fn(*jlr.merge(args), **jlr.merge(kwargs))``
@@ -600,10 +652,21 @@ def factorized(fn: Callable) -> Callable:
   traced; other leaves (Python bools, strings, ``None``) are static. Output leaves that
   are an input ``LowRank`` passed through unchanged come back as that ``LowRank``.
 
+  ``ranks`` (ordered dropout, e.g. :func:`jlr.lod.sample_ranks`) maps leaf paths to a
+  rank ``b`` (a Python int or a traced int32 scalar): that ``LowRank`` computes with
+  its first ``b`` components only -- the values and gradients of ``factorized(fn)`` on
+  factors masked by :func:`jlr.lod.with_ranks` -- but the mask multiplies the
+  ``r``-wide intermediate ``x u`` (``O(batch r)`` work) instead of a factor
+  (``O(params)`` work, a memory pass per step). A key names a leaf by its path inside
+  the argument (``params/Dense_0/kernel``) or by any ``/``-suffix of it
+  (``Dense_0/kernel``, as ``sample_ranks(params)`` names it); a key that names no
+  ``LowRank`` leaf, or several, is an error.
+
   Example::
 
     logits = jlr.factorized(model.apply)(factorized_variables, x)
     loss, grads = jax.value_and_grad(lambda p: loss_fn(jlr.factorized(model.apply)(p, x)))(p)
+    sub = jlr.factorized(model.apply, ranks=jlr.lod.sample_ranks(p, key))({"params": p}, x)
   """
 
   @functools.wraps(fn)
@@ -613,12 +676,15 @@ def factorized(fn: Callable) -> Callable:
       return fn(*args, **kwargs)
     dyn_idx, placeholders, values = [], [], []
     leaves = [x for _, x in flat]
+    keeps = _rank_masks(ranks, {_strip_args_prefix(kp): x for kp, x in flat if is_lowrank(x)})
     for i, (kp, x) in enumerate(flat):
       if is_lowrank(x):
-        x.check(_strip_args_prefix(kp))
+        path = _strip_args_prefix(kp)
+        x.check(path)
         dyn_idx.append(i)
         placeholders.append(jax.ShapeDtypeStruct(x.shape, x.dtype))
-        values.append(from_lowrank(x, _strip_args_prefix(kp)))
+        f = from_lowrank(x, path)
+        values.append(f if path not in keeps else f.replace(keep=keeps[path]))
       elif _is_array(x):
         dyn_idx.append(i)
         placeholders.append(x)
@@ -638,6 +704,24 @@ def factorized(fn: Callable) -> Callable:
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
 
   return wrapper
+
+
+def _rank_masks(ranks, lowranks: dict) -> dict:
+  """``ranks`` (keys: paths or ``/``-suffixes of paths of ``lowranks``) -> ``{path: keep}``
+  with ``keep = (arange(r) < b)`` of shape ``(*batch, r)``."""
+  if not ranks:
+    return {}
+  out = {}
+  for key, b in ranks.items():
+    hits = [p for p in lowranks if p == key or p.endswith("/" + key)]
+    if len(hits) != 1:
+      raise ValueError(
+          f"ranks[{key!r}]: names {'no' if not hits else len(hits)} LowRank leaves "
+          f"({', '.join(hits) or 'LowRank leaves: ' + ', '.join(lowranks) or 'none'})")
+    f = lowranks[hits[0]]
+    keep = jnp.arange(f.rank) < jnp.asarray(b, jnp.int32)[..., None]
+    out[hits[0]] = jnp.broadcast_to(keep, f.batch_shape + (f.rank,)).astype(f.dtype)
+  return out
 
 
 def _strip_args_prefix(kp) -> str:

@@ -86,7 +86,12 @@ def with_ranks(params, ranks: Mapping[str, Any]):
   Only the smaller factor is masked: ``u diag(keep) v = u (diag(keep) v)``, and the
   gradient of ``u``'s column ``j`` is ``x^T g v_j^T keep_j`` -- zero for a dropped
   component either way -- so masking one factor gives the same forward and the same
-  gradients as masking both, at half the elementwise work (LoD's per-step overhead)."""
+  gradients as masking both, at half the elementwise work (LoD's per-step overhead).
+
+  In a training step prefer ``jlr.factorized(fn, ranks=ranks)(params, ...)``: the same
+  values and gradients, with the mask applied where it is cheapest (the ``r``-wide
+  activation ``x u`` when it is smaller than both factors), not a memory pass over a
+  factor per step."""
   leaves, treedef = _leaves(params)
   out = []
   for path, x in leaves:

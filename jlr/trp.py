@@ -60,7 +60,7 @@ class WarmTRPChainState(NamedTuple):
   count: jax.Array  # int32 number of updates seen
   inner: Any        # the wrapped optimizer's state
   bases: dict       # path -> (*batch, n, w) right singular basis of the last projection
-  nuclear: dict     # path -> (a, b): U_k V_k^T = a @ b at the last projected point
+  nuclear: dict     # path -> (*batch, m, w) kept left vectors U_k: U_k V_k^T = U_k @ bases^T
 
 
 def _targets(params, select, layout) -> dict[str, tuple[Layout, int]]:
@@ -347,13 +347,17 @@ def _warm_trp(optimizer, every, rule, strength, select, layout, width, n_iter
   """``trp(optimizer, nuclear=strength, method="warm")`` as one transform.
 
   The nuclear-norm sub-gradient comes from the projection's own SVD: a projection lands
-  the kernel on ``D(W) = U_k S_k V_k^T`` and keeps ``(U_k, V_k^T)``; the next step (the
+  the kernel on ``D(W) = U_k S_k V_k^T`` and keeps ``U_k`` (``V`` is already kept: it is
+  the next projection's start basis); the next step (the
   first one at the low-rank point, steps ``0, every, 2 every, ...``; step 0 from the
   exact SVD at ``init``) adds ``strength * U_k V_k^T``, which is exactly a sub-gradient
   of ``||W||_*`` there (``D(W)`` has rank ``k``) -- the paper's update
-  ``W <- D(W) - lr (grad f + lambda U V^T)(D(W))`` -- with no second SVD. The
-  sub-gradient enters as ``grads + cond(..., zeros)`` whose operands are the small
-  factors, so the projection's ``lax.cond`` is the only one the updates pass through.
+  ``W <- D(W) - lr (grad f + lambda U V^T)(D(W))`` -- with no second SVD. The gradients
+  pass through that ``lax.cond`` untouched on the other steps: they are materialized
+  anyway (the outputs of the backward matmuls), so XLA aliases them through at no cost,
+  where a ``grads + cond(..., zeros)`` wrote and re-read a kernel-sized zero array on
+  every step. The step after a projection pays the one product ``U_k V_k^T`` (``2 m n w``
+  FLOPs per kernel).
   """
 
   def init(params):
@@ -367,7 +371,7 @@ def _warm_trp(optimizer, every, rule, strength, select, layout, width, n_iter
       mat = lay.to_matrix(flat[p]).astype(jnp.float32)
       keep = rule.mask(lay, s, jnp.sum(jnp.square(mat), axis=(-2, -1)))
       bases[p] = jnp.swapaxes(vt, -1, -2)
-      nuclear[p] = (u * keep[..., None, :].astype(u.dtype), vt)
+      nuclear[p] = u * keep[..., None, :].astype(u.dtype)
     return WarmTRPChainState(jnp.zeros([], jnp.int32), optimizer.init(params), bases, nuclear)
 
   def update(grads, state, params=None):
@@ -375,16 +379,19 @@ def _warm_trp(optimizer, every, rule, strength, select, layout, width, n_iter
       raise ValueError("jlr.trp.trp needs params: call tx.update(grads, state, params)")
     targets = _targets(params, select, layout)
 
-    def subgradients(nuclear):
-      return {p: targets[p][0].from_matrix(strength * (a @ b)) for p, (a, b) in nuclear.items()}
+    def add_subgradients(args):
+      grads, bases, nuclear = args
 
-    def zeros(nuclear):
-      return {p: jnp.zeros(a.shape[:-2] + targets[p][0].shape, jnp.float32)
-              for p, (a, _) in nuclear.items()}
+      def one(kp, g):
+        p = path_str(kp)
+        if p not in nuclear:
+          return g
+        sub = nuclear[p] @ jnp.swapaxes(strength * bases[p], -1, -2)
+        return g + targets[p][0].from_matrix(sub).astype(g.dtype)
+      return jax.tree_util.tree_map_with_path(one, grads)
 
-    sub = jax.lax.cond(state.count % every == 0, subgradients, zeros, state.nuclear)
-    grads = jax.tree_util.tree_map_with_path(
-        lambda kp, g: g + sub[path_str(kp)].astype(g.dtype) if path_str(kp) in sub else g, grads)
+    grads = jax.lax.cond(state.count % every == 0, add_subgradients, lambda a: a[0],
+                         (grads, state.bases, state.nuclear))
     updates, inner = optimizer.update(grads, state.inner, params)
 
     def project_all(args):
@@ -394,10 +401,10 @@ def _warm_trp(optimizer, every, rule, strength, select, layout, width, n_iter
       new_u, bases, nuclear = {}, dict(bases), dict(nuclear)
       for p, (lay, _) in targets.items():
         w = flat_p[p] + flat_u[p]
-        u, keep, s, svt, bases[p] = _warm_kept(w, lay, rule, bases[p], n_iter)
+        u, keep, _, svt, bases[p] = _warm_kept(w, lay, rule, bases[p], n_iter)
         point = lay.from_matrix(_kept_matrix(u, keep, svt)).astype(w.dtype)
         new_u[p] = (point - flat_p[p]).astype(flat_u[p].dtype)
-        nuclear[p] = (_subgradient_factor(u, keep, s), svt)
+        nuclear[p] = u * keep[..., None, :].astype(u.dtype)
       out = jax.tree_util.tree_map_with_path(lambda kp, x: new_u.get(path_str(kp), x), updates)
       return out, bases, nuclear
 

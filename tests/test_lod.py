@@ -1,6 +1,7 @@
 import math
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +9,7 @@ import optax
 import pytest
 
 import jlr
+import jlr.flax
 from jlr import lod
 
 
@@ -268,3 +270,104 @@ def test_extract_at_full_width_is_the_trained_model():
   np.testing.assert_array_equal(fwd(out), fwd(trained))
   # and the same function as its dense kernel
   np.testing.assert_allclose(fwd(out), np.asarray(x @ trained["a"]["kernel"].dense()), atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- fast path
+
+
+class _Mixed(nn.Module):
+  """Conv (channel and spatial layouts), DenseGeneral and Dense, one scan stack."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.Conv(6, (3, 3), name="c1")(x))
+    h = nn.relu(nn.Conv(8, (3, 3), name="c2")(h))
+    h = nn.DenseGeneral((2, 5), name="dg")(h.reshape(h.shape[0], -1))
+    h = h.reshape(h.shape[0], -1)
+
+    class Block(nn.Module):
+      @nn.compact
+      def __call__(self, h, _):
+        return h + nn.tanh(nn.Dense(10, name="fc")(h)), None
+
+    h, _ = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                   length=2)()(h, None)
+    return nn.Dense(3, name="out")(h)
+
+
+def _mixed(x_shape=(4, 6, 6, 3)):
+  model, x = _Mixed(), rnd(x_shape, 9)
+  v = model.init(jax.random.key(0), x)
+  lay = dict(jlr.flax.layouts(model, v, x).items())
+  lay["params/c2/kernel"] = jlr.Layout("conv_spatial", lay["params/c2/kernel"].shape)
+  return model, x, lod.init(v, layout=lay)
+
+
+# (4, 6, 6, 3): the conv masks go on the factors (smaller than the activations);
+# (1, 2, 2, 3): on the r-channel activations; Dense / DenseGeneral: on x @ u
+@pytest.mark.parametrize("x_shape", [(4, 6, 6, 3), (1, 2, 2, 3)])
+def test_factorized_ranks_equals_masked_factors_values_and_grads(x_shape):
+  """``jlr.factorized(fn, ranks=b)`` (mask where cheapest: the r-wide activation or a
+  factor) computes what ``fn`` on ``lod.with_ranks(p, b)`` (mask on a factor) does, in
+  values and gradients, and both equal the dense model at the extracted prefix factors
+  (independent truth)."""
+  model, x, v = _mixed(x_shape)
+  f = v["params"]
+  kinds = {p: x.layout.kind for p, x in lod._lowranks(f)}
+  assert kinds["c2/kernel"] == "conv_spatial" and len(kinds) == 5, kinds
+  ranks = {"c1/kernel": 2, "c2/kernel": 3, "dg/kernel": 4, "fc/kernel": 5, "out/kernel": 1}
+
+  def fast(p, b):
+    return jlr.factorized(model.apply, ranks=b)({"params": p}, x)
+
+  def slow(p, b):  # with_ranks takes full paths
+    return jlr.factorized(model.apply)({"params": lod.with_ranks(p, _full_paths(p, b))}, x)
+
+  y_fast, y_slow = jax.jit(fast)(f, ranks), jax.jit(slow)(f, ranks)
+  chex.assert_trees_all_close(y_fast, y_slow, atol=1e-5, rtol=1e-5)
+  prefix = jlr.merge(lod.extract(f, ranks=_full_paths(f, ranks)))
+  np.testing.assert_allclose(y_fast, model.apply({"params": prefix}, x), atol=1e-4, rtol=1e-4)
+
+  loss = lambda fn: lambda p: jnp.sum(jnp.tanh(fn(p, ranks)))  # noqa: E731
+  g_fast = jax.jit(jax.grad(loss(fast)))(f)
+  g_slow = jax.jit(jax.grad(loss(slow)))(f)
+  chex.assert_trees_all_equal_structs(g_fast, g_slow)
+  chex.assert_trees_all_close(g_fast, g_slow, atol=1e-5, rtol=1e-5)
+  grads = dict(lod._lowranks(g_fast))
+  for p, b in _full_paths(f, ranks).items():
+    k = grads[p]
+    np.testing.assert_array_equal(np.asarray(k.u)[..., b:], 0)  # dropped: no gradient
+    np.testing.assert_array_equal(np.asarray(k.v)[..., b:, :], 0)
+
+
+def _full_paths(f, ranks):
+  out = {}
+  for p, _ in lod._lowranks(f):
+    hit = [b for k, b in ranks.items() if p == k or p.endswith("/" + k)]
+    if hit:
+      out[p] = hit[0]
+  return out
+
+
+def test_factorized_ranks_traced_under_jit_and_sampled():
+  model, x, v = _mixed()
+  f = v["params"]
+
+  @jax.jit
+  def both(p, key):
+    b = lod.sample_ranks(p, key, sampler="independent")
+    return (jlr.factorized(model.apply, ranks=b)({"params": p}, x),
+            jlr.factorized(model.apply)({"params": lod.with_ranks(p, b)}, x))
+
+  for i in range(3):
+    y_fast, y_slow = both(f, jax.random.key(i))
+    chex.assert_shape(y_fast, (4, 3))
+    np.testing.assert_allclose(y_fast, y_slow, atol=1e-5, rtol=1e-5)
+
+
+def test_factorized_ranks_bad_keys_name_the_leaves():
+  model, x, v = _mixed()
+  with pytest.raises(ValueError, match="nope/kernel.*no LowRank"):
+    jlr.factorized(model.apply, ranks={"nope/kernel": 1})(v, x)
+  with pytest.raises(ValueError, match="'kernel'.*5 LowRank"):
+    jlr.factorized(model.apply, ranks={"kernel": 1})(v, x)
