@@ -28,6 +28,28 @@ from typing import Callable, Mapping, Sequence
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
+def _cpu_times() -> list[int] | None:
+  """The aggregate ``cpu`` line of ``/proc/stat`` (Linux), or None."""
+  try:
+    with open("/proc/stat") as f:
+      return [int(v) for v in f.readline().split()[1:]]
+  except (OSError, ValueError):
+    return None
+
+
+_CPU_AT_IMPORT = _cpu_times()
+
+
+def steal_fraction() -> float | None:
+  """Share of CPU time the hypervisor took from this VM since the benchmark started
+  (``/proc/stat`` steal column): on a shared host it is why repeated runs disagree."""
+  now = _cpu_times()
+  if now is None or _CPU_AT_IMPORT is None or len(now) < 8:
+    return None
+  d = [a - b for a, b in zip(now, _CPU_AT_IMPORT)]
+  return round(d[7] / max(sum(d[:8]), 1), 3)
+
+
 def machine(argv: Sequence[str] | None, script: str) -> dict:
   """Versions, device and CPU counts, load average and the command that reproduces a run."""
   import jax
@@ -41,6 +63,7 @@ def machine(argv: Sequence[str] | None, script: str) -> dict:
       "backend": jax.default_backend(), "device_count": jax.device_count(),
       "cpu_count": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 2),
       "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
+      "cpu_steal": steal_fraction(),
       "command": " ".join(["python", f"benchmarks/{script}.py", *args]),
   }
 

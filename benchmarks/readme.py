@@ -70,7 +70,8 @@ def _machine(result: dict) -> str:
   bits = [f"jax {m['jax']}" if "jax" in m else None,
           f"{m['cpu_count']} CPUs" if "cpu_count" in m else None,
           f"{m['device_count']} devices" if "device_count" in m else None,
-          f"load {m['load_avg_1min']}" if "load_avg_1min" in m else None]
+          f"load {m['load_avg_1min']}" if "load_avg_1min" in m else None,
+          f"CPU steal {m['cpu_steal']:.0%}" if m.get("cpu_steal") is not None else None]
   return ", ".join(b for b in bits if b)
 
 
