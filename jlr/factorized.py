@@ -72,8 +72,9 @@ class Factored:
   ``kernel`` is False once rows were looked up (``u[ids]`` is an activation, and
   finishing it as ``u[ids] @ v`` is the intended computation, not a fallback).
   ``keep`` (``(*batch, r)`` or None): weights of the components, ``T = a diag(keep) b``
-  -- ordered dropout's prefix mask (``jlr.factorized(fn, ranks=...)``), applied to the
-  ``r``-wide intermediate by the contraction rules and folded into ``a`` anywhere else.
+  -- ordered dropout's prefix mask (``jlr.factorized(fn, ranks=...)``), applied by the
+  contraction rules to the ``r``-wide intermediate or the smaller factor, whichever is
+  smaller, and folded into ``a`` before any other primitive.
   """
 
   a: Any
@@ -655,12 +656,12 @@ def factorized(fn: Callable, *, ranks: Mapping[str, Any] | None = None) -> Calla
   ``ranks`` (ordered dropout, e.g. :func:`jlr.lod.sample_ranks`) maps leaf paths to a
   rank ``b`` (a Python int or a traced int32 scalar): that ``LowRank`` computes with
   its first ``b`` components only -- the values and gradients of ``factorized(fn)`` on
-  factors masked by :func:`jlr.lod.with_ranks` -- but the mask multiplies the
-  ``r``-wide intermediate ``x u`` (``O(batch r)`` work) instead of a factor
-  (``O(params)`` work, a memory pass per step). A key names a leaf by its path inside
-  the argument (``params/Dense_0/kernel``) or by any ``/``-suffix of it
-  (``Dense_0/kernel``, as ``sample_ranks(params)`` names it); a key that names no
-  ``LowRank`` leaf, or several, is an error.
+  factors masked by :func:`jlr.lod.with_ranks` -- with the mask applied where it is
+  cheapest: the ``r``-wide intermediate ``x u`` (``O(batch r)`` work) when it is smaller
+  than both factors, else the smaller factor (a memory pass over it per step). A key
+  names a leaf by its path inside the argument (``params/Dense_0/kernel``) or by any
+  ``/``-suffix of it (``Dense_0/kernel``, as ``sample_ranks(params)`` names it); a key
+  that names no ``LowRank`` leaf, or several, is an error.
 
   Example::
 
