@@ -674,6 +674,7 @@ def factorized(fn: Callable, *, ranks: Mapping[str, Any] | None = None) -> Calla
   def wrapper(*args, **kwargs):
     flat, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=is_lowrank)
     if not any(is_lowrank(x) for _, x in flat):
+      _rank_masks(ranks, {})  # ranks for a tree with no LowRank leaf: an error, not a no-op
       return fn(*args, **kwargs)
     dyn_idx, placeholders, values = [], [], []
     leaves = [x for _, x in flat]
@@ -718,8 +719,11 @@ def _rank_masks(ranks, lowranks: dict) -> dict:
     if len(hits) != 1:
       raise ValueError(
           f"ranks[{key!r}]: names {'no' if not hits else len(hits)} LowRank leaves "
-          f"({', '.join(hits) or 'LowRank leaves: ' + ', '.join(lowranks) or 'none'})")
+          f"({', '.join(hits) or 'LowRank leaves: ' + (', '.join(lowranks) or 'none')})")
     f = lowranks[hits[0]]
+    if isinstance(b, (int, np.integer)) and not 0 <= b <= f.rank:
+      raise ValueError(f"ranks[{key!r}] = {b}: {hits[0]} has rank {f.rank}; a rank "
+                       f"must be in [0, {f.rank}]")
     keep = jnp.arange(f.rank) < jnp.asarray(b, jnp.int32)[..., None]
     out[hits[0]] = jnp.broadcast_to(keep, f.batch_shape + (f.rank,)).astype(f.dtype)
   return out

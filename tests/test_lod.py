@@ -371,3 +371,8 @@ def test_factorized_ranks_bad_keys_name_the_leaves():
     jlr.factorized(model.apply, ranks={"nope/kernel": 1})(v, x)
   with pytest.raises(ValueError, match="'kernel'.*5 LowRank"):
     jlr.factorized(model.apply, ranks={"kernel": 1})(v, x)
+  with pytest.raises(ValueError, match="params/c1/kernel has rank 6"):
+    jlr.factorized(model.apply, ranks={"c1/kernel": 7})(v, x)
+  dense = jlr.merge(v)  # ranks on a model with no LowRank leaf: not silently ignored
+  with pytest.raises(ValueError, match="no LowRank leaves.*none"):
+    jlr.factorized(model.apply, ranks={"c1/kernel": 1})(dense, x)
