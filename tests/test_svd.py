@@ -153,3 +153,53 @@ def test_gram_svd_is_optimal_where_float32_resolves_it_and_falls_back_where_not(
   both = jnp.asarray(np.stack([flat, steep]))
   for got, want in zip(svd._gram_svd(both, r), svd.wide_svd(both)):
     np.testing.assert_array_equal(got, want)
+
+
+# --------------------------------------------------------------------- small-side Gram path
+
+
+@pytest.mark.parametrize("shape", [(2, 64, 256), (2, 256, 64)])  # wide and tall, batched
+def test_randomized_takes_the_small_side_gram_where_cheaper_and_is_optimal(shape):
+  """At a high rank of a rectangular kernel the eigh of the ``64 x 64`` Gram replaces the
+  sketch (cost model), and the result is the Eckart-Young optimum (numpy float64 SVD)."""
+  m, n = shape[-2:]
+  r = int(0.5 * m * n / (m + n))
+  assert svd._gram_is_cheaper(m, n, r, r + 10, 2)  # this test covers the Gram path
+  assert not svd._gram_is_cheaper(64, 64, 16, 26, 2)  # square: the sketch
+  a = np.random.default_rng(5).normal(size=shape)
+  u, s, vt = jax.jit(lambda a: svd.randomized(a, r, jax.random.key(0)))(jnp.asarray(a, jnp.float32))
+  chex.assert_shape((u, s, vt), (shape[:1] + (m, r), shape[:1] + (r,), shape[:1] + (r, n)))
+  chex.assert_type((u, s, vt), jnp.float32)
+  for i in range(shape[0]):
+    err = np.linalg.norm(a[i] - np.asarray((u[i] * s[i]) @ vt[i]))
+    np.testing.assert_allclose(err, optimal_error(a[i], r), rtol=1e-4)
+    np.testing.assert_allclose(s[i], np.linalg.svd(a[i], compute_uv=False)[:r], rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(u[i]).T @ np.asarray(u[i]), np.eye(r), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(vt[i]) @ np.asarray(vt[i]).T, np.eye(r), atol=1e-5)
+
+
+def test_small_side_gram_falls_back_to_the_sketch_where_float32_cannot_resolve_it():
+  """Low rank plus 1e-5 noise: the Gram's tail is below float32 rounding, so the batch
+  takes the sketch (same key: the same approximation as the sketch alone, up to the
+  rounding of the noise directions), within 1.05x optimal."""
+  rng = np.random.default_rng(6)
+  a = np.stack([rng.normal(size=(64, 4)) @ rng.normal(size=(4, 256)) + 1e-5 * rng.normal(size=(64, 256))
+                for _ in range(2)]).astype(np.float32)
+  r = int(0.5 * 64 * 256 / 320)
+  key = jax.random.key(3)
+  got = svd.randomized(jnp.asarray(a), r, key)
+  lam = np.linalg.svd(a.astype(np.float64), compute_uv=False) ** 2
+  assert not np.asarray(svd._gram_resolves(jnp.asarray(lam, jnp.float32), r, 256,
+                                            slack=svd._FULL_GRAM_SLACK)).any()
+  real = svd._gram_is_cheaper
+  try:
+    svd._gram_is_cheaper = lambda *args: False
+    sketch = svd.randomized(jnp.asarray(a), r, key)
+  finally:
+    svd._gram_is_cheaper = real
+  approx = lambda f: np.asarray((f[0] * f[1][..., None, :]) @ f[2])  # noqa: E731
+  np.testing.assert_allclose(approx(got), approx(sketch), atol=1e-5 * np.abs(a).max())
+  np.testing.assert_allclose(got[1][:, :4], sketch[1][:, :4], rtol=1e-5)
+  for i in range(2):
+    err = np.linalg.norm(a[i] - np.asarray((got[0][i] * got[1][i]) @ got[2][i]))
+    assert err <= 1.05 * optimal_error(a[i].astype(np.float64), r)
