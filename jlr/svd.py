@@ -215,9 +215,9 @@ def _gram_is_cheaper(m: int, n: int, rank: int, width: int, n_iter: int) -> bool
   the sketch's ``(2 + 2 n_iter) 2 m n w`` products run at ~0.3 of the matmul peak, the
   Gram ``2 M N^2`` and ``2 M N r`` products at ~0.7, and XLA CPU's eigh costs ~``33 N^3``.
   Only on CPU: elsewhere eigh is relatively slower still."""
-  if jax.default_backend() != "cpu":
-    return False
   big, small = max(m, n), min(m, n)
+  if jax.default_backend() != "cpu" or rank >= small:  # full rank: no tail to test
+    return False
   sketch = (2 + 2 * n_iter) * 2 * m * n * width / 0.3
   gram = (2 * big * small * small + 2 * big * small * rank) / 0.7 + 33 * small ** 3
   return gram < sketch

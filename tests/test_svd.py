@@ -166,6 +166,7 @@ def test_randomized_takes_the_small_side_gram_where_cheaper_and_is_optimal(shape
   r = int(0.5 * m * n / (m + n))
   assert svd._gram_is_cheaper(m, n, r, r + 10, 2)  # this test covers the Gram path
   assert not svd._gram_is_cheaper(64, 64, 16, 26, 2)  # square: the sketch
+  assert not svd._gram_is_cheaper(m, n, min(m, n), min(m, n), 2)  # full rank: nothing to test
   a = np.random.default_rng(5).normal(size=shape)
   u, s, vt = jax.jit(lambda a: svd.randomized(a, r, jax.random.key(0)))(jnp.asarray(a, jnp.float32))
   chex.assert_shape((u, s, vt), (shape[:1] + (m, r), shape[:1] + (r,), shape[:1] + (r, n)))
