@@ -51,7 +51,6 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import jlr  # noqa: E402
-import jlr.flax  # noqa: E402
 from jlr import lod  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")

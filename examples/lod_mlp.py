@@ -7,8 +7,8 @@ low-rank ordered decomposition of Horvath et al. (Maestro, arXiv 2308.14929):
    factors ``u = P sqrt(S)``, ``v = sqrt(S) Q^T`` (the model is unchanged at step 0).
 2. Every step samples an ordered-dropout sub-network ``lod.sample_ranks(params, key)``
    (``--sampler``: by default one layer at a random rank ``b``, the others full) and
-   minimizes ``cross-entropy(jlr.flax.apply(model, sub, x)) + lam * lod.group_lasso(params)``
-   with Adam, the gradient taken w.r.t. the full factors.
+   minimizes ``cross-entropy(jlr.factorized(model.apply, ranks=...)(params, x))
+   + lam * lod.group_lasso(params)`` with Adam, the gradient taken w.r.t. the full factors.
 3. After the warm-up epoch, every epoch ends with ``lod.shrink(params, eps, multiple=8)``
    (components whose importance ``||u[:, j:]|| ||v[j:, :]|| < eps`` go) and the Adam
    moments are sliced alike (``lod.slice_opt_state``).

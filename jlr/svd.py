@@ -128,13 +128,16 @@ def _gram_svd(b: jax.Array, rank: int):
   lam, e = jnp.linalg.eigh(b @ jnp.swapaxes(b, -1, -2))
   lam, e = lam[..., ::-1], e[..., ::-1]
 
-  def gram(b, e):
-    svt = jnp.swapaxes(e, -1, -2) @ b
-    s = jnp.linalg.norm(svt, axis=-1)
-    return e, s, svt / jnp.maximum(s, jnp.finfo(b.dtype).tiny)[..., None]
-
   resolved = jnp.all(_gram_resolves(lam, rank, b.shape[-1]))
-  return lax.cond(resolved, gram, lambda b, e: wide_svd(b), b, e)
+  return lax.cond(resolved, _eigvec_svd, lambda b, e: wide_svd(b), b, e)
+
+
+def _eigvec_svd(b: jax.Array, e: jax.Array):
+  """``(e, s, vt)`` with ``E E^T B = e diag(s) vt`` for eigenvectors ``e`` of ``B B^T``:
+  ``s = ||E^T B||`` by rows, ``vt = E^T B / s``."""
+  svt = jnp.swapaxes(e, -1, -2) @ b
+  s = jnp.linalg.norm(svt, axis=-1)
+  return e, s, svt / jnp.maximum(s, jnp.finfo(b.dtype).tiny)[..., None]
 
 
 def _gram_resolves(lam: jax.Array, rank: int, n: int, slack: float = 1.0) -> jax.Array:
@@ -236,11 +239,7 @@ def _small_side_gram_svd(a: jax.Array, rank: int, *, fallback):
   lam, e = lam[..., ::-1], e[..., ::-1]
 
   def gram(a, e):
-    b = a if wide else jnp.swapaxes(a, -1, -2)
-    e = e[..., :rank]
-    svt = jnp.swapaxes(e, -1, -2) @ b
-    s = jnp.linalg.norm(svt, axis=-1)
-    vt = svt / jnp.maximum(s, jnp.finfo(b.dtype).tiny)[..., None]
+    e, s, vt = _eigvec_svd(a if wide else jnp.swapaxes(a, -1, -2), e[..., :rank])
     return (e, s, vt) if wide else (jnp.swapaxes(vt, -1, -2), s, jnp.swapaxes(e, -1, -2))
 
   resolved = jnp.all(_gram_resolves(lam, rank, b.shape[-1], slack=_FULL_GRAM_SLACK))

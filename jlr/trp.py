@@ -137,9 +137,14 @@ def warm_low_rank_point(w, layout: Layout, rule, basis, *, n_iter: int = 0):
   return layout.from_matrix(_kept_matrix(u, keep, svt)).astype(w.dtype), basis
 
 
+def _kept_columns(u, keep):
+  """``U_k``: the columns of ``u`` the rule keeps, the others zeroed (static shapes)."""
+  return u * keep[..., None, :].astype(u.dtype)
+
+
 def _kept_matrix(u, keep, svt):
   """``U_k S_k V_k^T = U_k U_k^T Q^T W``: the kept components of :func:`_warm_kept`."""
-  return (u * keep[..., None, :].astype(u.dtype)) @ svt
+  return _kept_columns(u, keep) @ svt
 
 
 def _subgradient_factor(u, keep, s):
@@ -371,7 +376,7 @@ def _warm_trp(optimizer, every, rule, strength, select, layout, width, n_iter
       mat = lay.to_matrix(flat[p]).astype(jnp.float32)
       keep = rule.mask(lay, s, jnp.sum(jnp.square(mat), axis=(-2, -1)))
       bases[p] = jnp.swapaxes(vt, -1, -2)
-      nuclear[p] = u * keep[..., None, :].astype(u.dtype)
+      nuclear[p] = _kept_columns(u, keep)
     return WarmTRPChainState(jnp.zeros([], jnp.int32), optimizer.init(params), bases, nuclear)
 
   def update(grads, state, params=None):
@@ -404,7 +409,7 @@ def _warm_trp(optimizer, every, rule, strength, select, layout, width, n_iter
         u, keep, _, svt, bases[p] = _warm_kept(w, lay, rule, bases[p], n_iter)
         point = lay.from_matrix(_kept_matrix(u, keep, svt)).astype(w.dtype)
         new_u[p] = (point - flat_p[p]).astype(flat_u[p].dtype)
-        nuclear[p] = u * keep[..., None, :].astype(u.dtype)
+        nuclear[p] = _kept_columns(u, keep)
       out = jax.tree_util.tree_map_with_path(lambda kp, x: new_u.get(path_str(kp), x), updates)
       return out, bases, nuclear
 
