@@ -19,6 +19,32 @@ def compute_dtype(dtype):
   return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
 
 
+def sequenced(x, after):
+  """``x`` (a pytree), made to wait for ``after`` (a pytree, or ``None``: no wait) inside
+  one XLA program, unchanged in value.
+
+  jaxlib 0.10's CPU LAPACK kernels (QR, Cholesky, ...) split a batched call over the
+  intra-op thread pool and block a pool thread until the pieces finish; independent
+  batched calls that XLA CPU runs side by side fill the pool and deadlock (a jitted
+  ``factorize`` of a BERT tree hung for good on 2 cores). jlr's programs with several
+  decompositions chain them through this. ``lax.optimization_barrier`` does not order
+  XLA CPU's thunks, which follow buffers; an elementwise read of one element of
+  ``after`` does: ``x + 0``, with the zero an always-false comparison XLA cannot fold
+  (NaN-safe, where ``0 * a`` is not). Outside a trace it returns ``x``: eager calls are
+  programs of their own, run in dispatch order."""
+  leaves = jax.tree_util.tree_leaves(after)
+  if not leaves or not any(isinstance(y, jax.core.Tracer) for y in jax.tree_util.tree_leaves(x)):
+    return x  # eager calls are programs of their own, run in dispatch order
+  d = jnp.ravel(leaves[0])[0]
+  never = (d != d) & (d == d)
+
+  def wait(y):
+    if not jnp.issubdtype(jnp.result_type(y), jnp.inexact):
+      return y
+    return y + jnp.where(never, 1, 0).astype(jnp.result_type(y))
+  return jax.tree_util.tree_map(wait, x)
+
+
 def svdvals(a: jax.Array) -> jax.Array:
   """Singular values of ``(..., m, n)``, descending."""
   a = a.astype(compute_dtype(a.dtype))
@@ -34,59 +60,40 @@ def exact(a: jax.Array, rank: int | None = None):
   return u, s, vt
 
 
-def _cholesky_qr(x: jax.Array, rel, *, rows: bool = False) -> jax.Array:
-  """One (shifted) CholeskyQR pass: ``X L^-T`` with ``L L^T = X^T X + s I`` for the
-  columns of a tall ``x``, or ``L^-1 X`` with ``L L^T = X X^T + s I`` for the rows of a
-  wide one (the same pass on ``X^T``, with no transposed operand); ``s = rel tr(G)``.
-  The ``w x w`` factor is inverted explicitly: a batched product with it runs ~2x faster
-  than the tall triangular solve on XLA CPU (24 x 384 x 58: 1.8 vs 3.1 ms)."""
-  g = x @ jnp.swapaxes(x, -1, -2) if rows else jnp.swapaxes(x, -1, -2) @ x
-  eye = jnp.eye(g.shape[-1], dtype=x.dtype)
-  tr = jnp.trace(g, axis1=-2, axis2=-1)[..., None, None]
-  l = jnp.linalg.cholesky(g + (rel * tr + jnp.finfo(x.dtype).tiny) * eye)
-  l_inv = lax.linalg.triangular_solve(l, jnp.broadcast_to(eye, l.shape), left_side=True,
-                                      lower=True)
-  return l_inv @ x if rows else x @ jnp.swapaxes(l_inv, -1, -2)
-
-
-def _well_conditioned(x: jax.Array, *, rows: bool = False) -> jax.Array:
-  """A basis of the same span, singular values within ~6% of 1: shifted CholeskyQR (shift
-  ``1e-6 tr(G)``: ``cond <= ~10^3``) and one CholeskyQR pass (orthogonality error ``eps
-  cond^2``). What a power iteration needs between products; :func:`orthonormal` adds
-  the third pass that makes ``Q^T Q = I`` to rounding."""
-  eps = jnp.finfo(x.dtype).eps
-  return _cholesky_qr(_cholesky_qr(x, 1e-6, rows=rows), eps, rows=rows)
-
-
-def orthonormal(y: jax.Array) -> jax.Array:
-  """An orthonormal basis of the columns of tall ``y`` (``(*batch, m, w)``, ``m >= w``).
-
-  Shifted CholeskyQR, then CholeskyQR2 (Fukaya, Kannan, Nakatsukasa, Yamamoto & Yanagisawa,
-  SIAM J. Sci. Comput. 2020): ``Q = Y L^-T`` with ``L L^T = Y^T Y + s I``, three times.
-  The first shift (``1e-6 ||Y||_F^2``) bounds ``cond(Q)`` by ~``10^3``, so the next two
-  passes give ``Q^T Q = I`` to float32 rounding. Three ``w x w`` Cholesky factorizations,
-  Gram products and products with the inverted ``w x w`` factor replace a Householder QR,
-  several times faster on XLA CPU for sketch widths. Directions of ``Y`` below ~``1e-6``
-  of its largest singular value (float32 noise in a sketch) come out shrunk instead of
-  normalized. Jittable.
-  """
-  return _cholesky_qr(_well_conditioned(y), jnp.finfo(y.dtype).eps)
+def _lu_basis(x: jax.Array, *, rows: bool = False) -> jax.Array:
+  """A basis of the same span as the columns of a tall ``x`` (``(*batch, m, w)``), or of
+  the rows of a wide one with ``rows``: the unit lower-trapezoidal factor ``L`` of the
+  partially pivoted ``P X = L U``, rows put back in ``X``'s order (``X = P^T L U``, ``U``
+  invertible where ``X`` has full rank). Pivoting bounds ``|L_ij| <= 1`` with a unit
+  diagonal, so every direction of ``X``, however small, comes out at unit scale: what a
+  power iteration needs between products, at ``m w^2`` FLOPs -- one LAPACK ``getrf``,
+  no Gram or product -- where CholeskyQR2 costs ``8 m w^2`` and a Householder QR with
+  its explicit ``Q`` ``4 m w^2`` in slow, noisy LAPACK calls on XLA CPU (24 x 384 x 58:
+  1.6 ms against 8 ms and 6-36 ms). Li, Linderman, Szlam, Stanton, Kluger & Tygert,
+  "Algorithm 971: An implementation of a randomized algorithm for principal component
+  analysis", ACM TOMS 2017, normalize the same way."""
+  if rows:
+    return jnp.swapaxes(_lu_basis(jnp.swapaxes(x, -1, -2)), -1, -2)
+  packed, _, perm = lax.linalg.lu(x)
+  m, w = x.shape[-2:]
+  l = jnp.tril(packed[..., :w], -1) + jnp.eye(m, w, dtype=x.dtype)
+  return jnp.take_along_axis(l, jnp.argsort(perm, axis=-1)[..., None], axis=-2)
 
 
 def range_basis(a: jax.Array, start: jax.Array, *, n_iter: int = 2) -> jax.Array:
   """An orthonormal ``(*batch, m, w)`` basis ``Q`` of the dominant range of ``a`` found
   from ``start`` (``(*batch, n, w)``): ``Q = orth(A Omega)`` after ``n_iter`` rounds
-  ``Y <- A Z^T`` with ``Z = wc(wc(Y)^T A)`` (Halko, Martinsson & Tropp 2011, Alg. 4.4).
+  ``Y <- A Z^T`` with ``Z = lu(lu(Y)^T A)`` (Halko, Martinsson & Tropp 2011, Alg. 4.4).
 
-  Between products the basis only has to span the right space and be well conditioned
-  (``wc``: :func:`_well_conditioned`, two CholeskyQR passes, not three); the last
-  ``orth`` is a Householder QR, so every direction of ``Q`` is normalized. The row-space
-  iterate ``Z`` is kept as ``w x n`` rows, so both products are plain or ``A``-rhs
-  transposed GEMMs (``A^T Y`` as such is 1.5-2x slower on XLA CPU for wide ``A``).
-  Cost ``O(m n w (1 + 2 n_iter))`` matmul FLOPs. Jittable."""
+  Between products the basis only has to span the right space at a scale float32 keeps
+  (``lu``: :func:`_lu_basis`, the pivoted LU's ``L``); the last ``orth`` is a Householder
+  QR, so every direction of ``Q`` is normalized. The row-space iterate ``Z`` is kept as
+  ``w x n`` rows, so both products are plain or ``A``-rhs transposed GEMMs (``A^T Y`` as
+  such is 1.5-2x slower on XLA CPU for wide ``A``). Cost ``O(m n w (1 + 2 n_iter))``
+  matmul FLOPs. Jittable."""
   y = a @ start
   for _ in range(n_iter):
-    z = _well_conditioned(jnp.swapaxes(_well_conditioned(y), -1, -2) @ a, rows=True)
+    z = _lu_basis(jnp.swapaxes(_lu_basis(y), -1, -2) @ a, rows=True)
     y = a @ jnp.swapaxes(z, -1, -2)
   q, _ = jnp.linalg.qr(y)
   return q
@@ -185,7 +192,7 @@ def randomized(a: jax.Array, rank: int, key: jax.Array, *, oversample: int = 10,
   """Randomized truncated SVD (Halko, Martinsson & Tropp 2011, Alg. 4.4 + 5.1).
 
   A Gaussian sketch ``Y = A Omega`` with ``rank + oversample`` columns finds the range
-  of ``A``; ``n_iter`` rounds of re-orthonormalized subspace iteration sharpen it for
+  of ``A``; ``n_iter`` rounds of LU-normalized subspace iteration sharpen it for
   slowly decaying spectra (:func:`subspace_svd`). Cost O(m n (rank + oversample)
   (2 + 2 n_iter)), and no intermediate is larger than the input. ``key`` is one PRNG
   key for the whole batch, or typed keys for its leading axes (``key.shape`` a prefix
@@ -271,7 +278,7 @@ def of_product(u: jax.Array, v: jax.Array):
   """
   dt = compute_dtype(u.dtype)
   qu, ru = jnp.linalg.qr(u.astype(dt))
-  qv, rv = jnp.linalg.qr(jnp.swapaxes(v, -1, -2).astype(dt))
+  qv, rv = jnp.linalg.qr(sequenced(jnp.swapaxes(v, -1, -2).astype(dt), ru))
   p, s, wt = jnp.linalg.svd(ru @ jnp.swapaxes(rv, -1, -2), full_matrices=False)
   return qu @ p, s, wt @ jnp.swapaxes(qv, -1, -2)
 

@@ -393,6 +393,7 @@ def factorize(params, rank=None, *, select=None, layout=None, method: str = "svd
   leaves, treedef = _leaves(params)
   out = [leaf for _, leaf in leaves]
   opts = dict(method=method, split=split, oversample=oversample, n_iter=n_iter)
+  prev = None  # under an outer jit, each call waits for the last one's (svd.sequenced)
   groups: dict[tuple, list[int]] = {}
   for i, (path, leaf) in enumerate(leaves):
     entry = the_plan.get(path)
@@ -400,8 +401,8 @@ def factorize(params, rank=None, *, select=None, layout=None, method: str = "svd
       continue
     r_w, r_inv = _whitening(stats, path, entry.layout, entry.batch_shape, damping)
     if r_w is not None:  # data-aware: its own whitener, its own call
-      out[i] = _factor(leaf, None, r_w, r_inv, layout=entry.layout, rank=entry.rank,
-                       nested=nested, **opts)
+      out[i] = prev = _factor(svd_lib.sequenced(leaf, prev), None, r_w, r_inv,
+                              layout=entry.layout, rank=entry.rank, nested=nested, **opts)
       continue
     group = (entry.layout, entry.rank, tuple(jnp.shape(leaf)), jnp.result_type(leaf))
     groups.setdefault(group, []).append(i)
@@ -414,11 +415,12 @@ def factorize(params, rank=None, *, select=None, layout=None, method: str = "svd
       if len(chunk) == 1:
         i = chunk[0]
         k = None if key is None else jax.random.fold_in(key, i)
-        out[i] = _factor(leaves[i][1], k, None, None, layout=lay, rank=r, **opts)
+        out[i] = prev = _factor(svd_lib.sequenced(leaves[i][1], prev), k, None, None,
+                                layout=lay, rank=r, **opts)
         continue
-      uvs = _factor_stack(tuple(leaves[i][1] for i in chunk), key,
-                          None if key is None else np.asarray(chunk, np.int32),
-                          layout=lay, rank=r, **opts)
+      ws = svd_lib.sequenced(tuple(leaves[i][1] for i in chunk), prev)
+      uvs = prev = _factor_stack(ws, key, None if key is None else np.asarray(chunk, np.int32),
+                                 layout=lay, rank=r, **opts)
       for (u, v), i in zip(uvs, chunk):
         out[i] = LowRank(u, v, lay)
   return follow(jax.tree_util.tree_unflatten(treedef, out), params)
@@ -462,9 +464,10 @@ def truncate(params, rank, *, split: str = "balanced"):
     items.append((path, leaf.layout, rule, lambda leaf=leaf: svd_lib.of_product(leaf.u, leaf.v)[1]))
     where.append(i)
   out = [x for _, x in leaves]
+  prev = None  # under an outer jit, each re-truncation waits for the last (svd.sequenced)
   for (path, *_), i, r in zip(items, where, _resolve(items, "truncate")):
     f = out[i]
     if r > f.rank:
       raise ValueError(f"{path}: cannot truncate a rank-{f.rank} LowRank to rank {r}")
-    out[i] = _retruncate(f, rank=r, split=split)
+    out[i] = prev = _retruncate(svd_lib.sequenced(f, prev), rank=r, split=split)
   return follow(jax.tree_util.tree_unflatten(treedef, out), params)

@@ -181,12 +181,19 @@ def _on_schedule(count, every: int):
 
 
 def _map_selected(fn, targets, *trees, with_path: bool = False):
+  """``fn`` on the selected leaves, each call after the previous (:func:`jlr.svd.sequenced`:
+  independent batched LAPACK calls side by side can deadlock XLA CPU)."""
+  prev = None
+
   def leaf(kp, *xs):
+    nonlocal prev
     path = path_str(kp)
     t = targets.get(path)
     if t is None:
       return xs[0]
-    return fn(path, t[0], *xs) if with_path else fn(t[0], *xs)
+    xs = svd_lib.sequenced(xs, prev)
+    prev = fn(path, t[0], *xs) if with_path else fn(t[0], *xs)
+    return prev
   return jax.tree_util.tree_map_with_path(leaf, *trees)
 
 
@@ -262,7 +269,9 @@ def _warm_transform(every, select, layout, width, leaf_fn) -> optax.GradientTran
 
   def init(params):
     targets = _targets(params, select, layout)
-    bases = {p: warm_basis(w, lay, k) for p, (lay, w, k) in widths(targets, params).items()}
+    bases, prev = {}, None
+    for p, (lay, w, k) in widths(targets, params).items():  # one after another (_map_selected)
+      bases[p] = prev = warm_basis(svd_lib.sequenced(w, prev), lay, k)
     return WarmTRPState(jnp.zeros([], jnp.int32), bases)
 
   def update(updates, state, params=None):
@@ -273,9 +282,10 @@ def _warm_transform(every, select, layout, width, leaf_fn) -> optax.GradientTran
     def on_schedule(args):
       updates, bases = args
       flat_u = {path_str(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(updates)[0]}
-      new_updates, new_bases = {}, {}
-      for p, (lay, w, _) in widths(targets, params).items():
-        new_updates[p], new_bases[p] = leaf_fn(lay, w, flat_u[p], bases[p])
+      new_updates, new_bases, prev = {}, {}, None
+      for p, (lay, w, _) in widths(targets, params).items():  # one after another (_map_selected)
+        prev = new_updates[p], new_bases[p] = leaf_fn(lay, w, flat_u[p],
+                                                      svd_lib.sequenced(bases[p], prev))
       out = jax.tree_util.tree_map_with_path(
           lambda kp, u: new_updates.get(path_str(kp), u), updates)
       return out, new_bases
@@ -368,10 +378,10 @@ def _warm_trp(optimizer, every, rule, strength, select, layout, width, n_iter
   def init(params):
     targets = _targets(params, select, layout)
     flat = {path_str(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-    bases, nuclear = {}, {}
-    for p, (lay, _) in targets.items():
+    bases, nuclear, prev = {}, {}, None
+    for p, (lay, _) in targets.items():  # one after another (_map_selected)
       k = min(width, lay.max_rank)
-      u, s, vt = _svd(flat[p], lay)
+      u, s, vt = prev = _svd(svd_lib.sequenced(flat[p], prev), lay)
       u, s, vt = u[..., :k], s[..., :k], vt[..., :k, :]
       mat = lay.to_matrix(flat[p]).astype(jnp.float32)
       keep = rule.mask(lay, s, jnp.sum(jnp.square(mat), axis=(-2, -1)))
@@ -403,10 +413,11 @@ def _warm_trp(optimizer, every, rule, strength, select, layout, width, n_iter
       updates, bases, nuclear = args
       flat_u = {path_str(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(updates)[0]}
       flat_p = {path_str(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-      new_u, bases, nuclear = {}, dict(bases), dict(nuclear)
-      for p, (lay, _) in targets.items():
+      new_u, bases, nuclear, prev = {}, dict(bases), dict(nuclear), None
+      for p, (lay, _) in targets.items():  # one after another (_map_selected)
         w = flat_p[p] + flat_u[p]
-        u, keep, _, svt, bases[p] = _warm_kept(w, lay, rule, bases[p], n_iter)
+        u, keep, _, svt, bases[p] = prev = _warm_kept(
+            w, lay, rule, svd_lib.sequenced(bases[p], prev), n_iter)
         point = lay.from_matrix(_kept_matrix(u, keep, svt)).astype(w.dtype)
         new_u[p] = (point - flat_p[p]).astype(flat_u[p].dtype)
         nuclear[p] = _kept_columns(u, keep)

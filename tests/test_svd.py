@@ -88,17 +88,36 @@ def test_regression_reduces_to_weighted_and_solves_shifted_least_squares():
 
 
 @pytest.mark.parametrize("cond", [1.0, 1e3, 1e5])
-def test_orthonormal_spans_the_columns_with_orthonormal_q(cond):
-  """Shifted CholeskyQR2 against numpy's Householder QR: same span, Q^T Q = I."""
+def test_lu_basis_spans_the_columns_and_rows_at_unit_scale(cond):
+  """The pivoted LU's L against numpy's Householder QR: the same span (all principal
+  angles ~0), entries bounded by 1, a unit entry per column; rows of a wide matrix alike."""
   rng = np.random.default_rng(0)
-  p, _ = np.linalg.qr(rng.normal(size=(400, 40)))
-  r, _ = np.linalg.qr(rng.normal(size=(40, 40)))
+  p, _ = np.linalg.qr(rng.normal(size=(3, 400, 40)))
+  r, _ = np.linalg.qr(rng.normal(size=(3, 40, 40)))
   y = (p * np.logspace(0, -np.log10(cond), 40)) @ r
-  q = np.asarray(svd.orthonormal(jnp.asarray(y, jnp.float32)), np.float64)
-  chex.assert_shape(q, (400, 40))
-  np.testing.assert_allclose(q.T @ q, np.eye(40), atol=5e-5)
-  qn, _ = np.linalg.qr(y)
-  np.testing.assert_allclose(np.abs(np.linalg.svd(qn.T @ q, compute_uv=False)), 1.0, atol=1e-3)
+  for x, rows in ((y, False), (np.swapaxes(y, -1, -2), True)):
+    basis = np.asarray(svd._lu_basis(jnp.asarray(x, jnp.float32), rows=rows), np.float64)
+    chex.assert_shape(basis, x.shape)
+    cols = np.swapaxes(basis, -1, -2) if rows else basis
+    assert np.abs(cols).max() <= 1 + 1e-6
+    np.testing.assert_allclose(np.abs(cols).max(-2), 1.0, atol=1e-6)
+    q, _ = np.linalg.qr(cols)
+    cosines = np.linalg.svd(np.swapaxes(np.linalg.qr(y)[0], -1, -2) @ q, compute_uv=False)
+    np.testing.assert_allclose(cosines, 1.0, atol=1e-3)
+
+
+def test_randomized_keeps_a_steep_spectrum_optimal():
+  """``s_i = e^{-i/6}``: the two power iterations amplify ``s_1 / s_w`` by ``e^{40}``, far
+  past float32; the LU normalization between products keeps the tail resolved."""
+  rng = np.random.default_rng(3)
+  u, _ = np.linalg.qr(rng.normal(size=(300, 200)))
+  v, _ = np.linalg.qr(rng.normal(size=(200, 200)))
+  s = np.exp(-np.arange(200) / 6.0)
+  a = (u * s) @ v.T
+  for r in (10, 30):
+    uu, ss, vt = svd.randomized(jnp.asarray(a, jnp.float32), r, jax.random.key(0))
+    err = np.linalg.norm(a - np.asarray((uu * ss) @ vt, np.float64))
+    assert err <= 1.05 * np.sqrt(np.sum(s[r:] ** 2)), (r, err)
 
 
 def test_randomized_of_a_rank_deficient_matrix_is_finite_and_exact():

@@ -161,6 +161,37 @@ def test_jit_with_static_rank():
     jax.jit(lambda q: jlr.factorize(q, ranks.energy(0.9)))(p)
 
 
+_JITTED_TREE = """
+import jax, jax.numpy as jnp, numpy as np, jlr
+rng = np.random.default_rng(0)
+shapes = [(384, 384)] * 12 + [(384, 1536)] * 8 + [(1536, 384)] * 8
+tree = {f"l{i}": {"kernel": jnp.asarray(rng.normal(size=s), jnp.float32)} for i, s in enumerate(shapes)}
+key = jax.random.key(0)
+rule = jlr.ranks.ratio(0.25)
+f = jax.jit(lambda t: jlr.factorize(t, rule, method="randomized", key=key))(tree)
+g = jlr.factorize(tree, rule, method="randomized", key=key)
+t = jax.jit(lambda t: jlr.truncate(t, jlr.ranks.ratio(0.1)))(g)
+for k in tree:
+  np.testing.assert_allclose(f[k]["kernel"].matrix(), g[k]["kernel"].matrix(), atol=2e-4)
+  assert t[k]["kernel"].rank < g[k]["kernel"].rank
+print("done")
+"""
+
+
+def test_jitted_factorize_of_many_batched_kernels_finishes_and_equals_eager():
+  """Three same-shape groups of batched randomized SVDs (and batched QRs in truncate) in
+  one jitted program: jaxlib 0.10's CPU LAPACK kernels deadlocked when XLA ran such
+  calls side by side (``jlr.svd.sequenced``). In a subprocess, so a hang fails the test."""
+  import os
+  import subprocess
+  import sys
+
+  env = dict(os.environ, XLA_FLAGS="")  # the pool XLA CPU sizes from the cores, as users run
+  out = subprocess.run([sys.executable, "-c", _JITTED_TREE], capture_output=True, text=True,
+                       timeout=300, env=env)
+  assert out.returncode == 0 and "done" in out.stdout, out.stderr[-2000:]
+
+
 def test_truncate_is_optimal_for_the_product_and_cannot_grow():
   p = {"kernel": rnd((40, 30))}
   f = jlr.factorize(p, 12)
