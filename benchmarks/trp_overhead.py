@@ -24,6 +24,11 @@ Variants, each a jitted ``train_step`` (``jlr.train``) on a fixed random batch:
 * ``trp_warm_nuclear`` -- ``trp(..., nuclear=3e-4, method="warm")``: the full TRP as one
   transform; the nuclear norm's ``U_k V_k^T`` is the projected point's, from the
   projection's own SVD, added on the step after it (no second SVD, no exact SVD).
+* ``trp_warm_step`` -- the ``plain`` step, and every 20th step the same warm projection
+  as its own jitted step (``jlr.trp.projection``, scheduled by the loop's step counter):
+  no ``lax.cond`` in the 19 plain steps;
+* ``trp_warm_step_nuclear`` -- the same with ``shrink = lr * 3e-4``: the nuclear norm as
+  its proximal step (singular value thresholding) on the projected point.
 
 A *window* is 20 consecutive steps (exactly one projection step). Every repeat times
 one window of each variant in turn (interleaved, so load from other processes hits all
@@ -72,7 +77,7 @@ from jlr.train import TrainState, train_step  # noqa: E402
 from resnet import BLOCK_CONVS, ResNet  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-EVERY, ENERGY, NUCLEAR = 20, 0.9, 3e-4
+EVERY, ENERGY, NUCLEAR, LR = 20, 0.9, 3e-4, 0.01
 
 
 class MLP(nn.Module):
@@ -89,7 +94,7 @@ class MLP(nn.Module):
 
 
 def variants(select, layout, max_rank: int) -> dict[str, optax.GradientTransformation]:
-  sgd = optax.sgd(0.01, momentum=0.9)
+  sgd = optax.sgd(LR, momentum=0.9)
   rule = jlr.ranks.energy(ENERGY)
   return {
       "plain": sgd,
@@ -106,6 +111,23 @@ def variants(select, layout, max_rank: int) -> dict[str, optax.GradientTransform
                                       select=select, layout=layout, method="warm",
                                       max_rank=max_rank),
   }
+
+
+class HostScheduled:
+  """``step`` (a jitted plain train step), then ``jlr.trp.projection`` as its own jitted
+  step after every ``EVERY``-th: the schedule from the loop's own counter, no device read."""
+
+  def __init__(self, step, proj: jlr.trp.Projection, params):
+    self.step, self.project, self.t = step, jax.jit(proj.apply), 0
+    self.pstate = proj.init(params)
+
+  def __call__(self, state, batch):
+    state, metrics = self.step(state, batch)
+    self.t += 1
+    if self.t % EVERY == 0:
+      params, self.pstate = self.project(state.params, self.pstate)
+      state = state.replace(params=params)
+    return state, metrics
 
 
 def make_case(name: str, batch: int, seed: int = 0):
@@ -137,6 +159,12 @@ def build_steps(model, variables, select, layout, max_rank):
   for vname, tx in variants(select, layout, max_rank).items():
     state = TrainState.create(params, tx, key=jax.random.key(0), extra=extra)
     out[vname] = [jax.jit(train_step(loss_fn, tx)), state]
+  rule, sgd = jlr.ranks.energy(ENERGY), variants(select, layout, max_rank)["plain"]
+  for vname, shrink in (("trp_warm_step", 0.0), ("trp_warm_step_nuclear", LR * NUCLEAR)):
+    proj = jlr.trp.projection(rule, max_rank=max_rank, select=select, layout=layout,
+                              shrink=shrink)
+    step = HostScheduled(jax.jit(train_step(loss_fn, sgd)), proj, params)
+    out[vname] = [step, TrainState.create(params, sgd, key=jax.random.key(0), extra=extra)]
   return out
 
 
@@ -226,7 +254,8 @@ def main(argv=None) -> dict:
   for case, r in results.items():
     body.append([case, f"plain (batch {r['batch_size']})", f"{r['plain_window_s']:.3f}s", "1.00x",
                  "-", "-", f"{r['plain_step_ms']:.1f}ms", "-", "-"])
-    for k in ("trp", "trp_no_nuclear", "trp_randomized", "trp_warm", "trp_warm_nuclear"):
+    for k in ("trp", "trp_no_nuclear", "trp_randomized", "trp_warm", "trp_warm_nuclear",
+              "trp_warm_step", "trp_warm_step_nuclear"):
       v = r[k]
       label = k + (f" (max_rank {r['max_rank']})" if k.startswith(("trp_randomized", "trp_warm")) else "")
       body.append(["", label, f"{v['window_s']:.3f}s", f"{v['ratio']:.3f}x",

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlr import layouts as layouts_lib
+from jlr import ops
 from jlr import ranks as ranks_lib
 from jlr import svd as svd_lib
 from jlr.layouts import Layout
@@ -314,8 +315,28 @@ def plan(params, rank, *, select=None, layout=None, stats=None, damping: float =
 # ----------------------------------------------------------------------------- factorize
 
 
-@functools.partial(jax.jit, static_argnames=("layout", "rank", "method", "split", "oversample",
-                                             "n_iter", "nested"))
+def _compiled(**jit_kwargs):
+  """``jax.jit(fn, **jit_kwargs)`` under :func:`jlr.ops.compiler_options` of the backend it
+  runs on (one compiled function per backend). On CPU that turns XLA's YNNPACK library
+  fusions off: MiniLM's three kernel groups factorize 1.07x faster at ``ratio(0.25)``
+  (median of 20 interleaved pairs, 2 cores), level at ``ratio(0.5)``. Under an outer jit
+  the caller's options apply."""
+  def wrap(fn):
+    by_backend = {}
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+      backend = jax.default_backend()
+      if backend not in by_backend:
+        by_backend[backend] = jax.jit(fn, compiler_options=ops.compiler_options(backend),
+                                      **jit_kwargs)
+      return by_backend[backend](*args, **kwargs)
+    return call
+  return wrap
+
+
+@_compiled(static_argnames=("layout", "rank", "method", "split", "oversample", "n_iter",
+                            "nested"))
 def _factor(w, key, r_w, r_inv, *, layout, rank, method, split, oversample, n_iter,
             nested=False):
   mat = layout.to_matrix(w)
@@ -330,7 +351,7 @@ def _factor(w, key, r_w, r_inv, *, layout, rank, method, split, oversample, n_it
 _STACK_BYTES = 1 << 28  # stacked same-shape kernels per batched call: at most 256 MiB
 
 
-@functools.partial(jax.jit, static_argnames=("layout", "rank", "method", "split", "oversample", "n_iter"))
+@_compiled(static_argnames=("layout", "rank", "method", "split", "oversample", "n_iter"))
 def _factor_stack(ws, key, idx, *, layout, rank, method, split, oversample, n_iter):
   """:func:`_factor` of every kernel in the tuple ``ws`` as one program: stacked, batched,
   and handed back as one ``(u, v)`` per kernel. Leaf ``ws[j]`` of a randomized call uses

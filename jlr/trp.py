@@ -307,6 +307,80 @@ def _warm_project(every, rule, select, layout, width, n_iter) -> optax.GradientT
   return _warm_transform(every, select, layout, width, leaf)
 
 
+class Projection(NamedTuple):
+  """TRP's projection as a step of its own (:func:`projection`): ``init(params) -> state``,
+  ``apply(params, state) -> (params, state)``; both pure and jittable."""
+  init: Any
+  apply: Any
+
+
+def projection(rank: Any = ranks_lib.energy(0.9), *, max_rank: int | None = None,
+               select=None, layout=None, method: str = "warm", oversample: int = 10,
+               n_iter: int = 0, shrink: float = 0.0) -> Projection:
+  """``W <- D(W)`` for the selected kernels, as a jittable step that a training loop runs
+  every ``m`` steps -- TRP (Xu et al. 2018) with the schedule on the host.
+
+  The same projection as :func:`project` (``method="warm"``: warm-started from the last
+  projection's right singular basis, ``max_rank + oversample`` columns kept in the state;
+  ``"svd"``: exact, no state), without :func:`project`'s ``lax.cond`` in every optimizer
+  step: on XLA CPU that cond costs the plain steps between projections a copy of every
+  update and basis (+5% per step on the 1024-wide MLP, as much as the projections
+  themselves). The loop knows the step number, so it needs no device read::
+
+      proj = jlr.trp.projection(jlr.ranks.energy(0.9), max_rank=128)
+      pstate, project = proj.init(state.params), jax.jit(proj.apply)
+      for t in range(steps):
+        state = train_step(state, batch)
+        if (t + 1) % 20 == 0:
+          params, pstate = project(state.params, pstate)
+          state = state.replace(params=params)
+
+  ``shrink = lr * lambda`` also takes a proximal nuclear-norm step on the projected point,
+  ``D(W) = U_k S_k V_k^T -> U_k max(S_k - shrink, 0) V_k^T`` (singular value
+  thresholding, the proximal operator of ``shrink ||W||_*``: Cai, Candes & Shen 2010) --
+  TRP's nuclear-norm term ``lambda U_k V_k^T`` applied to the weights with the step size
+  instead of through the optimizer, so no momentum accumulates it.
+  """
+  if method not in ("warm", "svd"):
+    raise ValueError(f"projection method must be 'warm' or 'svd', got {method!r}")
+  if method == "warm" and max_rank is None:
+    raise ValueError("projection(method='warm') needs max_rank= (the largest rank the rule "
+                     "may keep)")
+  if shrink < 0:
+    raise ValueError(f"shrink must be >= 0, got {shrink}")
+  rule = ranks_lib.as_rule(rank)
+  width = None if max_rank is None else max_rank + oversample
+
+  def kernels(params):
+    flat = {path_str(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    return {p: (lay, flat[p]) for p, (lay, _) in _targets(params, select, layout).items()}
+
+  def init(params):
+    if method == "svd":
+      return {}
+    bases, prev = {}, None
+    for p, (lay, w) in kernels(params).items():  # one after another (_map_selected)
+      bases[p] = prev = warm_basis(svd_lib.sequenced(w, prev), lay, min(width, lay.max_rank))
+    return bases
+
+  def apply(params, bases):
+    new, bases, prev = {}, dict(bases), None
+    for p, (lay, w) in kernels(params).items():  # one after another (_map_selected)
+      w = svd_lib.sequenced(w, prev)
+      if method == "svd":
+        u, s, vt = _svd(w, lay)
+        keep, svt = rule.mask(lay, s), s[..., :, None] * vt
+      else:
+        u, keep, s, svt, bases[p] = _warm_kept(w, lay, rule, bases[p], n_iter)
+      tiny = jnp.finfo(s.dtype).tiny
+      scale = jnp.where(keep, jnp.maximum(s - shrink, 0.0) / jnp.maximum(s, tiny), 0.0)
+      new[p] = prev = lay.from_matrix((u * scale[..., None, :]) @ svt).astype(w.dtype)
+    out = jax.tree_util.tree_map_with_path(lambda kp, x: new.get(path_str(kp), x), params)
+    return out, bases
+
+  return Projection(init, apply)
+
+
 def nuclear_norm(strength: float, *, every: int = 1, rank: Any = None, select=None,
                  layout=None, method: str = "svd", max_rank: int | None = None,
                  oversample: int = 10, n_iter: int = 0) -> optax.GradientTransformation:

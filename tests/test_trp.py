@@ -403,3 +403,47 @@ def test_warm_trp_with_nuclear_follows_the_exact_numpy_recursion():
     u, s2 = no_nuc.update({"k": {"kernel": jnp.asarray(g, jnp.float32)}}, s2, p2)
     p2 = optax.apply_updates(p2, u)
   assert np.linalg.norm(np.asarray(p2["k"]["kernel"]) - w) > 100 * np.linalg.norm(got - w)
+
+
+@pytest.mark.parametrize("method", ["warm", "svd"])
+def test_projection_step_equals_the_optax_projection(method):
+  """The host-scheduled projection after steps 3 and 6 lands where ``project(3)`` inside
+  the optimizer does: the same params after six SGD steps, of lower rank."""
+  p0 = params(1)
+  rule = ranks.energy(0.8)
+  kw = dict(method=method, max_rank=6) if method == "warm" else dict(method=method)
+  tx = optax.chain(optax.sgd(0.05), trp.project(3, rule, **kw))
+  proj = trp.projection(rule, **kw)
+  sgd = optax.sgd(0.05)
+  pa, sa = p0, tx.init(p0)
+  pb, sb, pstate = p0, sgd.init(p0), proj.init(p0)
+  apply = jax.jit(proj.apply)
+  for t in range(6):
+    g = grads(p0, 10 + t)
+    u, sa = jax.jit(tx.update)(g, sa, pa)
+    pa = optax.apply_updates(pa, u)
+    u, sb = sgd.update(g, sb, pb)
+    pb = optax.apply_updates(pb, u)
+    if (t + 1) % 3 == 0:
+      pb, pstate = apply(pb, pstate)
+  chex.assert_trees_all_close(pa, pb, atol=2e-5, rtol=2e-5)
+  mats = [np.asarray(pb["Dense_0"]["kernel"]), np.asarray(pb["Conv_0"]["kernel"]).reshape(-1, 8)]
+  assert all(np.linalg.matrix_rank(m, tol=1e-4) < min(m.shape) for m in mats)
+
+
+def test_projection_shrink_thresholds_the_kept_singular_values():
+  """``shrink`` is the nuclear norm's proximal step on the kept components: against numpy,
+  ``U_k max(S_k - shrink, 0) V_k^T``."""
+  rng = np.random.default_rng(4)
+  w = rng.normal(size=(30, 20))
+  proj = trp.projection(ranks.fixed(6), method="svd", shrink=0.8)
+  out, _ = proj.apply({"Dense_0": {"kernel": jnp.asarray(w, jnp.float32)}}, proj.init(None))
+  u, s, vt = np.linalg.svd(w, full_matrices=False)
+  s = np.maximum(s[:6] - 0.8, 0.0)
+  np.testing.assert_allclose(out["Dense_0"]["kernel"], (u[:, :6] * s) @ vt[:6], atol=2e-5)
+  with pytest.raises(ValueError, match="max_rank"):
+    trp.projection(ranks.energy(0.9))
+  with pytest.raises(ValueError, match="'warm' or 'svd'"):
+    trp.projection(method="randomized", max_rank=4)
+  with pytest.raises(ValueError, match="shrink"):
+    trp.projection(method="svd", shrink=-1.0)
