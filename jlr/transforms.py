@@ -322,10 +322,12 @@ def _compiled(**jit_kwargs):
   (median of 20 interleaved pairs, 2 cores), level at ``ratio(0.5)``. Under an outer jit
   the caller's options apply."""
   def wrap(fn):
-    by_backend = {}
+    nested, by_backend = jax.jit(fn, **jit_kwargs), {}
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
+      if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((args, kwargs))):
+        return nested(*args, **kwargs)  # options are only for a top-level jit
       backend = jax.default_backend()
       if backend not in by_backend:
         by_backend[backend] = jax.jit(fn, compiler_options=ops.compiler_options(backend),
