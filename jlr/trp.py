@@ -258,6 +258,17 @@ def project(every: int, rank: Any = ranks_lib.energy(0.9), *, select=None, layou
   return optax.GradientTransformation(init, update)
 
 
+def _warm_bases(params, select, layout, width: int) -> dict:
+  """``path -> `` the leading ``width`` right singular vectors of each selected kernel
+  (exact SVDs, one after another: :func:`_map_selected`)."""
+  flat = {path_str(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  bases, prev = {}, None
+  for p, (lay, _) in _targets(params, select, layout).items():
+    bases[p] = prev = warm_basis(svd_lib.sequenced(flat[p], prev), lay,
+                                 min(width, lay.max_rank))
+  return bases
+
+
 def _warm_transform(every, select, layout, width, leaf_fn) -> optax.GradientTransformation:
   """A periodic transform that keeps, per selected kernel, the right singular basis of its
   last SVD (``width`` columns; the first from an exact SVD at ``init``). On schedule,
@@ -268,11 +279,7 @@ def _warm_transform(every, select, layout, width, leaf_fn) -> optax.GradientTran
     return {p: (lay, flat[p], min(width, lay.max_rank)) for p, (lay, _) in targets.items()}
 
   def init(params):
-    targets = _targets(params, select, layout)
-    bases, prev = {}, None
-    for p, (lay, w, k) in widths(targets, params).items():  # one after another (_map_selected)
-      bases[p] = prev = warm_basis(svd_lib.sequenced(w, prev), lay, k)
-    return WarmTRPState(jnp.zeros([], jnp.int32), bases)
+    return WarmTRPState(jnp.zeros([], jnp.int32), _warm_bases(params, select, layout, width))
 
   def update(updates, state, params=None):
     if params is None:
@@ -356,12 +363,7 @@ def projection(rank: Any = ranks_lib.energy(0.9), *, max_rank: int | None = None
     return {p: (lay, flat[p]) for p, (lay, _) in _targets(params, select, layout).items()}
 
   def init(params):
-    if method == "svd":
-      return {}
-    bases, prev = {}, None
-    for p, (lay, w) in kernels(params).items():  # one after another (_map_selected)
-      bases[p] = prev = warm_basis(svd_lib.sequenced(w, prev), lay, min(width, lay.max_rank))
-    return bases
+    return {} if method == "svd" else _warm_bases(params, select, layout, width)
 
   def apply(params, bases):
     new, bases, prev = {}, dict(bases), None
