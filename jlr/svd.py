@@ -32,7 +32,8 @@ def sequenced(x, after):
   ``after`` does: ``x + 0``, with the zero an always-false comparison XLA cannot fold
   (NaN-safe, where ``0 * a`` is not). Outside a trace it returns ``x``: eager calls are
   programs of their own, run in dispatch order."""
-  leaves = jax.tree_util.tree_leaves(after)
+  leaves = [y for y in jax.tree_util.tree_leaves(after)
+            if jnp.issubdtype(jnp.result_type(y), jnp.inexact)]
   if not leaves or not any(isinstance(y, jax.core.Tracer) for y in jax.tree_util.tree_leaves(x)):
     return x  # eager calls are programs of their own, run in dispatch order
   d = jnp.ravel(leaves[0])[0]
