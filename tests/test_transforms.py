@@ -164,7 +164,7 @@ def test_jit_with_static_rank():
 _JITTED_TREE = """
 import jax, jax.numpy as jnp, numpy as np, jlr
 rng = np.random.default_rng(0)
-shapes = [(384, 384)] * 12 + [(384, 1536)] * 8 + [(1536, 384)] * 8
+shapes = [(256, 256)] * 8 + [(256, 768)] * 8 + [(768, 256)] * 8
 tree = {f"l{i}": {"kernel": jnp.asarray(rng.normal(size=s), jnp.float32)} for i, s in enumerate(shapes)}
 key = jax.random.key(0)
 rule = jlr.ranks.ratio(0.25)
