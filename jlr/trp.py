@@ -191,7 +191,7 @@ def _map_selected(fn, targets, *trees, with_path: bool = False):
     t = targets.get(path)
     if t is None:
       return xs[0]
-    xs = svd_lib.sequenced(xs, prev)
+    xs = (*xs[:-1], svd_lib.sequenced(xs[-1], prev))  # one input waiting is enough
     prev = fn(path, t[0], *xs) if with_path else fn(t[0], *xs)
     return prev
   return jax.tree_util.tree_map_with_path(leaf, *trees)
@@ -258,14 +258,18 @@ def project(every: int, rank: Any = ranks_lib.energy(0.9), *, select=None, layou
   return optax.GradientTransformation(init, update)
 
 
+def _kernels(params, targets) -> dict:
+  """``path -> (layout, kernel)`` of the ``targets`` (:func:`_targets`) in ``params``."""
+  flat = {path_str(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  return {p: (lay, flat[p]) for p, (lay, _) in targets.items()}
+
+
 def _warm_bases(params, select, layout, width: int) -> dict:
   """``path -> `` the leading ``width`` right singular vectors of each selected kernel
   (exact SVDs, one after another: :func:`_map_selected`)."""
-  flat = {path_str(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]}
   bases, prev = {}, None
-  for p, (lay, _) in _targets(params, select, layout).items():
-    bases[p] = prev = warm_basis(svd_lib.sequenced(flat[p], prev), lay,
-                                 min(width, lay.max_rank))
+  for p, (lay, w) in _kernels(params, _targets(params, select, layout)).items():
+    bases[p] = prev = warm_basis(svd_lib.sequenced(w, prev), lay, min(width, lay.max_rank))
   return bases
 
 
@@ -273,10 +277,6 @@ def _warm_transform(every, select, layout, width, leaf_fn) -> optax.GradientTran
   """A periodic transform that keeps, per selected kernel, the right singular basis of its
   last SVD (``width`` columns; the first from an exact SVD at ``init``). On schedule,
   ``leaf_fn(layout, param, update, basis) -> (new update, new basis)``."""
-
-  def widths(targets, params):
-    flat = {path_str(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-    return {p: (lay, flat[p], min(width, lay.max_rank)) for p, (lay, _) in targets.items()}
 
   def init(params):
     return WarmTRPState(jnp.zeros([], jnp.int32), _warm_bases(params, select, layout, width))
@@ -290,7 +290,7 @@ def _warm_transform(every, select, layout, width, leaf_fn) -> optax.GradientTran
       updates, bases = args
       flat_u = {path_str(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(updates)[0]}
       new_updates, new_bases, prev = {}, {}, None
-      for p, (lay, w, _) in widths(targets, params).items():  # one after another (_map_selected)
+      for p, (lay, w) in _kernels(params, targets).items():  # one after another (_map_selected)
         prev = new_updates[p], new_bases[p] = leaf_fn(lay, w, flat_u[p],
                                                       svd_lib.sequenced(bases[p], prev))
       out = jax.tree_util.tree_map_with_path(
@@ -358,17 +358,13 @@ def projection(rank: Any = ranks_lib.energy(0.9), *, max_rank: int | None = None
   rule = ranks_lib.as_rule(rank)
   width = None if max_rank is None else max_rank + oversample
 
-  def kernels(params):
-    flat = {path_str(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-    return {p: (lay, flat[p]) for p, (lay, _) in _targets(params, select, layout).items()}
-
   def init(params):
     return {} if method == "svd" else _warm_bases(params, select, layout, width)
 
   def apply(params, bases):
     new, bases, prev = {}, dict(bases), None
-    for p, (lay, w) in kernels(params).items():  # one after another (_map_selected)
-      w = svd_lib.sequenced(w, prev)
+    for p, (lay, w) in _kernels(params, _targets(params, select, layout)).items():
+      w = svd_lib.sequenced(w, prev)  # one after another (_map_selected)
       if method == "svd":
         u, s, vt = _svd(w, lay)
         keep, svt = rule.mask(lay, s), s[..., :, None] * vt
