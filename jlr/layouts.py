@@ -24,6 +24,7 @@ Xu et al., "Trained Rank Pruning", arXiv 1812.02402, Sec. 3.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Mapping, Union
 
@@ -91,7 +92,7 @@ class Layout:
     order = self.perm or tuple(range(len(self.shape)))
     return order[self.n_in:]
 
-  @property
+  @functools.cached_property  # read per leaf many times while planning: computed once
   def matrix_shape(self) -> tuple[int, int]:
     """The (m, n) shape of the matricized kernel."""
     return (math.prod(self.shape[i] for i in self.row_axes),
