@@ -78,7 +78,12 @@ def _lu_basis(x: jax.Array, *, rows: bool = False) -> jax.Array:
   packed, _, perm = lax.linalg.lu(x)
   m, w = x.shape[-2:]
   l = jnp.tril(packed[..., :w], -1) + jnp.eye(m, w, dtype=x.dtype)
-  return jnp.take_along_axis(l, jnp.argsort(perm, axis=-1)[..., None], axis=-2)
+  # row i of L is row perm[i] of X: a row scatter (24 x 384 x 58: 0.5 ms less than the
+  # element gather by argsort(perm))
+  put = lambda l, p: jnp.zeros_like(l).at[p].set(l, unique_indices=True)  # noqa: E731
+  for _ in x.shape[:-2]:
+    put = jax.vmap(put)
+  return put(l, perm)
 
 
 def range_basis(a: jax.Array, start: jax.Array, *, n_iter: int = 2) -> jax.Array:

@@ -33,7 +33,7 @@ def test_exact_is_eckart_young_optimal(m, n, r):
 def test_randomized_within_5_percent_of_optimal():
   a = decaying(300, 200)
   for r in (5, 20, 50):
-    u, s, vt = svd.randomized(jnp.asarray(a, jnp.float32), r, jax.random.key(0))
+    u, s, vt = jax.jit(lambda a, r=r: svd.randomized(a, r, jax.random.key(0)))(jnp.asarray(a, jnp.float32))
     err = np.linalg.norm(a - np.asarray((u * s) @ vt))
     assert err <= 1.05 * optimal_error(a, r) + 1e-6
 
@@ -115,7 +115,7 @@ def test_randomized_keeps_a_steep_spectrum_optimal():
   s = np.exp(-np.arange(200) / 6.0)
   a = (u * s) @ v.T
   for r in (10, 30):
-    uu, ss, vt = svd.randomized(jnp.asarray(a, jnp.float32), r, jax.random.key(0))
+    uu, ss, vt = jax.jit(lambda a, r=r: svd.randomized(a, r, jax.random.key(0)))(jnp.asarray(a, jnp.float32))
     err = np.linalg.norm(a - np.asarray((uu * ss) @ vt, np.float64))
     assert err <= 1.05 * np.sqrt(np.sum(s[r:] ** 2)), (r, err)
 
@@ -224,8 +224,9 @@ def test_gram_sketch_is_a_sharper_power_than_the_sketch(monkeypatch):
 
   def errors(route):
     _force_route(monkeypatch, route)
-    u, s, vt = svd.randomized(jnp.asarray(a), r, keys, n_iter=1)
-    loop = [svd.randomized(jnp.asarray(a[i]), r, keys[i], n_iter=1) for i in range(3)]
+    one = jax.jit(lambda a, k: svd.randomized(a, r, k, n_iter=1))  # traced here: this route
+    u, s, vt = one(jnp.asarray(a), keys)
+    loop = [one(jnp.asarray(a[i]), keys[i]) for i in range(3)]
     for i, one in enumerate(loop):
       np.testing.assert_allclose((one[0] * one[1]) @ one[2], (u[i] * s[i]) @ vt[i], atol=1e-4)
     return [np.linalg.norm(a[i] - np.asarray((u[i] * s[i]) @ vt[i])) / optimal_error(a[i], r)
@@ -250,9 +251,9 @@ def test_gram_routes_fall_back_to_the_sketch_where_float32_cannot_resolve_it(mon
   assert not np.asarray(svd._gram_resolves(jnp.asarray(lam, jnp.float32), r, 256,
                                             slack=svd._FULL_GRAM_SLACK)).any()
   _force_route(monkeypatch, route)
-  got = svd.randomized(jnp.asarray(a), r, key)
+  got = jax.jit(lambda a: svd.randomized(a, r, key))(jnp.asarray(a))
   _force_route(monkeypatch, "sketch")
-  sketch = svd.randomized(jnp.asarray(a), r, key)
+  sketch = jax.jit(lambda a: svd.randomized(a, r, key))(jnp.asarray(a))
   approx = lambda f: np.asarray((f[0] * f[1][..., None, :]) @ f[2])  # noqa: E731
   np.testing.assert_allclose(approx(got), approx(sketch), atol=1e-5 * np.abs(a).max())
   np.testing.assert_allclose(got[1][:, :4], sketch[1][:, :4], rtol=1e-5)

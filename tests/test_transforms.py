@@ -164,7 +164,7 @@ def test_jit_with_static_rank():
 _JITTED_TREE = """
 import jax, jax.numpy as jnp, numpy as np, jlr
 rng = np.random.default_rng(0)
-shapes = [(256, 256)] * 8 + [(256, 768)] * 8 + [(768, 256)] * 8
+shapes = [(256, 256)] * 4 + [(256, 768)] * 4 + [(768, 256)] * 4
 tree = {f"l{i}": {"kernel": jnp.asarray(rng.normal(size=s), jnp.float32)} for i, s in enumerate(shapes)}
 key = jax.random.key(0)
 rule = jlr.ranks.ratio(0.25)
@@ -181,7 +181,8 @@ print("done")
 def test_jitted_factorize_of_many_batched_kernels_finishes_and_equals_eager():
   """Three same-shape groups of batched randomized SVDs (and batched QRs in truncate) in
   one jitted program: jaxlib 0.10's CPU LAPACK kernels deadlocked when XLA ran such
-  calls side by side (``jlr.svd.sequenced``). In a subprocess, so a hang fails the test."""
+  calls side by side (``jlr.svd.sequenced``; four 256-wide kernels per group hang without
+  it, eight 128-wide ones do not). In a subprocess, so a hang fails the test."""
   import os
   import subprocess
   import sys
