@@ -61,7 +61,8 @@ EXPECTED = {"bert": 12, "gpt2": 8, "vit": 12, "bart": 30}
 
 
 @pytest.mark.parametrize("kind", [pytest.param("bert", marks=pytest.mark.slow), "gpt2",
-                                  pytest.param("vit", marks=pytest.mark.slow), "bart"])
+                                  pytest.param("vit", marks=pytest.mark.slow),
+                                  pytest.param("bart", marks=pytest.mark.slow)])
 def test_factorized_forward_equals_merged(kind):
   model, inputs = tiny(kind)
   fwd = forward(model)

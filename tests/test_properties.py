@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jlr
@@ -72,6 +72,7 @@ def test_full_rank_roundtrip_and_truncate_never_grows_error(kernel):
                              rtol=1e-3, atol=1e-4)
 
 
+@settings(max_examples=10)  # every example compiles its own program
 @given(st.integers(1, 8), st.integers(2, 16), st.integers(2, 16))
 def test_jit_with_static_rank_equals_eager(rank, m, n):
   rank = min(rank, m, n)

@@ -23,6 +23,7 @@ vocabulary and merges with ``tokenizers``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import os
 from typing import Any
@@ -186,11 +187,24 @@ def _field(reader, name, default=None):
   return f.parts[f.data[0]].tolist()[0]
 
 
+@functools.lru_cache(maxsize=2)
+def _reader(path: str, mtime_ns: int):
+  """One parsed ``gguf.GGUFReader`` per file version: parsing SmolLM2's metadata (49k
+  tokens, 48k merges) takes ~5 s, and the weights and the tokenizer both need it."""
+  import gguf
+
+  return gguf.GGUFReader(path)
+
+
+def _open(path: str):
+  return _reader(os.path.abspath(path), os.stat(path).st_mtime_ns)
+
+
 def read_gguf(path: str) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
   """``(config, {gguf tensor name: float32 array in (out, in) row-major order})``."""
   import gguf
 
-  reader = gguf.GGUFReader(path)
+  reader = _open(path)
   arch = _field(reader, "general.architecture")
   if arch != "llama":
     raise ValueError(f"{path}: architecture {arch!r}, expected 'llama'")
@@ -288,9 +302,7 @@ class Tokenizer:
 
 
 def tokenizer(path: str | None = None) -> Tokenizer:
-  import gguf
-
-  reader = gguf.GGUFReader(path or smollm2_path())
+  reader = _open(path or smollm2_path())
   f = lambda k: _field(reader, f"tokenizer.ggml.{k}")  # noqa: E731
   if f("model") != "gpt2":
     raise ValueError(f"tokenizer model {f('model')!r}: only byte-level BPE ('gpt2') is supported")
