@@ -356,6 +356,22 @@ def _factor(w, key, r_w, r_inv, *, layout, rank, method, split, oversample, n_it
   return from_svd(u, s, vt, layout, split=split, dtype=w.dtype)
 
 
+def _spans_cpu_devices(x) -> bool:
+  """Whether ``x`` may run on several CPU devices at once: placed over more than one, or
+  traced (placement unknown) in a process with several. jaxlib 0.10's batched CPU LAPACK
+  kernels block a pool thread per call until their pieces finish; with every simulated
+  device of a sharded program in one (the 8-device mesh of ``benchmarks/scaling.py``:
+  eight batched ``getrf`` waiting, every thread blocked) they deadlock, which chaining
+  (:func:`jlr.svd.sequenced`) cannot order. Such kernels are factorized one per call,
+  unbatched (the same result: batched == per-leaf)."""
+  if jax.default_backend() != "cpu" or jax.device_count() == 1:
+    return False
+  if not _is_concrete(x):
+    return True
+  sharding = getattr(x, "sharding", None)
+  return sharding is not None and len(sharding.device_set) > 1
+
+
 _STACK_BYTES = 1 << 28  # stacked same-shape kernels per batched call: at most 256 MiB
 
 
@@ -434,8 +450,10 @@ def factorize(params, rank=None, *, select=None, layout=None, method: str = "svd
                               layout=entry.layout, rank=entry.rank, nested=nested, **opts)
       continue
     group = (entry.layout, entry.rank, tuple(jnp.shape(leaf)), jnp.result_type(leaf))
+    if _spans_cpu_devices(leaf):
+      group += (i,)  # a call of its own, unbatched (see _spans_cpu_devices)
     groups.setdefault(group, []).append(i)
-  for (lay, r, shape, dtype), idx in groups.items():
+  for (lay, r, shape, dtype, *_), idx in groups.items():
     # same-shape kernels go through one compiled, batched call (few dispatches, one
     # compile per shape), in chunks that bound the stacked copy's memory
     per = max(1, _STACK_BYTES // max(1, math.prod(shape) * jnp.dtype(dtype).itemsize))

@@ -94,3 +94,32 @@ def test_indivisible_dimension_is_replicated():
   mesh = sharding.make_mesh("data=8,model=1")
   spec = sharding.kernel_spec(mesh, (12, 16), "fsdp")
   assert spec == P(None, None)
+
+
+_SHARDED_GROUP = """
+import jax, jax.numpy as jnp, numpy as np, jlr
+rng = np.random.default_rng(0)
+tree = {f"l{i}": {"kernel": jnp.asarray(rng.normal(size=(256, 256)), jnp.float32)} for i in range(4)}
+placed = jlr.sharding.place(tree, jlr.sharding.make_mesh("data=4,model=2"), "fsdp_tp")
+rule, key = jlr.ranks.ratio(0.25), jax.random.key(0)
+got = jlr.factorize(placed, rule, method="randomized", key=key)
+want = jlr.factorize(tree, rule, method="randomized", key=key)
+for k in tree:
+  np.testing.assert_allclose(got[k]["kernel"].matrix(), want[k]["kernel"].matrix(), atol=1e-4)
+print("done")
+"""
+
+
+def test_sharded_same_shape_kernels_factorize_without_deadlock():
+  """Four same-shape kernels placed over 8 simulated devices: stacked, each device's
+  partition ran a batched LAPACK LU and jaxlib 0.10's CPU kernels deadlocked (every pool
+  thread waiting); factorize gives such kernels a call each (``_spans_cpu_devices``),
+  equal to the unsharded result. In a subprocess, so a hang fails the test."""
+  import os
+  import subprocess
+  import sys
+
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  out = subprocess.run([sys.executable, "-c", _SHARDED_GROUP], capture_output=True, text=True,
+                       timeout=120, env=env)
+  assert out.returncode == 0 and "done" in out.stdout, out.stderr[-2000:]
