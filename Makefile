@@ -25,7 +25,7 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
 
-bench: $(STAMP)        # every figure, full settings; `make bench-quick` for the < 10 min run
+bench: $(STAMP)        # every figure, full settings; `make bench-quick` for the quick run (~20 min on 2 cores)
 	$(BIN)/python benchmarks/run.py
 
 bench-quick: $(STAMP)

@@ -25,7 +25,7 @@ FIGURES = ("factorize_speed", "inference_speed", "trp_overhead", "lod_overhead",
 
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--quick", action="store_true", help="small settings (under 10 min on 2 cores)")
+  p.add_argument("--quick", action="store_true", help="small settings (~20 min on 2 cores)")
   p.add_argument("--only", nargs="+", default=None, choices=FIGURES)
   p.add_argument("--no-readme", action="store_true")
   a = p.parse_args(argv)

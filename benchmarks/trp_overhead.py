@@ -40,7 +40,7 @@ variants add their sub-gradient), "other steps" the median of the 18 in between.
 randomized saving compares the projection steps of
 ``trp_randomized`` and ``trp_no_nuclear``.
 
-    python benchmarks/trp_overhead.py --quick     # ~1-2 min on 2 CPU cores
+    python benchmarks/trp_overhead.py --quick     # ~5-6 min on 2 CPU cores
     python benchmarks/trp_overhead.py             # larger batches, more repeats
 
 Writes ``benchmarks/results/trp_overhead.json``.
@@ -223,17 +223,17 @@ def bench(case: str, batch_size: int, repeats: int) -> dict:
 
 def parse_args(argv):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--quick", action="store_true", help="small batches, 3 repeats (~1-2 min)")
+  p.add_argument("--quick", action="store_true", help="small batches, 3 repeats (25 for the MLP; ~5-6 min)")
   p.add_argument("--repeats", type=int, default=None, help="default 7 (--quick: 3)")
   p.add_argument("--mlp-repeats", type=int, default=None,
-                 help="default 15 (--quick: 9): its windows are short and its ratios noisy")
+                 help="default 35 (--quick: 25): its windows are short and its ratios, near the goal, noisy")
   p.add_argument("--cnn-batch", type=int, default=None, help="default 128 (--quick: 32)")
   p.add_argument("--mlp-batch", type=int, default=256)
   p.add_argument("--models", default="resnet20,mlp")
   p.add_argument("--out", default=os.path.join(RESULTS, "trp_overhead.json"), help="'' = none")
   args = p.parse_args(argv)
   args.repeats = args.repeats or (3 if args.quick else 7)
-  args.mlp_repeats = args.mlp_repeats or (9 if args.quick else 15)
+  args.mlp_repeats = args.mlp_repeats or (25 if args.quick else 35)
   args.cnn_batch = args.cnn_batch or (32 if args.quick else 128)
   return args
 
