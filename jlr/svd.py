@@ -275,8 +275,7 @@ def _gram_sketch_svd(a: jax.Array, rank: int, start: jax.Array, *, n_iter: int, 
   (:func:`_gram_resolves`, with the full-Gram slack, on the ``w`` Ritz values -- a
   partial tail, so a stricter test); else ``fallback(a)`` (the sketch) for the batch,
   one ``lax.cond``."""
-  wide = a.shape[-2] <= a.shape[-1]
-  b = a if wide else jnp.swapaxes(a, -1, -2)
+  b = _wide(a)
   g = b @ jnp.swapaxes(b, -1, -2)
   y = g @ start
   for _ in range(n_iter):
@@ -284,13 +283,9 @@ def _gram_sketch_svd(a: jax.Array, rank: int, start: jax.Array, *, n_iter: int, 
   q, _ = jnp.linalg.qr(y)
   lam, e = jnp.linalg.eigh(jnp.swapaxes(q, -1, -2) @ (g @ q))
   lam, e = lam[..., ::-1], e[..., ::-1]
-
-  def project(a, q, e):
-    u, s, vt = _eigvec_svd(a if wide else jnp.swapaxes(a, -1, -2), q @ e[..., :rank])
-    return (u, s, vt) if wide else (jnp.swapaxes(vt, -1, -2), s, jnp.swapaxes(u, -1, -2))
-
   resolved = jnp.all(_gram_resolves(lam, rank, b.shape[-1], slack=_FULL_GRAM_SLACK))
-  return lax.cond(resolved, project, lambda a, q, e: fallback(a), a, q, e)
+  return lax.cond(resolved, lambda a, q, e: _projected(a, q @ e[..., :rank]),
+                  lambda a, q, e: fallback(a), a, q, e)
 
 
 def _small_side_gram_svd(a: jax.Array, rank: int, *, fallback):
@@ -300,17 +295,26 @@ def _small_side_gram_svd(a: jax.Array, rank: int, *, fallback):
   Eckart-Young optimal to float32 rounding where float32 resolves the kept spectrum
   (:func:`_gram_resolves`, the bound of :func:`_gram_svd` with a measured slack); else
   ``fallback(a)`` (the sketch) for the batch, one ``lax.cond``."""
-  wide = a.shape[-2] <= a.shape[-1]
-  b = a if wide else jnp.swapaxes(a, -1, -2)
+  b = _wide(a)
   lam, e = jnp.linalg.eigh(b @ jnp.swapaxes(b, -1, -2))
   lam, e = lam[..., ::-1], e[..., ::-1]
-
-  def gram(a, e):
-    e, s, vt = _eigvec_svd(a if wide else jnp.swapaxes(a, -1, -2), e[..., :rank])
-    return (e, s, vt) if wide else (jnp.swapaxes(vt, -1, -2), s, jnp.swapaxes(e, -1, -2))
-
   resolved = jnp.all(_gram_resolves(lam, rank, b.shape[-1], slack=_FULL_GRAM_SLACK))
-  return lax.cond(resolved, gram, lambda a, e: fallback(a), a, e)
+  return lax.cond(resolved, lambda a, e: _projected(a, e[..., :rank]),
+                  lambda a, e: fallback(a), a, e)
+
+
+def _wide(a: jax.Array) -> jax.Array:
+  """``a`` in its wide orientation (``a`` or ``a^T``, whichever has fewer rows)."""
+  return a if a.shape[-2] <= a.shape[-1] else jnp.swapaxes(a, -1, -2)
+
+
+def _projected(a: jax.Array, u: jax.Array):
+  """SVD ``(u, s, vt)`` of ``U U^T B`` for orthonormal ``u`` and ``B`` the wide
+  orientation of ``a`` (:func:`_eigvec_svd`), handed back in ``a``'s orientation."""
+  u, s, vt = _eigvec_svd(_wide(a), u)
+  if a.shape[-2] <= a.shape[-1]:
+    return u, s, vt
+  return jnp.swapaxes(vt, -1, -2), s, jnp.swapaxes(u, -1, -2)
 
 
 # The bound is worst-case rounding; measured on the full Gram (768 x 3072 and 384 x 1536 at
