@@ -159,12 +159,11 @@ def build_steps(model, variables, select, layout, max_rank):
   for vname, tx in variants(select, layout, max_rank).items():
     state = TrainState.create(params, tx, key=jax.random.key(0), extra=extra)
     out[vname] = [jax.jit(train_step(loss_fn, tx)), state]
-  rule, sgd = jlr.ranks.energy(ENERGY), variants(select, layout, max_rank)["plain"]
+  plain_step, plain_state = out["plain"]  # the same compiled step between projections
   for vname, shrink in (("trp_warm_step", 0.0), ("trp_warm_step_nuclear", LR * NUCLEAR)):
-    proj = jlr.trp.projection(rule, max_rank=max_rank, select=select, layout=layout,
-                              shrink=shrink)
-    step = HostScheduled(jax.jit(train_step(loss_fn, sgd)), proj, params)
-    out[vname] = [step, TrainState.create(params, sgd, key=jax.random.key(0), extra=extra)]
+    proj = jlr.trp.projection(jlr.ranks.energy(ENERGY), max_rank=max_rank, select=select,
+                              layout=layout, shrink=shrink)
+    out[vname] = [HostScheduled(plain_step, proj, params), plain_state]
   return out
 
 
