@@ -332,7 +332,7 @@ def _compiled(**jit_kwargs):
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
-      if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((args, kwargs))):
+      if not all(map(_is_concrete, jax.tree_util.tree_leaves((args, kwargs)))):
         return nested(*args, **kwargs)  # options are only for a top-level jit
       backend = jax.default_backend()
       if backend not in by_backend:
