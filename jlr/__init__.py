@@ -8,7 +8,7 @@ rank rules (:mod:`jlr.ranks`) and Flax integration (:mod:`jlr.flax`).
 import importlib
 
 from jlr import layouts, lod, masks, ranks, sharding, stats, svd, trp, usage
-from jlr.factorized import DensifiedWarning, factorized
+from jlr.factorized import DensifiedError, DensifiedWarning, factorized
 from jlr.layouts import Layout
 from jlr.lowrank import LowRank, is_lowrank
 from jlr.ops import compiler_options
@@ -27,7 +27,7 @@ def __getattr__(name):  # jlr.flax etc. on first use: the core does not import F
   raise AttributeError(f"module 'jlr' has no attribute {name!r}")
 
 __all__ = [
-    "DensifiedWarning", "Entry", "GuessedLayoutWarning", "Layout", "LowRank", "ModelLayouts",
+    "DensifiedError", "DensifiedWarning", "Entry", "GuessedLayoutWarning", "Layout", "LowRank", "ModelLayouts",
     "Plan", "Report", "compiler_options", "factorize", "factorized", "is_lowrank", "layouts", "lod", "masks",
     "merge", "plan", "ranks", "sharding", "stats", "summary", "svd", "trp", "truncate", "usage",
 ]

@@ -40,6 +40,7 @@ plain JAX alike.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import math
@@ -59,6 +60,13 @@ from jlr.paths import path_str
 
 class DensifiedWarning(UserWarning):
   """A factored kernel met a primitive with no factorized rule and was made dense."""
+
+
+class DensifiedError(ValueError):
+  """Raised instead of a :class:`DensifiedWarning` under ``factorized(fn, strict=True)``."""
+
+
+_STRICT = contextvars.ContextVar("jlr_factorized_strict", default=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,10 +169,15 @@ def _dense(x):
 
 
 def _densify_warning(path: str, prim: str, why: str = "") -> None:
+  where = f"{path or 'a LowRank leaf'}: no factorized rule for `{prim}`{why}"
+  if _STRICT.get():
+    raise DensifiedError(
+        f"{where}; strict=True refuses to form its dense kernel. Leave this leaf dense "
+        "(factorize(select=...)) or run without strict=True to densify it with a warning.")
   warnings.warn(
-      f"{path or 'a LowRank leaf'}: no factorized rule for `{prim}`{why}; its dense kernel "
-      "is formed there (the result is exact, not faster). Leave this leaf dense "
-      "(factorize(select=...)) if that is not intended.", DensifiedWarning, stacklevel=4)
+      f"{where}; its dense kernel is formed there (the result is exact, not faster). Leave "
+      "this leaf dense (factorize(select=...)) if that is not intended.", DensifiedWarning,
+      stacklevel=4)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -644,7 +657,8 @@ def _is_array(x) -> bool:
   return isinstance(x, (jax.Array, np.ndarray, np.generic)) or isinstance(x, jax.core.Tracer)
 
 
-def factorized(fn: Callable, *, ranks: Mapping[str, Any] | None = None) -> Callable:
+def factorized(fn: Callable, *, ranks: Mapping[str, Any] | None = None,
+               strict: bool = False) -> Callable:
   """``fn`` transformed to accept :class:`jlr.LowRank` leaves anywhere in its arguments.
 
   ``factorized(fn)(*args, **kwargs)`` equals ``fn(*jlr.merge(args), **jlr.merge(kwargs))``
@@ -662,6 +676,10 @@ def factorized(fn: Callable, *, ranks: Mapping[str, Any] | None = None) -> Calla
   names a leaf by its path inside the argument (``params/Dense_0/kernel``) or by any
   ``/``-suffix of it (``Dense_0/kernel``, as ``sample_ranks(params)`` names it); a key
   that names no ``LowRank`` leaf, or several, is an error.
+
+  ``strict=True`` raises :class:`DensifiedError` (a ``ValueError`` naming the leaf path and
+  the primitive) wherever a :class:`DensifiedWarning` would be emitted, so a model that
+  would silently run some kernel dense fails loudly instead.
 
   Example::
 
@@ -700,7 +718,11 @@ def factorized(fn: Callable, *, ranks: Mapping[str, Any] | None = None) -> Calla
       return fn(*a, **k)
 
     closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*placeholders)
-    outs = eval_jaxpr(closed.jaxpr, closed.consts, values)
+    token = _STRICT.set(strict)
+    try:
+      outs = eval_jaxpr(closed.jaxpr, closed.consts, values)
+    finally:
+      _STRICT.reset(token)
     outs = [o.source if isinstance(o, Factored) and o.source is not None else _dense(o)
             for o in outs]
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)

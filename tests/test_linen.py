@@ -160,6 +160,22 @@ def test_op_without_a_factorized_rule_is_named():
     got = jlr.flax.apply(model, f, x)
   assert_close(got, model.apply(jlr.merge(f), x))
   assert "tanh" in jlr.flax.layouts(model, model.init(KEY, x), x).skipped["params/kernel"]
+  # strict: the same place raises, naming the leaf and the primitive
+  with pytest.raises(jlr.DensifiedError, match="params/kernel: no factorized rule for `tanh`"):
+    jlr.flax.apply(model, f, x, strict=True)
+  with pytest.raises(ValueError, match="params/kernel.*`tanh`"):
+    jax.jit(jlr.factorized(model.apply, strict=True))(f, x)
+
+
+def test_strict_grouped_conv_raises_and_clean_models_pass():
+  model = nn.Conv(8, (3, 3), feature_group_count=4)
+  x = jnp.ones((1, 5, 5, 8))
+  f = jlr.factorize(model.init(KEY, x), 1, select="kernel", layout="conv_channel")
+  with pytest.raises(jlr.DensifiedError, match="kernel.*grouped/depthwise"):
+    jlr.flax.apply(model, f, x, strict=True)
+  mlp, xm = Mlp(), jnp.ones((2, 32))
+  small = jlr.factorize(mlp.init(KEY, xm), 4)
+  assert_close(jlr.flax.apply(mlp, small, xm, strict=True), mlp.apply(jlr.merge(small), xm))
 
 
 def test_dense_models_run_unchanged_under_apply():

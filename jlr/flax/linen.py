@@ -129,11 +129,13 @@ def _interceptor(next_fun, args, kwargs, context):
                    "(jlr.merge) or leave it out of factorize(select=...)")
 
 
-def apply(model: nn.Module, variables, *args, **kwargs):
+def apply(model: nn.Module, variables, *args, strict: bool = False, **kwargs):
   """``model.apply(variables, *args, **kwargs)`` with ``LowRank`` kernels computed
   factorized, in any module (see :func:`jlr.factorized`). Accepts every keyword
-  ``Module.apply`` does (``method``, ``mutable``, ``rngs``, ...)."""
-  return factorized(model.apply)(variables, *args, **kwargs)
+  ``Module.apply`` does (``method``, ``mutable``, ``rngs``, ...). ``strict=True``
+  raises :class:`jlr.DensifiedError` naming the leaf and primitive wherever a kernel
+  would be densified (with a warning otherwise)."""
+  return factorized(model.apply, strict=strict)(variables, *args, **kwargs)
 
 
 def layouts(model: nn.Module, variables, *args, conv: str = "channel",
