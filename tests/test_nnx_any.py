@@ -57,8 +57,8 @@ class Net(nnx.Module):
 def merged_reference(model, small):
   """The original model with each kernel set to the merged factors of ``small``."""
   ref = nnx.clone(model)
-  merged = {path_str(k).replace("/inner/", "/"): v for k, v in
-            jax.tree_util.tree_flatten_with_path(jlr.merge(nnx.state(small, nnx.Param)))[0]}
+  merged = {path_str(k): v for k, v in
+            jax.tree_util.tree_flatten_with_path(jlr.merge(jnnx.params(small)))[0]}
   for kp, var in jax.tree_util.tree_flatten_with_path(
       nnx.state(ref, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable))[0]:
     var.set_value(merged[path_str(kp)])
@@ -80,7 +80,7 @@ def test_every_pattern_compresses_runs_and_matches_the_merged_model():
   assert isinstance(small.heads["a"], jnnx.LowRankLinear)
   assert isinstance(small.extra[0], jnnx.LowRankLinear)
   assert isinstance(small.adapter, nnx.LoRA)  # adapters are not kernels: left as they are
-  k = small.blocks.lin.kernel.get_value()
+  k = small.blocks.lin.factors
   chex.assert_shape([k.u, k.v], [(3, 16, 4), (3, 4, 16)])
   got = nnx.jit(lambda m, x: m(x))(small, x)
   want = merged_reference(model, small)(x)
@@ -98,7 +98,7 @@ def test_split_merge_and_optimizer_training():
   graphdef, state = nnx.split(small)
   again = nnx.merge(graphdef, state)
   np.testing.assert_allclose(again(x), small(x), rtol=1e-6)
-  opt = jnnx.Optimizer(small, optax.adam(1e-2), wrt=nnx.Param)
+  opt = nnx.Optimizer(small, optax.adam(1e-2), wrt=nnx.Param)  # the stock optimizer
 
   @nnx.jit
   def step(m, opt, x):
@@ -108,7 +108,7 @@ def test_split_merge_and_optimizer_training():
 
   losses = [float(step(small, opt, x)) for _ in range(6)]
   assert losses[-1] < losses[0], losses
-  k = small.blocks.lin.kernel.get_value()
+  k = small.blocks.lin.factors
   assert jlr.is_lowrank(k) and k.u.shape == (3, 16, 4)
-  rep = jlr.summary(nnx.state(small, nnx.Param))
+  rep = jlr.summary(jnnx.params(small))
   assert rep.total_params < rep.dense_total_params

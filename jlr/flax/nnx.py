@@ -1,18 +1,33 @@
 """NNX model surgery: ``compress(model, rank)`` returns a new model in which every
-``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Conv`` and ``nnx.Embed`` chosen by the plan
-is replaced by its low-rank twin. The twin holds the factors as one
-``nnx.Param(LowRank)`` named like the kernel it replaces (``kernel`` / ``embedding``), so
-``nnx.state(model, nnx.Param)`` is a tree that ``jlr.summary``, ``jlr.truncate`` and
-``jlr.merge`` understand. The input model is not touched.
+``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Conv``, ``nnx.Embed`` and ``nnx.Einsum``
+(and subclasses, e.g. ``nnx.LoRALinear``) chosen by the plan holds its kernel as two
+factors and computes through them. The input model is not touched.
+
+Each chosen module becomes a :class:`Factorized` twin: the factors are two
+``nnx.Param``\ s, ``u (..., m, r)`` and ``v (..., r, n)`` (the idiomatic NNX form, so the
+stock ``nnx.Optimizer``, ``nnx.state`` filters and checkpointing treat them as any other
+parameter), and the original module -- without its kernel -- runs its own ``__call__``
+(or ``attend``, or any other method) under :func:`jlr.factorized`. Whatever the module's
+code does with its kernel -- a custom ``dot_general``, ``promote_dtype``,
+``preferred_element_type``, a LoRA adapter beside the kernel -- is therefore kept: the
+interpreter rewrites the primitives it meets (two thin contractions / convs / a row
+lookup), and anything without a factorized rule densifies with a
+:class:`jlr.DensifiedWarning` naming the leaf, never a silent wrong answer.
+
+Sharing is kept: a module referenced from several places (weight tying, ``self.head =
+self.emb``; ``nnx.LoRA(base_module=self.base)`` beside ``self.base``) is compressed once
+and every reference sees the same twin. A kernel *variable* shared by two different
+modules cannot be compressed by one of them: ``compress`` refuses, naming both paths.
 
 Layouts come from the module types, never from shape guesses: Linear ``(in, out)``,
 LinearGeneral (its ``axis``), Conv (spatial + input channels | output channels), Embed,
-and ``nnx.Einsum`` (contracted labels of its equation | the rest). Leading axes beyond a
+and Einsum (contracted labels of its equation | the rest). Leading axes beyond a
 module's own kernel rank are stacked layers (``nnx.vmap``-created modules run under
-``nnx.scan`` / ``nnx.vmap``): one factorization per layer. ``nnx.Einsum`` and subclasses
-such as ``nnx.LoRALinear`` are wrapped in :class:`Factorized`, which runs the module's own
-``__call__`` through :func:`jlr.factorized` (its LoRA adapter keeps working beside the
-factors); their kernel paths gain an ``inner/`` component.
+``nnx.scan`` / ``nnx.vmap``): one factorization per layer.
+
+:func:`params` is the model's parameters as a plain tree in which each twin shows a
+:class:`jlr.LowRank` at its kernel's path (for ``jlr.summary``, ``jlr.truncate``,
+``jlr.merge``); :func:`update` writes such a tree back.
 """
 
 from __future__ import annotations
@@ -21,10 +36,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
+from flax.nnx import graph as nnx_graph
 
-from jlr import ops
 from jlr.factorized import factorized
 from jlr.layouts import Layout, Spec
 from jlr.lowrank import LowRank, is_lowrank
@@ -32,121 +46,93 @@ from jlr.paths import path_str
 from jlr.transforms import Plan, _selector, _spec_for, factorize, plan as make_plan
 
 SUPPORTED = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Embed, nnx.Einsum)
-_EXACT = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Embed)  # have thin-layer twins
-
-
-def _promote(module, *xs):
-  """Cast to the module's ``dtype`` (or the inputs' common type), keeping ``None``s."""
-  dtype = module.dtype
-  if dtype is None:
-    dtype = jnp.result_type(*[x for x in xs if x is not None])
-  return [None if x is None else jnp.asarray(x, dtype) for x in xs]
-
-
-def _constrain(y, out_sharding):
-  """What Flax layers do with their ``out_sharding`` argument."""
-  return y if out_sharding is None else jax.lax.with_sharding_constraint(y, out_sharding)
-
-
-class LowRankLinear(nnx.Module):
-  """Twin of ``nnx.Linear`` / ``nnx.LinearGeneral``: ``y = (x . u) . v + b``."""
-
-  def __init__(self, kernel: LowRank, bias, *, axis=(-1,), dtype=None, precision=None):
-    self.kernel = nnx.Param(kernel)
-    self.bias = nnx.Param(bias) if bias is not None else nnx.data(None)
-    self.axis = tuple(axis)
-    self.dtype = dtype
-    self.precision = precision
-
-  def __call__(self, x, out_sharding=None):
-    f = self.kernel.get_value()
-    bias = self.bias.get_value() if self.bias is not None else None
-    x, u, v, bias = _promote(self, x, f.u, f.v, bias)
-    axis = tuple(sorted(a % x.ndim for a in self.axis))  # Flax's kernel-axis order
-    y = ops.dense_general(x, LowRank(u, v, f.layout), axis, precision=self.precision)
-    return _constrain(y if bias is None else y + bias, out_sharding)
-
-
-class LowRankConv(nnx.Module):
-  """Twin of ``nnx.Conv``: two thin convolutions (see :func:`jlr.ops.conv`)."""
-
-  def __init__(self, kernel: LowRank, bias, *, kernel_size, strides=1, padding="SAME",
-               input_dilation=1, kernel_dilation=1, dtype=None, precision=None):
-    self.kernel = nnx.Param(kernel)
-    self.bias = nnx.Param(bias) if bias is not None else nnx.data(None)
-    self.kernel_size = tuple(kernel_size)
-    self.strides, self.padding = strides, padding
-    self.input_dilation, self.kernel_dilation = input_dilation, kernel_dilation
-    self.dtype, self.precision = dtype, precision
-
-  def __call__(self, x, out_sharding=None):
-    f = self.kernel.get_value()
-    bias = self.bias.get_value() if self.bias is not None else None
-    x, u, v, bias = _promote(self, x, f.u, f.v, bias)
-    y = _constrain(ops.conv_like_flax(x, LowRank(u, v, f.layout), kernel_size=self.kernel_size,
-                           strides=self.strides, padding=self.padding,
-                           input_dilation=self.input_dilation,
-                           kernel_dilation=self.kernel_dilation, precision=self.precision),
-                   out_sharding)
-    return y if bias is None else y + bias
-
-
-class LowRankEmbed(nnx.Module):
-  """Twin of ``nnx.Embed``: ``u[ids] @ v``; ``attend(q) = (q v^T) u^T``."""
-
-  def __init__(self, embedding: LowRank, *, dtype=None):
-    self.embedding = nnx.Param(embedding)
-    self.dtype = dtype
-
-  def __call__(self, ids):
-    if not jnp.issubdtype(ids.dtype, jnp.integer):
-      raise ValueError("Input type must be an integer or unsigned integer.")
-    f = self.embedding.get_value()
-    u, v = _promote(self, f.u, f.v)
-    return ops.embed(ids, LowRank(u, v, f.layout))
-
-  def attend(self, q):
-    f = self.embedding.get_value()
-    q, u, v = _promote(self, q, f.u, f.v)
-    return ops.attend(q, LowRank(u, v, f.layout))
 
 
 class Factorized(nnx.Module):
-  """Any NNX module whose kernel holds a ``LowRank``, run by its own ``__call__`` under
-  :func:`jlr.factorized` (``nnx.split``/``nnx.merge``; state it updates is written back)."""
+  """A module whose kernel is held as two factors and run by the module's own code.
 
-  def __init__(self, inner: nnx.Module):
+  Attributes:
+    inner: the original module with its kernel attribute removed (its bias, adapters,
+      RNG streams and other state stay in it and are updated as the module updates them).
+    u, v: ``nnx.Param``\ s with the factors ``(..., m, r)`` and ``(..., r, n)``.
+    layout: the static :class:`jlr.Layout` of one kernel (stacked-layer axes are the
+      leading axes of ``u`` and ``v``, so ``nnx.scan`` slices them like any parameter).
+    kernel_name: the attribute the kernel had (``"kernel"`` or ``"embedding"``).
+
+  Calling the twin (``twin(x)``, ``twin.attend(q)``, any method of the original module)
+  runs that method with the kernel computed through ``u`` and ``v`` by
+  :func:`jlr.factorized`; ``u @ v`` is never formed where a factorized rule exists.
+  """
+
+  def __init__(self, inner: nnx.Module, kernel_name: str, factors: LowRank):
     self.inner = inner
+    self.kernel_name = kernel_name
+    self.layout = factors.layout
+    self.u = nnx.Param(factors.u)
+    self.v = nnx.Param(factors.v)
 
-  def __call__(self, *args, **kwargs):
+  @property
+  def factors(self) -> LowRank:
+    """The kernel as a :class:`jlr.LowRank` (the current values of ``u`` and ``v``)."""
+    return LowRank(self.u.get_value(), self.v.get_value(), self.layout)
+
+  def run(self, method: str, *args, **kwargs):
+    """``inner.<method>(*args, **kwargs)`` with the kernel computed factorized."""
     graphdef, state = nnx.split(self.inner)
+    name = self.kernel_name
 
-    def run(state, *args, **kwargs):
+    def call(kernel, state, *args, **kwargs):
       module = nnx.merge(graphdef, state)
-      return module(*args, **kwargs), nnx.state(module)
+      setattr(module, name, nnx.Param(kernel))  # a dense stand-in while traced
+      out = getattr(module, method)(*args, **kwargs)
+      setattr(module, name, None)
+      return out, nnx.state(module)
 
-    out, new_state = factorized(run)(state, *args, **kwargs)
+    out, new_state = factorized(call)(self.factors, state, *args, **kwargs)
     nnx.update(self.inner, new_state)
     return out
 
+  def __call__(self, *args, **kwargs):
+    return self.run("__call__", *args, **kwargs)
 
-def _twin(module, f: LowRank, kernel_name: str):
-  if type(module) not in _EXACT or (f.layout.perm is not None):
-    inner = nnx.clone(module)
-    getattr(inner, kernel_name).set_value(f)
-    return Factorized(inner)
-  bias = getattr(module, "bias", None)
-  bias = bias.get_value() if bias is not None else None
-  if isinstance(module, nnx.Embed):
-    return LowRankEmbed(f, dtype=module.dtype)
-  if isinstance(module, nnx.Linear):
-    return LowRankLinear(f, bias, dtype=module.dtype, precision=module.precision)
-  if isinstance(module, nnx.LinearGeneral):
-    return LowRankLinear(f, bias, axis=module.axis, dtype=module.dtype, precision=module.precision)
-  return LowRankConv(f, bias, kernel_size=module.kernel_size, strides=module.strides,
-                     padding=module.padding, input_dilation=module.input_dilation,
-                     kernel_dilation=module.kernel_dilation, dtype=module.dtype,
-                     precision=module.precision)
+  def __getattr__(self, name):  # other methods of the original module (Embed.attend, ...)
+    if name.startswith("_") or name in ("inner", "kernel_name", "layout", "u", "v"):
+      raise AttributeError(name)
+    inner = self.inner
+    if callable(getattr(type(inner), name, None)):
+      return lambda *args, **kwargs: self.run(name, *args, **kwargs)
+    if name == self.kernel_name:
+      raise AttributeError(
+          f"{type(inner).__name__}.{name} is held as two factors (.u, .v; .factors is the "
+          "LowRank); code that reads the dense kernel directly must run the whole model "
+          "through jlr.factorized instead of nnx surgery")
+    return getattr(inner, name)
+
+
+# names that read like the layer kinds they stand for (isinstance checks, reprs)
+class LowRankLinear(Factorized):
+  """The :class:`Factorized` twin of an ``nnx.Linear`` / ``nnx.LinearGeneral``."""
+
+
+class LowRankConv(Factorized):
+  """The :class:`Factorized` twin of an ``nnx.Conv``."""
+
+
+class LowRankEmbed(Factorized):
+  """The :class:`Factorized` twin of an ``nnx.Embed`` (``attend`` included)."""
+
+
+def _twin(module, f: LowRank, kernel_name: str) -> Factorized:
+  inner = nnx.clone(module)
+  setattr(inner, kernel_name, None)
+  kind = type(module)
+  if kind in (nnx.Linear, nnx.LinearGeneral):
+    return LowRankLinear(inner, kernel_name, f)
+  if kind is nnx.Conv:
+    return LowRankConv(inner, kernel_name, f)
+  if kind is nnx.Embed:
+    return LowRankEmbed(inner, kernel_name, f)
+  return Factorized(inner, kernel_name, f)
 
 
 def _unsupported(module) -> str | None:
@@ -163,13 +149,39 @@ def _unsupported(module) -> str | None:
   return None
 
 
+def _kernel_name(module) -> str:
+  return "embedding" if isinstance(module, nnx.Embed) else "kernel"
+
+
+def _references(model) -> tuple[dict[int, list], dict[int, list[str]]]:
+  """Every reference in the graph: ``({id(module): [(parent, key, path), ...]},
+  {id(variable): [path, ...]})``. A module reached twice is listed twice and its
+  children once, so a variable listed twice is held by two modules (or two attributes).
+  The model itself is listed with ``parent=None``."""
+  modules: dict[int, list] = {id(model): [(None, None, "")]}
+  variables: dict[int, list[str]] = {}
+  stack = [(model, "")]
+  while stack:
+    node, path = stack.pop()
+    for key, child in nnx_graph.iter_children(node):
+      cpath = f"{path}/{key}" if path else str(key)
+      if isinstance(child, nnx.Variable):
+        variables.setdefault(id(child), []).append(cpath)
+      elif id(child) not in modules:
+        modules[id(child)] = [(node, key, cpath)]
+        stack.append((child, cpath))
+      else:
+        modules[id(child)].append((node, key, cpath))
+  return modules, variables
+
+
 def _layers(model) -> dict[str, Any]:
-  """``{kernel path: module}`` for every supported layer, in graph order."""
+  """``{kernel path: module}`` for every supported layer, in graph order (a shared module
+  once, at its first path in ``nnx.state`` order)."""
   out = {}
   for path, node in nnx.iter_graph(model):
     if isinstance(node, SUPPORTED) and not isinstance(node, Factorized):
-      name = "embedding" if isinstance(node, nnx.Embed) else "kernel"
-      out["/".join(map(str, path + (name,)))] = node
+      out["/".join(map(str, path + (_kernel_name(node),)))] = node
   return out
 
 
@@ -247,52 +259,91 @@ def plan(model, rank, *, select=None, layout=None) -> Plan:
 
 def compress(model, rank, *, select=None, layout=None, method: str = "svd", key=None,
              split: str = "balanced"):
-  """A new NNX model with chosen layers replaced by low-rank twins.
+  """A new NNX model with chosen layers replaced by :class:`Factorized` twins.
 
   ``rank``, ``select`` and ``layout`` take the same forms as in :func:`jlr.factorize`,
   with paths as in ``nnx.state(model)`` (``layers/0/kernel``); ``rank`` may also be a
-  Plan from :func:`plan`. Only Linear, LinearGeneral, Conv and Embed layers are
-  candidates; grouped or masked convs are skipped by default and rejected with a
-  ``ValueError`` naming the path when selected explicitly. LinearGeneral kernels are
-  split between their contracted and output axes.
+  Plan from :func:`plan`. Linear, LinearGeneral, Conv, Embed and Einsum layers (and
+  their subclasses) are candidates; grouped or masked convs are skipped by default and
+  rejected with a ``ValueError`` naming the path when selected explicitly.
+  LinearGeneral kernels are split between their contracted and output axes.
+
+  A module referenced from several places is compressed once and stays shared. A kernel
+  variable that another module also holds cannot be compressed: ``ValueError`` naming
+  both paths. ``model`` may itself be a layer (``compress(nnx.Linear(...), 8)``): its
+  twin is returned.
   """
   the_plan = rank if isinstance(rank, Plan) else plan(model, rank, select=select, layout=layout)
   new = nnx.clone(model)
   layers = _layers(new)
+  modules, variables = _references(new)
+  for kpath in the_plan:
+    held = variables[id(getattr(layers[kpath], kpath.rsplit("/", 1)[-1]))]
+    if len(held) > 1:
+      raise ValueError(f"{kpath}: this kernel variable is held at {' and '.join(sorted(held))}; a "
+                       "variable shared by two modules (or attributes) cannot be compressed "
+                       "by one of them (leave it out with select=, or share the module)")
   state = factorize(nnx.state(new, nnx.Param), the_plan, method=method, key=key, split=split)
   flat = {path_str(p): v
           for p, v in jax.tree_util.tree_flatten_with_path(state, is_leaf=is_lowrank)[0]}
   for kpath in the_plan:
-    *parent_path, attr = kpath.split("/")[:-1]
-    parent = new
-    for k in parent_path:
-      parent = parent[int(k)] if k.isdigit() and not hasattr(parent, k) else getattr(parent, k)
-    twin = _twin(layers[kpath], flat[kpath], kpath.rsplit("/", 1)[-1])
-    if attr.isdigit() and not hasattr(parent, attr):
-      parent[int(attr)] = twin
-    else:
-      setattr(parent, attr, twin)
+    module = layers[kpath]
+    twin = _twin(module, flat[kpath], kpath.rsplit("/", 1)[-1])
+    for parent, key, _ in modules[id(module)]:
+      if parent is None:
+        return twin  # the model is the layer itself
+      nnx_graph.get_node_impl(parent).set_key(parent, key, twin)
   return new
 
 
-class Optimizer(nnx.Optimizer):
-  """``nnx.Optimizer`` for models holding ``LowRank`` params (a drop-in subclass).
+def _twins(model) -> dict[str, Factorized]:
+  """``{kernel path: twin}`` for every :class:`Factorized` in ``model`` (first path)."""
+  if isinstance(model, Factorized):
+    return {model.kernel_name: model}
+  return {"/".join(map(str, path + (node.kernel_name,))): node
+          for path, node in nnx.iter_graph(model) if isinstance(node, Factorized)}
 
-  ``nnx.Optimizer.update`` writes its new optax state back with
-  ``nnx.update(self.opt_state, nnx.state(new_opt_state))``, which turns the state of a
-  Variable whose value is a pytree (a ``LowRank``: its moments are ``LowRank``s too)
-  into a ``State`` dict, so the second step fails with a pytree-structure error (flax
-  0.12). This subclass writes each optimizer Variable's value back as it is; everything
-  else is ``nnx.Optimizer``'s own code path.
-  """
 
-  def update(self, model, grads, /, **kwargs):
-    params = nnx.as_pure(nnx.state(model, self.wrt))
-    grads = nnx.as_pure(nnx.state(grads, self.wrt))
-    updates, new_opt_state = self.tx.update(grads, nnx.as_pure(self.opt_state), params,
-                                            **nnx.as_pure(kwargs))
-    nnx.update(model, optax.apply_updates(params, updates))
-    jax.tree.map(lambda var, val: var.set_value(val), self.opt_state, new_opt_state,
-                 is_leaf=lambda x: isinstance(x, nnx.Variable))
-    self.step[...] += 1
-    return updates
+def params(model, *filters) -> dict:
+  """``model``'s parameters (``nnx.state(model, nnx.Param)``, or ``*filters``) as a plain
+  nested dict in which every :class:`Factorized` twin shows its kernel as a
+  :class:`jlr.LowRank` at the original path (``layers/0/kernel``) and its other
+  parameters where the original module had them (``layers/0/bias``): the tree
+  ``jlr.summary``, ``jlr.truncate``, ``jlr.merge`` and ``jlr.plan`` understand."""
+  tree = nnx.state(model, *(filters or (nnx.Param,))).to_pure_dict()
+  for kpath, twin in _twins(model).items():
+    sub = tree
+    for k in kpath.split("/")[:-1]:
+      sub = sub[int(k) if k.isdigit() and int(k) in sub else k]
+    inner = sub.pop("inner", {})
+    sub.pop("u", None), sub.pop("v", None)
+    sub.update(inner)
+    sub[twin.kernel_name] = twin.factors
+  return tree
+
+
+def update(model, tree) -> None:
+  """Write ``tree`` (shaped as :func:`params` returns it) into ``model`` in place: a
+  :class:`jlr.LowRank` sets its twin's ``u`` and ``v`` (ranks may change, e.g. after
+  ``jlr.truncate``), every other leaf the parameter at its path."""
+  twins = _twins(model)
+  flat = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_lowrank)[0]}
+  for kpath, twin in twins.items():
+    f = flat.pop(kpath, None)
+    if f is None:
+      continue
+    if not is_lowrank(f) or f.layout != twin.layout:
+      raise ValueError(f"{kpath}: expected a LowRank with layout {twin.layout}, got {f!r}")
+    twin.u.set_value(f.u)
+    twin.v.set_value(f.v)
+  prefix = {k.rsplit("/", 1)[0]: twin for k, twin in twins.items()}
+  for path, value in flat.items():
+    head, _, name = path.rpartition("/")
+    owner = prefix.get(head)
+    target = owner.inner if owner is not None else model
+    for k in ([] if owner is not None else path.split("/")[:-1]):
+      target = target[int(k)] if k.isdigit() and not hasattr(target, k) else getattr(target, k)
+    getattr(target, name).set_value(value)
+
+
+Optimizer = nnx.Optimizer  # twins hold plain nnx.Params: the stock optimizer works
