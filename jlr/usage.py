@@ -267,7 +267,7 @@ def _reshape(eqn, t, uses):
 # ----------------------------------------------------------------------------- layouts
 
 
-def _layout(shape, uses: list[Use], conv: str) -> tuple[Layout | None, str]:
+def _layout(shape, uses: list[Use], conv: str, path: str = "") -> tuple[Layout | None, str]:
   if not uses:
     return None, "not used by the traced call"
   for u in uses:
@@ -292,7 +292,12 @@ def _layout(shape, uses: list[Use], conv: str) -> tuple[Layout | None, str]:
     return None, "some axes are neither contracted nor kept"
   nd = len(kshape)
   if all(u.kind == "conv" for u in uses) and cols == (nd - 1,) and rows == tuple(range(nd - 1)):
-    if conv == "spatial" and nd == 4:
+    if conv == "spatial":
+      if nd != 4:  # a 1-D/3-D conv has no (kh, kw) split: refuse, never fall back to channel
+        raise ValueError(f"{path}: conv='spatial': conv_spatial needs a 2-D conv kernel "
+                         f"(kh, kw, cin, cout), got shape {kshape} (a {nd - 2}-D conv"
+                         + (f", after {k} stacked axes" if k else "")
+                         + "); use conv='channel', or a per-path layout for the 2-D convs")
       return Layout("conv_spatial", kshape), ""
     return Layout("conv_channel", kshape, nd - 1), ""
   if first.kind == "gather" and nd == 2 and rows == (0,):
@@ -312,7 +317,8 @@ def read(fn: Callable, params, *args, conv: str = "channel", **kwargs) -> ModelL
 
   Nothing is computed (``jax.make_jaxpr``); ``args`` may be arrays or
   ``jax.ShapeDtypeStruct``s. Non-array leaves of ``args``/``kwargs`` are static.
-  ``conv``: ``"channel"`` (default) or ``"spatial"`` for 2-D convolutions.
+  ``conv``: ``"channel"`` (default) or ``"spatial"`` (2-D convolutions only: a
+  ValueError naming the leaf for any other conv kernel).
   """
   if conv not in ("channel", "spatial"):
     raise ValueError(f"conv must be 'channel' or 'spatial', got {conv!r}")
@@ -340,7 +346,7 @@ def read(fn: Callable, params, *args, conv: str = "channel", **kwargs) -> ModelL
       continue
     path = path_str(kp)
     leaf_uses = uses.get(i, [])
-    lay, why = _layout(tuple(x.shape), leaf_uses, conv)
+    lay, why = _layout(tuple(x.shape), leaf_uses, conv, path)
     by_path[path] = leaf_uses
     if lay is None:
       # report what a user would expect factorized: kernels, and leaves fed to a matmul

@@ -1,9 +1,12 @@
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jlr import layouts
+import jlr
+import jlr.flax
+from jlr import layouts, usage
 from jlr.layouts import Layout, Spec
 
 
@@ -75,3 +78,54 @@ def test_layout_is_static_and_hashable():
   a, b = Layout("dense", (3, 4)), Layout("dense", [3, 4])
   assert a == b and hash(a) == hash(b)
   jax.jit(lambda x, layout: layout.to_matrix(x), static_argnums=1)(jnp.ones((3, 4)), a)
+
+
+class _Conv1D(nn.Module):
+  @nn.compact
+  def __call__(self, x):  # (N, L, C)
+    x = nn.relu(nn.Conv(8, (3,))(x))
+    return nn.Conv(4, (3,))(x)
+
+
+class _Conv2D(nn.Module):
+  @nn.compact
+  def __call__(self, x):  # (N, H, W, C)
+    return nn.Conv(4, (3, 3))(x)
+
+
+def test_conv_spatial_on_a_1d_conv_is_refused_by_path():
+  """``conv="spatial"`` has no (kh, kw) split on a 1-D conv: an error naming the leaf and
+  its shape, never a silent conv_channel factorization."""
+  model, x = _Conv1D(), jnp.ones((2, 10, 3))
+  v = model.init(jax.random.key(0), x)
+  msg = r"params/Conv_0/kernel: .*2-D conv kernel \(kh, kw, cin, cout\), got shape \(3, 3, 8\)"
+  with pytest.raises(ValueError, match=msg):
+    usage.read(model.apply, v, x, conv="spatial")
+  with pytest.raises(ValueError, match=msg):
+    jlr.flax.layouts(model, v, x, conv="spatial")
+  with pytest.raises(ValueError, match=msg):
+    jlr.flax.factorize(model, v, x, rank=2, conv="spatial")
+  # the default reads the 1-D convs as conv_channel: (k*cin, cout)
+  lay = jlr.flax.layouts(model, v, x)
+  assert lay["params/Conv_0/kernel"] == Layout("conv_channel", (3, 3, 8), 2)
+  assert lay["params/Conv_1/kernel"] == Layout("conv_channel", (3, 8, 4), 2)
+  # an explicit conv_spatial layout on a 3-D leaf is refused by path too
+  for layout in ("conv_spatial", {"params/Conv_1/kernel": "conv_spatial"}):
+    with pytest.raises(ValueError, match=r"params/Conv_\d/kernel: conv_spatial needs a 2-D"):
+      jlr.factorize(v, 2, layout=layout)
+
+
+def test_conv_spatial_on_a_2d_conv_is_read():
+  model, x = _Conv2D(), jnp.ones((2, 6, 6, 3))
+  v = model.init(jax.random.key(0), x)
+  lay = jlr.flax.layouts(model, v, x, conv="spatial")
+  assert lay["params/Conv_0/kernel"] == Layout("conv_spatial", (3, 3, 3, 4))
+  f = jlr.flax.factorize(model, v, x, rank=2, conv="spatial")
+  k = f["params"]["Conv_0"]["kernel"]
+  assert k.layout.kind == "conv_spatial" and k.rank == 2
+  # independent truth: the best rank-2 approximation of M[(h, c), (w, o)] = W[h, w, c, o]
+  w = np.asarray(v["params"]["Conv_0"]["kernel"], np.float64)
+  mat = w.transpose(0, 2, 1, 3).reshape(9, 12)
+  u_, s_, vt = np.linalg.svd(mat, full_matrices=False)
+  best = ((u_[:, :2] * s_[:2]) @ vt[:2]).reshape(3, 3, 3, 4).transpose(0, 2, 1, 3)
+  np.testing.assert_allclose(k.dense(), best, rtol=1e-4, atol=1e-5)
