@@ -24,6 +24,16 @@ LAYOUTS_FILE = "jlr_layouts.json"
 ARRAYS_DIR = "arrays"
 
 
+def _orbax():
+  """``orbax.checkpoint``, or an ImportError that says how to install it."""
+  try:
+    import orbax.checkpoint as ocp
+  except ImportError as e:
+    raise ImportError(f"jlr.checkpoint and the jlr command line need orbax-checkpoint "
+                      f"({e}): pip install 'jlr[cli]' (or pip install orbax-checkpoint)") from e
+  return ocp
+
+
 def _lower(params):
   """LowRank -> {"u", "v"}; returns (tree, {path: layout dict})."""
   layouts = {}
@@ -39,7 +49,7 @@ def _lower(params):
 
 def save(directory: str, params, *, force: bool = False) -> None:
   """Save ``params`` (any pytree of arrays and ``LowRank``) to ``directory``."""
-  import orbax.checkpoint as ocp
+  ocp = _orbax()
 
   directory = os.path.abspath(directory)
   if os.path.exists(directory):
@@ -61,7 +71,7 @@ def _raise(directory, why):
 
 def load(directory: str):
   """Load a tree saved by :func:`save` (or a plain orbax checkpoint of a params tree)."""
-  import orbax.checkpoint as ocp
+  ocp = _orbax()
 
   directory = os.path.abspath(directory)
   if not os.path.isdir(directory):

@@ -12,6 +12,7 @@ CKPT is a directory written by ``jlr.checkpoint.save`` or a plain orbax checkpoi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import jax
@@ -39,6 +40,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
+  if args.command == "compress" and os.path.exists(args.out) and not args.force:
+    # refuse before loading or factorizing anything
+    print(f"jlr: error: {args.out} exists; pass --force to overwrite it", file=sys.stderr)
+    return 2
   try:
     params = checkpoint.load(args.ckpt)
     if args.command == "summary":
@@ -54,7 +59,10 @@ def main(argv=None) -> int:
     checkpoint.save(args.out, out, force=args.force)
     print(f"saved to {args.out}")
     return 0
-  except (FileNotFoundError, FileExistsError, ValueError, TypeError) as e:
+  except FileExistsError:  # OUT appeared while compressing
+    print(f"jlr: error: {args.out} exists; pass --force to overwrite it", file=sys.stderr)
+    return 2
+  except (FileNotFoundError, ImportError, ValueError, TypeError) as e:
     print(f"jlr: error: {e}", file=sys.stderr)
     return 2
 

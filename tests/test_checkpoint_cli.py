@@ -77,3 +77,42 @@ def test_console_script_entry_point(tmp_path):
   exe = os.path.join(os.path.dirname(sys.executable), "jlr")
   r = subprocess.run([exe, "summary", str(tmp_path / "x")], capture_output=True, text=True)
   assert r.returncode == 2 and "no checkpoint" in r.stderr
+
+
+def test_cli_refuses_an_existing_out_before_any_work(tmp_path, capsys, monkeypatch):
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "keep").write_text("mine")
+
+  def no_load(directory):
+    raise AssertionError("the checkpoint was loaded before refusing --out")
+  monkeypatch.setattr(checkpoint, "load", no_load)
+  assert cli.main(["compress", str(tmp_path / "in"), "--rank", "ratio:0.25",
+                   "--out", str(out)]) == 2
+  cap = capsys.readouterr()
+  assert cap.out == ""  # no summary printed: nothing was factorized
+  assert f"{out} exists" in cap.err and "--force" in cap.err and "force=True" not in cap.err
+  assert (out / "keep").read_text() == "mine"
+
+
+def test_cli_existing_out_as_a_command(tmp_path):
+  """The console script: nonzero exit, the message on stderr, no traceback."""
+  out = tmp_path / "out"
+  out.mkdir()
+  exe = os.path.join(os.path.dirname(sys.executable), "jlr")
+  r = subprocess.run([exe, "compress", str(tmp_path / "missing"), "--rank", "ratio:0.25",
+                      "--out", str(out)], capture_output=True, text=True)
+  assert r.returncode == 2 and r.stdout == ""
+  assert "--force" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_orbax_says_how_to_install_it(tmp_path, capsys, monkeypatch):
+  monkeypatch.setitem(sys.modules, "orbax.checkpoint", None)  # import orbax.checkpoint fails
+  with pytest.raises(ImportError, match=r"pip install 'jlr\[cli\]'"):
+    checkpoint.load(str(tmp_path))
+  with pytest.raises(ImportError, match=r"pip install 'jlr\[cli\]'"):
+    checkpoint.save(str(tmp_path / "x"), {"w": jnp.ones(2)})
+  assert not (tmp_path / "x").exists()
+  assert cli.main(["summary", str(tmp_path)]) == 2
+  err = capsys.readouterr().err
+  assert "orbax-checkpoint" in err and "pip install 'jlr[cli]'" in err
