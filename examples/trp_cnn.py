@@ -162,7 +162,7 @@ def conv_flops(model: nn.Module, variables, image_shape) -> dict[str, int]:
     return out
 
   def fwd(v):
-    with nn.intercept_methods(record):  # outermost: sees the call jlr's interceptor serves
+    with nn.intercept_methods(record):  # the Conv modules see their real input and output shapes
       return jlr.flax.apply(model, v, jnp.zeros((1,) + tuple(image_shape)), train=False)
 
   jax.eval_shape(fwd, variables)

@@ -40,6 +40,7 @@ plain JAX alike.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import functools
@@ -67,6 +68,99 @@ class DensifiedError(ValueError):
 
 
 _STRICT = contextvars.ContextVar("jlr_factorized_strict", default=False)
+_RECORD = contextvars.ContextVar("jlr_factorized_record", default=None)
+
+
+class Recorder:
+  """Collects the real input of every contraction / conv that meets a recorded kernel,
+  as the ``(..., tokens, m)`` matrix of rows in the kernel's row order (the rows of its
+  layout's matrix), while :func:`factorized` evaluates a function (calibration: see
+  :func:`jlr.stats.activations`). ``mode="gram"`` keeps ``(sum_i w_i x_i x_i^T, sum_i
+  w_i)`` per leaf (summed over the leaf's uses); ``mode="rows"`` keeps ``(rows,
+  weights)`` (concatenated over uses). ``weights(path, shape)`` gives per-row weights
+  for an input of ``path`` whose non-contracted axes have ``shape`` (a padding mask), or
+  None. A stacked kernel (``scan`` over layers, ``vmap``-ed layers) gets one record per
+  layer, with the layer axes leading.
+
+  ``records[path]`` holds the result; ``missing[path]`` why a recorded leaf met an input
+  that could not be recorded (contracted over its columns, a conv whose rows are not its
+  window and input channels, inside control flow without a rule)."""
+
+  def __init__(self, paths, mode: str = "gram", weights: Callable | None = None):
+    self.paths = frozenset(paths)
+    self.mode = mode
+    self.weights = weights
+    self.records: dict[str, tuple] = {}
+    self.missing: dict[str, str] = {}
+
+  def child(self) -> "Recorder":
+    return Recorder(self.paths, self.mode, self.weights)
+
+  def add(self, path: str, rows) -> None:
+    """``rows``: ``(*stacked, *lead, m)`` with ``lead`` the non-contracted input axes."""
+    lead = rows.shape[:-1]
+    w = self.weights(path, lead) if self.weights is not None else None
+    rows = rows.astype(jnp.float32)
+    if w is None:
+      w = jnp.ones(lead, jnp.float32)
+    w = jnp.broadcast_to(jnp.asarray(w, jnp.float32), lead)
+    self.put(path, rows, w)
+
+  def put(self, path: str, rows, w) -> None:
+    """Store rows ``(*stacked, *lead, m)`` with weights ``(*stacked, *lead)``: the
+    stacked axes are the leading ones that ``w`` and ``rows`` do not flatten -- here
+    none; a scan body's records gain one (see :meth:`stacked`)."""
+    m = rows.shape[-1]
+    flat = rows.reshape((-1, m))
+    wf = w.reshape((-1,))
+    if self.mode == "gram":
+      value = ((flat * wf[:, None]).T @ flat, jnp.sum(wf))
+      old = self.records.get(path)
+      self.records[path] = value if old is None else (old[0] + value[0], old[1] + value[1])
+    else:
+      old = self.records.get(path)
+      self.records[path] = (flat, wf) if old is None else (
+          jnp.concatenate([old[0], flat]), jnp.concatenate([old[1], wf]))
+
+  def absorb(self, inner: "Recorder", values: dict) -> None:
+    """Merge a scan body's records, ``values`` stacked along a new leading layer axis."""
+    self.missing.update(inner.missing)
+    for path, value in values.items():
+      old = self.records.get(path)
+      if old is None:
+        self.records[path] = value
+      elif self.mode == "gram":
+        self.records[path] = (old[0] + value[0], old[1] + value[1])
+      else:
+        self.records[path] = (jnp.concatenate([old[0], value[0]], -2),
+                              jnp.concatenate([old[1], value[1]], -1))
+
+  def fold(self, value):
+    """A record stacked along a leading axis that is not a layer axis, as one record."""
+    if self.mode == "gram":
+      return value[0].sum(0), value[1].sum(0)
+    rows, w = value
+    return (jnp.moveaxis(rows, 0, -3).reshape(rows.shape[1:-2] + (-1, rows.shape[-1])),
+            jnp.moveaxis(w, 0, -2).reshape(w.shape[1:-1] + (-1,)))
+
+  def miss(self, path: str, why: str) -> None:
+    self.missing.setdefault(path, why)
+
+
+@contextlib.contextmanager
+def recording(recorder: Recorder):
+  """``with recording(rec): factorized(fn)(...)``: ``rec`` sees every contraction / conv
+  input of its kernels while :func:`factorized` evaluates (also under ``jax.jit``)."""
+  token = _RECORD.set(recorder)
+  try:
+    yield recorder
+  finally:
+    _RECORD.reset(token)
+
+
+def _recording(f) -> "Recorder | None":
+  rec = _RECORD.get()
+  return rec if rec is not None and f.kernel and f.path in rec.paths else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +263,9 @@ def _dense(x):
 
 
 def _densify_warning(path: str, prim: str, why: str = "") -> None:
+  rec = _RECORD.get()
+  if rec is not None and path in rec.paths:
+    rec.miss(path, f"used by `{prim}`{why}, which has no factorized rule")
   where = f"{path or 'a LowRank leaf'}: no factorized rule for `{prim}`{why}"
   if _STRICT.get():
     raise DensifiedError(
@@ -403,6 +500,9 @@ def _rule_dot_general(eqn, ins):
   size = dict(zip(x_lab, jnp.shape(x)))
   size.update(zip(f_lab, f.shape))
   size[r] = f.rank
+  rec = _recording(f)
+  if rec is not None:
+    _record_dot(rec, x, xc, xb, f, fc, fb)
 
   def plan(first_lab, second_lab):
     keep = set(second_lab) | set(out)
@@ -423,6 +523,31 @@ def _rule_dot_general(eqn, ins):
     t = _masked(t, tb, f, canon[:f.nb] + [r])
     y = _einsum(f"{j(tb)},{j(a_lab)}->{j(out)}", t, f.a, eqn)
   return _cast(y, eqn)
+
+
+def _record_dot(rec: Recorder, x, xc, xb, f: Factored, fc, fb) -> None:
+  """Record ``x``'s rows for ``f`` when ``x`` is contracted with exactly ``f``'s rows."""
+  rows_c = set(range(f.nb, f.nb + f.na))
+  if {f.axes[j] for j in fc} != rows_c or {f.axes[j] for j in fb} != set(range(f.nb)):
+    rec.miss(f.path, "an input contracted with axes that are not the kernel's rows")
+    return
+  by_c = sorted(zip(xc, fc), key=lambda p: f.axes[p[1]])  # kernel row order
+  by_b = sorted(zip(xb, fb), key=lambda p: f.axes[p[1]])
+  free = [i for i in range(jnp.ndim(x)) if i not in xc and i not in xb]
+  t = jnp.transpose(x, [i for i, _ in by_b] + free + [i for i, _ in by_c])
+  nb, m = len(by_b), math.prod(t.shape[len(by_b) + len(free):])
+  t = t.reshape(t.shape[:nb + len(free)] + (m,))
+  if nb:  # stacked kernels contracted per layer (nn.vmap): one record per layer
+    w = rec.weights(f.path, t.shape[nb:-1]) if rec.weights is not None else None
+    w = jnp.ones(t.shape[nb:-1], jnp.float32) if w is None else jnp.asarray(w, jnp.float32)
+    w = jnp.broadcast_to(w, t.shape[:-1])
+    flat = t.reshape(t.shape[:nb] + (-1, m)).astype(jnp.float32)
+    wf = w.reshape(t.shape[:nb] + (-1,))
+    value = (jnp.einsum("...ti,...t,...tj->...ij", flat, wf, flat), jnp.sum(wf, -1)) \
+        if rec.mode == "gram" else (flat, wf)
+    rec.absorb(rec.child(), {f.path: value})
+    return
+  rec.add(f.path, t)
 
 
 def _masked(t, t_lab, f: Factored, keep_lab):
@@ -454,6 +579,9 @@ def _rule_conv(eqn, ins):
   dn = p["dimension_numbers"]
   lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
   o_ax, i_ax, sp = rhs_spec[0], rhs_spec[1], tuple(rhs_spec[2:])
+  rec = _recording(f)
+  if rec is not None:
+    _record_conv(rec, lhs, f, p)
   gi, go = f.group(i_ax), f.group(o_ax)
   if gi == go:
     return None
@@ -512,6 +640,27 @@ def _rule_conv(eqn, ins):
                                dimension_numbers=dn2, precision=p.get("precision"),
                                preferred_element_type=p.get("preferred_element_type"))
   return _cast(y, eqn)
+
+
+def _record_conv(rec: Recorder, lhs, f: Factored, p) -> None:
+  """Record the im2col patches of ``lhs`` (rows in the kernel's row order) for a
+  channel-wise kernel: rows = its window and input-channel axes."""
+  dn = p["dimension_numbers"]
+  o_ax, i_ax, sp = dn.rhs_spec[0], dn.rhs_spec[1], tuple(dn.rhs_spec[2:])
+  if f.group(o_ax) != "B" or any(f.group(k) != "A" for k in (i_ax,) + sp):
+    rec.miss(f.path, "a conv whose kernel rows are not its window and input channels")
+    return
+  window = tuple(f.shape[k] for k in sp)
+  patches = lax.conv_general_dilated_patches(
+      lhs, window, p["window_strides"], p["padding"], lhs_dilation=p["lhs_dilation"],
+      rhs_dilation=p["rhs_dilation"], dimension_numbers=dn, precision=p.get("precision"))
+  out = dn.out_spec
+  patches = jnp.transpose(patches, (out[0],) + tuple(out[2:]) + (out[1],))
+  lead = patches.shape[:-1]
+  patches = patches.reshape(lead + (f.shape[i_ax],) + window)  # features in (cin, *window)
+  order = sorted(range(1 + len(sp)), key=lambda k: f.axes[((i_ax,) + sp)[k]])  # row order
+  patches = jnp.transpose(patches, tuple(range(len(lead))) + tuple(len(lead) + k for k in order))
+  rec.add(f.path, patches.reshape(lead + (-1,)))
 
 
 # ----------------------------------------------------------------------------- gather
@@ -586,6 +735,27 @@ def _rule_call(eqn, ins):
   return eval_jaxpr(closed, (), ins)
 
 
+def _recorded_inside(fn):
+  """``fn`` evaluated with a child :class:`Recorder` (when recording): returns ``fn``'s
+  outputs and the child's records, so a transform boundary (scan, remat) passes the
+  records out as outputs instead of leaking tracers; ``inner[0]`` is the child."""
+  rec, inner = _RECORD.get(), []
+
+  def wrapped(*args):
+    if rec is None:
+      return fn(*args), {}
+    child = rec.child()
+    inner[:] = [child]
+    token = _RECORD.set(child)
+    try:
+      out = fn(*args)
+    finally:
+      _RECORD.reset(token)
+    return out, child.records
+
+  return wrapped, rec, inner
+
+
 def _rule_remat(eqn, ins):
   jaxpr = eqn.params["jaxpr"]
   flat, unpack = _pack(ins)
@@ -593,8 +763,12 @@ def _rule_remat(eqn, ins):
   def fun(*vals):
     return [_dense(o) for o in eval_jaxpr(jaxpr, (), unpack(vals))]
 
-  return jax.checkpoint(fun, prevent_cse=eqn.params.get("prevent_cse", True),
-                        policy=eqn.params.get("policy"))(*flat)
+  fun, rec, inner = _recorded_inside(fun)
+  outs, records = jax.checkpoint(fun, prevent_cse=eqn.params.get("prevent_cse", True),
+                                 policy=eqn.params.get("policy"))(*flat)
+  if rec is not None:
+    rec.absorb(inner[0], records)
+  return outs
 
 
 def _rule_scan(eqn, ins):
@@ -612,14 +786,23 @@ def _rule_scan(eqn, ins):
   closed = p["jaxpr"]
   flat_xs, unpack_xs = _pack(xs_ok)
 
-  def body(c, x_slices):
+  def step(c, x_slices):
     outs = eval_jaxpr(closed.jaxpr, closed.consts,
                       list(consts) + list(c) + unpack_xs(x_slices, drop_batch=1))
-    outs = [_dense(o) for o in outs]
-    return outs[:ncarry], outs[ncarry:]
+    return [_dense(o) for o in outs]
 
-  c_out, ys = lax.scan(body, carry, flat_xs, length=p["length"], reverse=p["reverse"],
-                       unroll=p["unroll"])
+  step, rec, inner = _recorded_inside(step)
+
+  def body(c, x_slices):
+    outs, records = step(c, x_slices)
+    return outs[:ncarry], (outs[ncarry:], records)  # records stack per layer
+
+  c_out, (ys, records) = lax.scan(body, carry, flat_xs, length=p["length"],
+                                  reverse=p["reverse"], unroll=p["unroll"])
+  if rec is not None:  # a kernel sliced per step is a stack of layers: one record each;
+    sliced = {x.path for x in xs_ok if isinstance(x, Factored)}  # others: sum the steps
+    rec.absorb(inner[0], {path: v if path in sliced else rec.fold(v)
+                          for path, v in records.items()})
   return list(c_out) + list(ys)
 
 

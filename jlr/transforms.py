@@ -31,13 +31,17 @@ KERNEL_NAMES = ("kernel", "embedding")
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-  """One leaf of a :class:`Plan`: where it is, how it is matricized, which rank."""
+  """One leaf of a :class:`Plan`: where it is, how it is matricized, which rank, and the
+  data-aware recipe (``stats``: its :class:`jlr.stats.Gram` / ``RowWeights`` or None;
+  ``damping``) that chose the rank, so ``factorize(params, plan)`` applies exactly it."""
 
   path: str
   layout: Layout
   batch_shape: tuple[int, ...]
   rank: int
   rule: str
+  stats: Any = dataclasses.field(default=None, compare=False, repr=False)
+  damping: float = 1e-2
 
 
 class Plan(dict):
@@ -314,8 +318,24 @@ def plan(params, rank, *, select=None, layout=None, stats=None, damping: float =
     desc = rule.describe()
     if isinstance(rule, ranks_lib.ratio) and r > rule.plain(lay):
       desc += f" (raised to min rank {r})"
-    result[path] = Entry(path, lay, batch, r, desc)
+    st = None if stats is None else stats.get(path)
+    result[path] = Entry(path, lay, batch, r, desc, st, damping)
+  if stats is not None:
+    _warn_missing_stats([p for p, e in result.items() if e.stats is None], stats)
   return result
+
+
+def _warn_missing_stats(paths, stats) -> None:
+  if not paths:
+    return
+  from jlr.stats import MissingStatisticsWarning  # stats imports this module lazily too
+
+  why = getattr(stats, "missing", {})
+  warnings.warn(
+      "no calibration statistics for selected kernel(s) "
+      + ", ".join(f"{p} ({why[p]})" if p in why else p for p in paths)
+      + ": they get a plain SVD. Leave them out (select=) or collect their statistics.",
+      MissingStatisticsWarning, stacklevel=3)
 
 
 # ----------------------------------------------------------------------------- factorize
@@ -433,6 +453,9 @@ def factorize(params, rank=None, *, select=None, layout=None, method: str = "svd
     raise ValueError("method='randomized' needs a PRNG key: pass key=jax.random.key(0)")
   if rank is None:
     raise TypeError("factorize needs a rank: an int, a jlr.ranks rule, a mapping or a Plan")
+  if isinstance(rank, Plan) and stats is not None:
+    raise ValueError("factorize(params, plan, stats=...): a plan carries the statistics it "
+                     "was made with (jlr.plan(params, rank, stats=...)); pass them there")
   the_plan = rank if isinstance(rank, Plan) else plan(
       params, rank, select=select, layout=layout, stats=stats, damping=damping)
   leaves, treedef = _leaves(params)
@@ -444,7 +467,8 @@ def factorize(params, rank=None, *, select=None, layout=None, method: str = "svd
     entry = the_plan.get(path)
     if entry is None or is_lowrank(leaf):
       continue
-    r_w, r_inv = _whitening(stats, path, entry.layout, entry.batch_shape, damping)
+    r_w, r_inv = _whitening({path: entry.stats}, path, entry.layout, entry.batch_shape,
+                            entry.damping)
     if r_w is not None:  # data-aware: its own whitener, its own call
       out[i] = prev = _factor(svd_lib.sequenced(leaf, prev), None, r_w, r_inv,
                               layout=entry.layout, rank=entry.rank, nested=nested, **opts)

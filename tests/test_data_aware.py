@@ -1,5 +1,8 @@
 """Activation-whitened and Fisher-weighted factorization against closed forms."""
 
+import warnings
+
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -232,8 +235,7 @@ def test_conv_statistics_are_im2col_grams(conv):
   v = model.init(jax.random.key(0), x)
   g = calibrate.activations(model, v, [x])["params/c/kernel"]
   w = np.asarray(v["params"]["c"]["kernel"], np.float64)
-  patches = np.asarray(calibrate._conv_patches(nn.Conv(5, **conv), x), np.float64)
-  patches = patches.reshape(-1, w[..., 0].size)
+  patches = im2col(np.asarray(x, np.float64), conv)
   np.testing.assert_allclose(patches @ w.reshape(-1, 5),
                              np.asarray(model.apply(v, x), np.float64).reshape(-1, 5), atol=1e-4)
   np.testing.assert_allclose(g.matrix, patches.T @ patches, rtol=1e-4, atol=1e-3)
@@ -246,10 +248,125 @@ def test_conv_statistics_are_im2col_grams(conv):
                              rtol=1e-3)
 
 
-def test_conv_statistics_refuse_grouped_and_circular_convs():
-  x = jnp.ones((2, 6, 6, 4))
-  for kw, what in [(dict(feature_group_count=2), "grouped"), (dict(padding="CIRCULAR"), "CIRCULAR")]:
-    model = OneConv(dict(kernel_size=(3, 3), **kw), features=4)
-    v = model.init(jax.random.key(0), x)
-    with pytest.raises(ValueError, match=what):
-      calibrate.activations(model, v, [x])
+def im2col(x, conv):
+  """numpy im2col: ``(N * out positions, prod(window) * cin)`` rows in (*window, cin)
+  order, for zero padding ("SAME" / "VALID" / explicit pairs), strides, kernel dilation."""
+  ks = tuple(conv["kernel_size"])
+  n = len(ks)
+  stride = conv.get("strides", 1)
+  stride = (stride,) * n if isinstance(stride, int) else tuple(stride)
+  dil = conv.get("kernel_dilation", 1)
+  dil = (dil,) * n if isinstance(dil, int) else tuple(dil)
+  pad = conv.get("padding", "SAME")
+  span = [(k - 1) * d + 1 for k, d in zip(ks, dil)]
+  if pad == "VALID":
+    pad = [(0, 0)] * n
+  elif pad == "SAME":
+    outs = [-(-x.shape[1 + i] // stride[i]) for i in range(n)]
+    tot = [max((o - 1) * s + sp - x.shape[1 + i], 0) for i, (o, s, sp) in enumerate(zip(outs, stride, span))]
+    pad = [(t // 2, t - t // 2) for t in tot]
+  xp = np.pad(x, [(0, 0)] + list(pad) + [(0, 0)])
+  outs = [(xp.shape[1 + i] - span[i]) // stride[i] + 1 for i in range(n)]
+  rows = []
+  for b in range(x.shape[0]):
+    for pos in np.ndindex(*outs):
+      start = [p * s for p, s in zip(pos, stride)]
+      win = xp[(b,) + tuple(slice(st, st + sp, d) for st, sp, d in zip(start, span, dil))]
+      rows.append(win.reshape(-1))  # (*window, cin) order
+  return np.stack(rows)
+
+
+def test_grouped_convs_get_no_statistics_and_circular_ones_see_their_padded_input():
+  x = jnp.asarray(rnd((2, 6, 6, 4), 3), jnp.float32)
+  grouped = OneConv(dict(kernel_size=(3, 3), feature_group_count=2), features=4)
+  v = grouped.init(jax.random.key(0), x)
+  assert "params/c/kernel" not in calibrate.activations(grouped, v, [x])  # not factorizable
+  assert "grouped" in jlr.flax.layouts(grouped, v, x).skipped["params/c/kernel"]
+  circular = OneConv(dict(kernel_size=(3, 3), padding="CIRCULAR"), features=4)
+  v = circular.init(jax.random.key(0), x)
+  g = calibrate.activations(circular, v, [x])["params/c/kernel"]
+  wrapped = np.pad(np.asarray(x, np.float64), [(0, 0), (1, 1), (1, 1), (0, 0)], mode="wrap")
+  patches = im2col(wrapped, dict(kernel_size=(3, 3), padding="VALID"))
+  np.testing.assert_allclose(g.matrix, patches.T @ patches, rtol=1e-4, atol=1e-3)
+
+
+class KeywordAndSubclass(nn.Module):
+  """Layers called by keyword, a Dense subclass with its own __call__, and a scan stack."""
+
+  @nn.compact
+  def __call__(self, x):
+    class Scaled(nn.Dense):
+      def __call__(self, inputs):
+        return super().__call__(inputs * 3.0)
+
+    class Layer(nn.Module):
+      @nn.compact
+      def __call__(self, h, _):
+        return h + jnp.tanh(nn.Dense(8, name="d")(h)), None
+
+    h = nn.Dense(8, name="kw")(inputs=x)
+    h = Scaled(8, name="scaled")(h)
+    h, _ = nn.scan(Layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                   length=3)(name="stack")(h, None)
+    return h
+
+
+def test_statistics_are_the_real_inputs_whatever_the_model_code_does():
+  """Keyword calls (the old method interceptor missed them), a subclass that rescales its
+  input (the kernel sees 3h, not h) and a scan stack (one Gram per layer), each checked
+  against the inputs computed by hand."""
+  model = KeywordAndSubclass()
+  x = jnp.asarray(rnd((2, 5, 6), 7), jnp.float32)
+  v = model.init(jax.random.key(0), x)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # nothing is missing
+    st = calibrate.activations(model, v, [x])
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), v["params"])
+  xs = np.asarray(x, np.float64).reshape(-1, 6)
+  h = xs @ p["kw"]["kernel"] + p["kw"]["bias"]
+  np.testing.assert_allclose(st["params/kw/kernel"].matrix, xs.T @ xs, rtol=1e-5)
+  np.testing.assert_allclose(st["params/scaled/kernel"].matrix, 9 * h.T @ h, rtol=1e-4)
+  h = (3 * h) @ p["scaled"]["kernel"] + p["scaled"]["bias"]
+  want = []
+  for i in range(3):
+    want.append(h.T @ h)
+    h = h + np.tanh(h @ p["stack"]["d"]["kernel"][i] + p["stack"]["d"]["bias"][i])
+  g = st["params/stack/d/kernel"]
+  chex.assert_shape(g.matrix, (3, 8, 8))
+  np.testing.assert_allclose(g.matrix, np.stack(want), rtol=1e-4, atol=1e-5)
+  assert g.count == 10
+
+
+def test_a_kernel_contracted_over_its_columns_is_named_missing():
+  class TiedHead(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+      emb = nn.Embed(20, 8, name="emb")
+      return emb.attend(nn.Dense(8, name="mid")(emb(ids)))
+
+  model, ids = TiedHead(), jnp.arange(6).reshape(2, 3)
+  v = model.init(jax.random.key(0), ids)
+  with pytest.warns(stats.MissingStatisticsWarning, match="params/emb/embedding.*not the kernel's rows"):
+    st = calibrate.activations(model, v, [ids])
+  assert set(st) == {"params/mid/kernel"} and "params/emb/embedding" in st.missing
+  # factorize with these statistics says which selected kernel has none
+  with pytest.warns(stats.MissingStatisticsWarning, match="params/emb/embedding"):
+    jlr.factorize(v, 4, stats=st)
+
+
+def test_a_plan_carries_its_statistics():
+  """factorize(w, plan(w, r, stats=s)) == factorize(w, r, stats=s): the plan previews and
+  applies the whitened factorization; passing stats again to a plan is refused."""
+  rng = np.random.default_rng(8)
+  mix = rng.normal(size=(64, 64)) * np.linspace(0.01, 3, 64)
+  xs = rng.normal(size=(500, 64)) @ mix
+  w = {"k": jnp.asarray(rng.normal(size=(64, 48)), jnp.float32)}
+  s = {"k": stats.Gram(xs.T @ xs, 500)}
+  p = jlr.plan(w, 8, select="k", stats=s)
+  assert p["k"].stats is s["k"]
+  got, want = jlr.factorize(w, p), jlr.factorize(w, 8, select="k", stats=s)
+  np.testing.assert_allclose(got["k"].dense(), want["k"].dense(), rtol=1e-5, atol=1e-5)
+  plain = jlr.factorize(w, 8, select="k")
+  assert float(jnp.abs(plain["k"].dense() - want["k"].dense()).max()) > 0.1  # whitening matters
+  with pytest.raises(ValueError, match="a plan carries the statistics"):
+    jlr.factorize(w, p, stats=s)

@@ -138,3 +138,17 @@ def test_timings_are_cached_per_compiler_options(setup):
     assert len(new) == len(plain) > 0
     assert all("xla_cpu_experimental_ynn_fusion_type" in k for k in new)
     assert not any("xla_cpu_experimental_ynn_fusion_type" in k for k in plain)
+
+
+def test_a_1d_conv_beside_2d_ones_has_no_spatial_candidate():
+  class Mixed(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.relu(nn.Conv(32, (3, 3), name="c2")(x))
+      return nn.Conv(32, (3,), name="c1")(h.reshape(h.shape[0], -1, h.shape[-1]))
+
+  model, x = Mixed(), jnp.ones((1, 6, 6, 16))
+  v = model.init(jax.random.key(0), x)
+  tuned = at.autotune(model, v, x, rank=jlr.ranks.ratio(0.25), repeats=1)
+  assert set(tuned.times_ms["params/c2/kernel"]) == {"dense", "channel", "spatial"}
+  assert set(tuned.times_ms["params/c1/kernel"]) == {"dense", "channel"}

@@ -10,10 +10,6 @@
   any module whose kernel is a ``LowRank`` computes with the factors at the primitive
   level (:mod:`jlr.factorized`); ``u @ v`` is never formed.
 
-``intercept()`` is the older module-level path (``nn.intercept_methods`` for Dense,
-DenseGeneral, Conv and Embed), kept for the calibration passes of
-:mod:`jlr.flax.calibrate`, which hook those modules' inputs.
-
 ``LowRankDense`` and ``LowRankConv`` are linen layers for models built factorized from
 the start; their ``kernel`` param is a ``LowRank`` too, so ``jlr.summary``, ``truncate``
 and ``merge`` apply to them unchanged.
@@ -35,98 +31,11 @@ from jlr.layouts import Layout
 from jlr.lowrank import LowRank
 from jlr.usage import ModelLayouts
 
-_KERNEL_NAMES = ("kernel", "embedding")
-
-
-def _lowrank_param(module: nn.Module, name: str):
-  if module.scope is None or not module.has_variable("params", name):
-    return None
-  value = module.get_variable("params", name)
-  return value if isinstance(value, LowRank) else None
 
 
 def _where(module: nn.Module) -> str:
   path = "/".join(module.scope.path) if module.scope is not None else ""
   return path or type(module).__name__
-
-
-def _bias(module: nn.Module):
-  return module.get_variable("params", "bias") if getattr(module, "use_bias", False) else None
-
-
-def _dense_general(module, f: LowRank, inputs, axis, n_features):
-  batch_dims = getattr(module, "batch_dims", ())
-  if batch_dims:
-    raise ValueError(f"{_where(module)}: DenseGeneral with batch_dims cannot use a LowRank kernel")
-  bias = _bias(module)
-  inputs, u, v, bias = promote_dtype(inputs, f.u, f.v, bias, dtype=module.dtype)
-  f = LowRank(u, v, f.layout)
-  axis = tuple(sorted(a % inputs.ndim for a in axis))  # Flax's kernel-axis order
-  expected = tuple(inputs.shape[a] for a in axis)
-  if f.layout.shape[: len(axis)] != expected or len(f.layout.shape) != len(axis) + n_features:
-    raise ValueError(f"{_where(module)}: LowRank kernel of shape {f.layout.shape} does not fit "
-                     f"inputs {inputs.shape} contracted over axes {axis}")
-  y = ops.dense_general(inputs, f, axis, precision=module.precision)
-  return y if bias is None else y + bias
-
-
-def _conv(module: nn.Conv, f: LowRank, inputs):
-  where = _where(module)
-  if module.feature_group_count != 1:
-    raise ValueError(f"{where}: grouped/depthwise convolutions (feature_group_count="
-                     f"{module.feature_group_count}) are not supported with a LowRank kernel")
-  if module.mask is not None:
-    raise ValueError(f"{where}: masked convolutions are not supported with a LowRank kernel")
-  ks = (module.kernel_size,) if isinstance(module.kernel_size, int) else tuple(module.kernel_size)
-  bias = _bias(module)
-  inputs, u, v, bias = promote_dtype(inputs, f.u, f.v, bias, dtype=module.dtype)
-  try:
-    y = ops.conv_like_flax(inputs, LowRank(u, v, f.layout), kernel_size=ks, strides=module.strides,
-                           padding=module.padding, input_dilation=module.input_dilation,
-                           kernel_dilation=module.kernel_dilation, precision=module.precision)
-  except ValueError as e:
-    raise ValueError(f"{where}: {e}") from None
-  return y if bias is None else y + bias
-
-
-def _interceptor(next_fun, args, kwargs, context):
-  module, method = context.module, context.method_name
-  if isinstance(module, nn.Embed):
-    f = _lowrank_param(module, "embedding")
-    if f is None:
-      return next_fun(*args, **kwargs)
-    if method == "setup":
-      return None  # the dense setup would shape-check `embedding` against (vocab, dim)
-    if method == "__call__":
-      (ids,) = args
-      if not jnp.issubdtype(ids.dtype, jnp.integer):
-        raise ValueError("Input type must be an integer or unsigned integer.")
-      u, v = promote_dtype(f.u, f.v, dtype=module.dtype, inexact=False)
-      return ops.embed(ids, LowRank(u, v, f.layout))
-    if method == "attend":
-      (q,) = args
-      q, u, v = promote_dtype(q, f.u, f.v, dtype=module.dtype)
-      return ops.attend(q, LowRank(u, v, f.layout), precision=None)
-    return next_fun(*args, **kwargs)
-  if method != "__call__":
-    return next_fun(*args, **kwargs)
-  f = _lowrank_param(module, "kernel")
-  if f is None:
-    return next_fun(*args, **kwargs)
-  (inputs,) = args
-  if isinstance(module, nn.Dense):
-    return _dense_general(module, f, inputs, (-1,), 1)
-  if isinstance(module, nn.DenseGeneral):
-    axis = (module.axis,) if isinstance(module.axis, int) else tuple(module.axis)
-    nf = 1 if isinstance(module.features, int) else len(module.features)
-    return _dense_general(module, f, inputs, axis, nf)
-  if isinstance(module, nn.Conv) and getattr(module, "shared_weights", True):
-    return _conv(module, f, inputs)
-  if isinstance(module, (LowRankDense, LowRankConv)):
-    return next_fun(*args, **kwargs)
-  raise ValueError(f"{_where(module)}: {type(module).__name__} has a LowRank kernel but jlr "
-                   "supports Dense, DenseGeneral, Conv and Embed only; merge this leaf back "
-                   "(jlr.merge) or leave it out of factorize(select=...)")
 
 
 def apply(model: nn.Module, variables, *args, strict: bool = False, **kwargs):
@@ -156,11 +65,6 @@ def factorize(model: nn.Module, variables, *args, rank, conv: str = "channel",
   :func:`jlr.factorize` (``method``, ``key``, ``select``, ``stats``, ...)."""
   lay = layouts(model, variables, *args, conv=conv, **(apply_kwargs or {}))
   return transforms.factorize(variables, rank, layout=lay, **factorize_kwargs)
-
-
-def intercept():
-  """Context manager form: ``with jlr.flax.intercept(): model.apply(...)``."""
-  return nn.intercept_methods(_interceptor)
 
 
 # ----------------------------------------------------------------------------- factorized layers

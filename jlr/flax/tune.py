@@ -30,8 +30,9 @@ import jax
 import numpy as np
 
 from jlr import ops, ranks, transforms
-from jlr.flax import calibrate
 from jlr.flax import linen as jlr_linen
+from jlr.layouts import Layout
+from jlr.usage import ModelLayouts
 
 CONV_LAYOUTS = ("channel", "spatial")
 _CACHE: dict[str, float] = {}  # this process's measurements (ms), keyed by _key
@@ -72,7 +73,7 @@ def _record_inputs(model: nn.Module, variables, args, apply_kwargs):
     module = context.module
     if (context.method_name == "__call__" and a and
         isinstance(module, (nn.Dense, nn.DenseGeneral, nn.Conv))):
-      path = f"params/{calibrate._module_path(module)}/kernel"
+      path = f"params/{'/'.join(module.scope.path)}/kernel"
       seen.setdefault(path, []).append(
           (module.clone(parent=None), jax.ShapeDtypeStruct(a[0].shape, a[0].dtype)))
     return next_fun(*a, **kw)
@@ -83,6 +84,16 @@ def _record_inputs(model: nn.Module, variables, args, apply_kwargs):
 
   jax.eval_shape(run, variables)
   return seen
+
+
+def _with_conv(read: ModelLayouts, conv: str) -> ModelLayouts:
+  """The layouts read from the model with every 2-D channel-wise conv made spatial-wise
+  for ``conv="spatial"`` (1-D / 3-D convs keep their channel-wise layout)."""
+  if conv == "channel":
+    return read
+  swap = {p: Layout("conv_spatial", lay.shape) if lay.kind == "conv_channel" and len(lay.shape) == 4
+          else lay for p, lay in read.items()}
+  return ModelLayouts(swap, read.skipped, read.uses, read.shapes)
 
 
 def _get(tree, path: str):
@@ -155,9 +166,8 @@ def autotune(model: nn.Module, variables, *args, rank, candidates=CONV_LAYOUTS, 
   if not candidates:
     raise ValueError("autotune needs at least one candidate layout")
   stored = _read_cache(cache)
-  plans = {c: transforms.plan(variables, rank, select=select,
-                              layout=jlr_linen.layouts(model, variables, *args, conv=c,
-                                                       **apply_kwargs))
+  read = jlr_linen.layouts(model, variables, *args, **apply_kwargs)
+  plans = {c: transforms.plan(variables, rank, select=select, layout=_with_conv(read, c))
            for c in candidates}
   inputs = _record_inputs(model, variables, args, apply_kwargs)
   key = jax.random.key(0) if key is None else key
@@ -174,8 +184,9 @@ def autotune(model: nn.Module, variables, *args, rank, candidates=CONV_LAYOUTS, 
     t = {}
     for name in ("dense",) + tuple(names):
       entry = plans[name].get(path) if name != "dense" else None
-      if name != "dense" and entry is None:
-        continue
+      if name != "dense" and (entry is None or (
+          name == "spatial" and entry.layout.kind != "conv_spatial")):
+        continue  # not a candidate here (a 1-D / 3-D conv has no spatial-wise split)
       lay, r = (None, None) if entry is None else (entry.layout.kind, entry.rank)
       total = 0.0
       for i, (module, x_struct) in enumerate(calls):
