@@ -2,12 +2,13 @@
 
 One data type (:class:`LowRank`), pure transforms on parameter pytrees
 (:func:`factorize`, :func:`merge`, :func:`truncate`, :func:`plan`, :func:`summary`),
-rank rules (:mod:`jlr.ranks`) and Flax integration (:mod:`jlr.flax`).
+rank rules (:mod:`jlr.ranks`), selection (:mod:`jlr.select`) and Flax integration
+(:mod:`jlr.flax`).
 """
 
 import importlib
 
-from jlr import layouts, lod, masks, ranks, sharding, stats, svd, trp, usage
+from jlr import layouts, lod, masks, ranks, select, sharding, stats, svd, trp, usage
 from jlr.factorized import DensifiedError, DensifiedWarning, factorized
 from jlr.layouts import Layout
 from jlr.lowrank import LowRank, is_lowrank
@@ -29,5 +30,5 @@ def __getattr__(name):  # jlr.flax etc. on first use: the core does not import F
 __all__ = [
     "DensifiedError", "DensifiedWarning", "Entry", "GuessedLayoutWarning", "Layout", "LowRank", "ModelLayouts",
     "Plan", "Report", "compiler_options", "factorize", "factorized", "is_lowrank", "layouts", "lod", "masks",
-    "merge", "plan", "ranks", "sharding", "stats", "summary", "svd", "trp", "truncate", "usage",
+    "merge", "plan", "ranks", "select", "sharding", "stats", "summary", "svd", "trp", "truncate", "usage",
 ]

@@ -35,8 +35,11 @@ import numpy as np
 import optax
 
 from jlr import ranks as ranks_lib
+from jlr import select as select_lib
 from jlr.lowrank import LowRank, is_lowrank
-from jlr.transforms import _leaves, candidates, factorize
+from jlr.report import summary
+from jlr.select import candidates
+from jlr.transforms import factorize
 
 SAMPLERS = ("layer", "independent", "fixed")
 
@@ -49,7 +52,7 @@ def init(params, *, select=None, layout=None):
 
 
 def _lowranks(params) -> list[tuple[str, LowRank]]:
-  return [(p, x) for p, x in _leaves(params)[0] if is_lowrank(x)]
+  return [(p, x) for p, x in select_lib.leaves(params)[0] if is_lowrank(x)]
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -92,7 +95,7 @@ def with_ranks(params, ranks: Mapping[str, Any]):
   values and gradients, with the mask applied where it is cheapest (the ``r``-wide
   activation ``x u`` when it is smaller than both factors), not a memory pass over a
   factor per step."""
-  leaves, treedef = _leaves(params)
+  leaves, treedef = select_lib.leaves(params)
   out = []
   for path, x in leaves:
     if is_lowrank(x) and path in ranks:
@@ -212,7 +215,7 @@ def extract(params, width: float | None = None, ranks: Mapping[str, int] | Calla
     raise ValueError("extract needs exactly one of width= or ranks=")
   if width is not None and not 0 < width <= 1:
     raise ValueError(f"width must be in (0, 1], got {width}")
-  leaves, treedef = _leaves(params)
+  leaves, treedef = select_lib.leaves(params)
   out = []
   for path, x in leaves:
     if is_lowrank(x):
@@ -249,8 +252,6 @@ def search(params, score: Callable[[Any], float], *, params_budget: int | None =
 
   Returns ``(params, history)`` with ``history = [(cost, score), ...]``.
   """
-  from jlr.report import summary  # report imports transforms; no cycle at import time
-
   if (params_budget is None) == (flops_budget is None):
     raise ValueError("search needs exactly one of params_budget= or flops_budget=")
 

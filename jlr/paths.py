@@ -20,6 +20,11 @@ import jax
 
 _UNWRAP = {"value", "raw_value", "_value"}
 
+KERNEL_NAMES = ("kernel", "embedding")
+"""Leaf names of the kernels jlr factorizes by default (public as
+:data:`jlr.select.KERNEL_NAMES`; defined here, below :mod:`jlr.usage`, so that every
+module can read it without an import cycle)."""
+
 
 def _key_str(k) -> str | None:
   if isinstance(k, jax.tree_util.DictKey):
@@ -40,6 +45,7 @@ def path_str(key_path: Iterable[Any]) -> str:
 
 
 def leaf_name(path: str) -> str:
+  """The last component of ``path``: ``"params/Dense_0/kernel"`` -> ``"kernel"``."""
   return path.rsplit("/", 1)[-1]
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +45,7 @@ class Rule:
   def resolve(self, layout: Layout, s: np.ndarray | None) -> int:
     raise NotImplementedError
 
-  def mask(self, layout: Layout, s: jax.Array, total=None) -> jax.Array:
+  def mask(self, layout: Layout, s: jax.Array, total: jax.Array | None = None) -> jax.Array:
     """Jittable boolean mask over ``s`` (``(..., k)``, descending) of the components
     this rule keeps, per matrix. Static shapes: used by TRP's in-step projection.
     Energy sums run in float32 here, so thresholds within ~1e-7 of 1.0 may keep one
@@ -57,20 +57,26 @@ class Rule:
     return repr(self)
 
 
+RankArg = Union[int, Rule, Mapping[str, Any], Callable[[str, Any], Any]]
+"""What a ``rank=`` argument may be: an int (:class:`fixed`), a rule, a mapping ``{path
+pattern: int | rule}`` (leaves matching no pattern stay dense) or a callable ``(path,
+leaf) -> int | rule | None`` (``None``: leave the leaf dense)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class fixed(Rule):  # noqa: N801 - rules read as functions: ranks.fixed(64)
   """Exactly ``rank`` components."""
 
   rank: int
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)):
       raise TypeError(f"fixed rank must be an int, got {self.rank!r}")
 
-  def resolve(self, layout, s):
+  def resolve(self, layout: Layout, s: np.ndarray | None) -> int:
     return int(self.rank)
 
-  def describe(self):
+  def describe(self) -> str:
     return f"fixed {self.rank}"
 
 
@@ -78,10 +84,10 @@ class fixed(Rule):  # noqa: N801 - rules read as functions: ranks.fixed(64)
 class full(Rule):  # noqa: N801
   """Full rank ``min(m, n)``: an exact factorization (Maestro's starting point)."""
 
-  def resolve(self, layout, s):
+  def resolve(self, layout: Layout, s: np.ndarray | None) -> int:
     return layout.max_rank
 
-  def describe(self):
+  def describe(self) -> str:
     return "full"
 
 
@@ -93,22 +99,22 @@ class ratio(Rule):  # noqa: N801
   keep: float
   min_rank: int = 8
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     if not 0.0 < float(self.keep) <= 1.0:
       raise ValueError(f"ratio(keep) is the fraction of parameters kept, in (0, 1]; got {self.keep}")
     if isinstance(self.min_rank, bool) or not isinstance(self.min_rank, (int, np.integer)) \
         or self.min_rank < 1:
       raise ValueError(f"min_rank must be an int >= 1, got {self.min_rank!r}")
 
-  def plain(self, layout) -> int:
+  def plain(self, layout: Layout) -> int:
     """The rank the fraction alone gives (before the ``min_rank`` floor)."""
     m, n = layout.matrix_shape
     return max(1, min(math.floor(self.keep * m * n / (m + n)), layout.max_rank))
 
-  def resolve(self, layout, s):
+  def resolve(self, layout: Layout, s: np.ndarray | None) -> int:
     return max(self.plain(layout), min(int(self.min_rank), layout.max_rank))
 
-  def describe(self):
+  def describe(self) -> str:
     return f"{self.keep:.0%} of params"
 
 
@@ -119,11 +125,11 @@ class energy(Rule):  # noqa: N801
   threshold: float
   needs_spectrum = True
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     if not 0.0 < float(self.threshold) <= 1.0:
       raise ValueError(f"energy threshold must be in (0, 1], got {self.threshold}")
 
-  def resolve(self, layout, s):
+  def resolve(self, layout: Layout, s: np.ndarray | None) -> int:
     s2 = np.asarray(s, np.float64) ** 2
     s2 = s2.reshape(-1, s2.shape[-1])
     total = s2.sum(-1, keepdims=True)
@@ -132,7 +138,7 @@ class energy(Rule):  # noqa: N801
     need = (frac < self.threshold - 1e-9).sum(-1) + 1
     return int(min(max(1, need.max()), s2.shape[-1]))
 
-  def mask(self, layout, s, total=None):
+  def mask(self, layout: Layout, s: jax.Array, total: jax.Array | None = None) -> jax.Array:
     """``total``: the full squared Frobenius norm, when ``s`` holds only the top values
     (a randomized SVD); by default ``sum(s^2)``."""
     s2 = jnp.square(s.astype(jnp.float32))
@@ -140,7 +146,7 @@ class energy(Rule):  # noqa: N801
     before = jnp.cumsum(s2, -1) - s2  # energy of the components ahead of each one
     return (before < (self.threshold - 1e-9) * total) | (jnp.arange(s.shape[-1]) == 0)
 
-  def describe(self):
+  def describe(self) -> str:
     return f"{self.threshold:.0%} energy"
 
 
@@ -151,18 +157,18 @@ class value(Rule):  # noqa: N801
   threshold: float
   needs_spectrum = True
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     if not float(self.threshold) >= 0.0:
       raise ValueError(f"value threshold must be >= 0, got {self.threshold}")
 
-  def resolve(self, layout, s):
+  def resolve(self, layout: Layout, s: np.ndarray | None) -> int:
     s = np.asarray(s).reshape(-1, np.shape(s)[-1])
     return int(max(1, (s > self.threshold).sum(-1).max()))
 
-  def mask(self, layout, s, total=None):
+  def mask(self, layout: Layout, s: jax.Array, total: jax.Array | None = None) -> jax.Array:
     return (s > self.threshold) | (jnp.arange(s.shape[-1]) == 0)
 
-  def describe(self):
+  def describe(self) -> str:
     return f"s > {self.threshold:g}"
 
 
@@ -173,7 +179,7 @@ class round_up(Rule):  # noqa: N801
   rule: Rule
   multiple: int
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     if self.multiple < 1:
       raise ValueError(f"multiple must be >= 1, got {self.multiple}")
     if getattr(self.rule, "is_global", False):
@@ -181,19 +187,19 @@ class round_up(Rule):  # noqa: N801
     object.__setattr__(self, "rule", as_rule(self.rule))
 
   @property
-  def needs_spectrum(self):
+  def needs_spectrum(self) -> bool:
     return self.rule.needs_spectrum
 
-  def resolve(self, layout, s):
+  def resolve(self, layout: Layout, s: np.ndarray | None) -> int:
     r = self.rule.resolve(layout, s)
     return min(-(-r // self.multiple) * self.multiple, layout.max_rank)
 
-  def mask(self, layout, s, total=None):
+  def mask(self, layout: Layout, s: jax.Array, total: jax.Array | None = None) -> jax.Array:
     r = self.rule.mask(layout, s, total).sum(-1, keepdims=True)
     r = -(-r // self.multiple) * self.multiple
     return jnp.arange(s.shape[-1]) < r
 
-  def describe(self):
+  def describe(self) -> str:
     return f"{self.rule.describe()}, x{self.multiple}"
 
 
@@ -226,11 +232,11 @@ class budget(Rule):  # noqa: N801
   params: int | None = None
   multiple: int = 1
   normalize: bool = False
-  sensitivity: Any = None
+  sensitivity: Mapping[str, float] | Iterable[tuple[str, float]] | None = None
   needs_spectrum = True
   is_global = True
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     if self.sensitivity is not None:
       items = self.sensitivity.items() if hasattr(self.sensitivity, "items") else self.sensitivity
       items = tuple(sorted((str(p), float(a)) for p, a in items))
@@ -244,11 +250,11 @@ class budget(Rule):  # noqa: N801
     if self.params is not None and self.params <= 0:
       raise ValueError(f"budget params must be positive, got {self.params}")
 
-  def mask(self, layout, s, total=None):
+  def mask(self, layout: Layout, s: jax.Array, total: jax.Array | None = None) -> jax.Array:
     raise ValueError("a global budget needs every leaf's spectrum at once on the host; "
                      "it cannot be resolved inside a jitted step (use energy, value or fixed)")
 
-  def describe(self):
+  def describe(self) -> str:
     what = f"{self.fraction:.0%}" if self.fraction is not None else f"{self.params:,} params"
     return f"budget {what}"
 
@@ -296,7 +302,7 @@ class budget(Rule):  # noqa: N801
     return ranks
 
 
-def as_rule(rank) -> Rule:
+def as_rule(rank: int | Rule) -> Rule:
   """Coerce an int to :func:`fixed`; pass rules through; refuse ambiguous floats."""
   if isinstance(rank, Rule):
     return rank

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import jax.numpy as jnp
 
+from jlr import ranks as ranks_lib
+from jlr import select as select_lib
 from jlr.lowrank import is_lowrank
-from jlr.transforms import KERNEL_NAMES, Plan, _is_array, _layout_for, _leaves, plan as make_plan
 from jlr.paths import leaf_name
+from jlr.select import KERNEL_NAMES, is_array, layout_for
+from jlr.transforms import Plan, PyTree, plan as make_plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +126,8 @@ def _row(path, layout, batch, rank, rule="") -> Row:
              count * layout.factor_size(rank), dense_params, flops, dense_flops, rule)
 
 
-def summary(params, rank=None, **plan_kwargs) -> Report:
+def summary(params: PyTree, rank: ranks_lib.RankArg | Plan | None = None,
+            **plan_kwargs: Any) -> Report:
   """Report per-leaf shape, rank, params and FLOPs of ``params``.
 
   With ``rank`` (and optionally ``select``/``layout``, as in :func:`jlr.plan`), or a
@@ -132,10 +137,10 @@ def summary(params, rank=None, **plan_kwargs) -> Report:
   if rank is not None:
     the_plan = rank if isinstance(rank, Plan) else make_plan(params, rank, **plan_kwargs)
   rows, total, dense_total = [], 0, 0
-  for path, leaf in _leaves(params)[0]:
+  for path, leaf in select_lib.leaves(params)[0]:
     if is_lowrank(leaf):
       row = _row(path, leaf.layout, leaf.batch_shape, leaf.rank)
-    elif _is_array(leaf):
+    elif is_array(leaf):
       size = math.prod(jnp.shape(leaf))
       total, dense_total = total + size, dense_total + size
       entry = the_plan.get(path) if the_plan is not None else None
@@ -144,9 +149,9 @@ def summary(params, rank=None, **plan_kwargs) -> Report:
         total += row.params - row.dense_params
       elif leaf_name(path) in KERNEL_NAMES and jnp.ndim(leaf) >= 2:
         try:  # a dense row: the layout only names its kind and largest rank
-          layout, b = _layout_for(plan_kwargs.get("layout"), path, leaf)
+          layout, b = layout_for(plan_kwargs.get("layout"), path, leaf)
         except ValueError:  # e.g. layout="conv_spatial" aimed at the selected convs only
-          layout, b = _layout_for(None, path, leaf)
+          layout, b = layout_for(None, path, leaf)
         row = _row(path, layout, tuple(jnp.shape(leaf))[:b], None)
       else:
         continue

@@ -25,9 +25,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jlr.lowrank import LowRank, is_lowrank
 from jlr.paths import leaf_name, path_str
+from jlr.select import KERNEL_NAMES
 
 PRESETS = {"fsdp": ("data", None), "tp": (None, "model"), "fsdp_tp": ("data", "model")}
-KERNEL_NAMES = ("kernel", "embedding")
 
 
 def _fits(mesh: Mesh, axis, size: int):

@@ -66,7 +66,7 @@ def fisher(grad_fn: Callable[[Any, Any], Any], params, batches: Iterable, *, lay
   batches -- the per-batch gradient is the unit of the estimate). For each kernel the
   squared gradient is matricized with its layout and summed over columns.
   """
-  from jlr.transforms import _layout_for, candidates  # no import cycle
+  from jlr.select import candidates, layout_for  # no cycle: may join the module imports
 
   chosen = candidates(select, layout)
   acc: dict[str, RowWeights] = {}
@@ -76,7 +76,7 @@ def fisher(grad_fn: Callable[[Any, Any], Any], params, batches: Iterable, *, lay
       path = path_str(kp)
       if is_lowrank(g) or not chosen(path, g):
         continue
-      lay, _ = _layout_for(layout, path, g)
+      lay, _ = layout_for(layout, path, g)
       sq = np.asarray(lay.to_matrix(np.asarray(g, np.float64) ** 2))
       w = sq.sum(-1)  # (stacked..., m)
       acc[path] = acc[path] + RowWeights(w, 1) if path in acc else RowWeights(w, 1)

@@ -10,23 +10,29 @@ import dataclasses
 import functools
 import math
 import warnings
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Mapping, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlr import layouts as layouts_lib
 from jlr import ops
 from jlr import ranks as ranks_lib
+from jlr import select as select_lib
 from jlr import svd as svd_lib
 from jlr.layouts import Layout
 from jlr.lowrank import LowRank, from_svd, is_lowrank
-from jlr.paths import first_match, leaf_name, matches, path_str
+from jlr.paths import first_match, matches
+from jlr.select import LayoutArg, SelectArg, candidates, is_array, layout_for
 from jlr.sharding import follow
+from jlr.stats import Gram, MissingStatisticsWarning, RowWeights
 from jlr.usage import ModelLayouts
 
-KERNEL_NAMES = ("kernel", "embedding")
+PyTree = Any
+"""Any pytree of parameters: linen variables, ``nnx.state(model)``, plain dicts."""
+
+Stats = Mapping[str, Union[Gram, RowWeights]]
+"""Calibration statistics by leaf path (see :mod:`jlr.stats`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,47 +60,11 @@ class Plan(dict):
 # ----------------------------------------------------------------------------- helpers
 
 
-def _leaves(tree):
-  flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_lowrank)
-  return [(path_str(p), x) for p, x in flat], treedef
-
-
-def _is_array(x) -> bool:
-  return isinstance(x, (jax.Array, np.ndarray)) or hasattr(x, "__jax_array__")
-
-
 def _is_concrete(x) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
-def _default_select(path: str, leaf) -> bool:
-  return (leaf_name(path) in KERNEL_NAMES and _is_array(leaf) and jnp.ndim(leaf) >= 2
-          and jnp.issubdtype(jnp.result_type(leaf), jnp.floating))
-
-
-def _selector(select) -> Callable[[str, Any], bool]:
-  if select is None:
-    return _default_select
-  if isinstance(select, str):
-    return lambda path, leaf: matches(select, path)
-  if callable(select):
-    return select
-  if isinstance(select, Iterable):
-    patterns = tuple(select)
-    return lambda path, leaf: any(matches(p, path) for p in patterns)
-  raise TypeError(f"select must be a callable (path, leaf) -> bool or path patterns, got {select!r}")
-
-
-def candidates(select, layout) -> Callable[[str, Any], bool]:
-  """The leaves a transform considers: ``select`` if given; else the kernels of a
-  :class:`jlr.usage.ModelLayouts` (what the model showed it can factorize); else
-  every float ``kernel``/``embedding`` leaf with >= 2 axes."""
-  if select is None and isinstance(layout, ModelLayouts):
-    return lambda path, leaf: _is_array(leaf) and layout.select(path)
-  return _selector(select)
-
-
-def warn_guessed(paths) -> None:
+def warn_guessed(paths: Sequence[str]) -> None:
   """Warn that the layouts of kernels with more than two axes were guessed from shapes."""
   if paths:
     warnings.warn(
@@ -119,42 +89,6 @@ def _rule_for(rank, path: str, leaf):
   else:
     r = rank
   return None if r is None else ranks_lib.as_rule(r)
-
-
-def _spec_for(layout, path: str, leaf) -> layouts_lib.Spec | Layout:
-  if isinstance(layout, ModelLayouts):
-    found = layout.lookup(path)
-    if found is None:
-      why = layout.skipped.get(path) or layout.skipped.get(f"params/{path}") or \
-          "not a kernel the traced model uses"
-      raise ValueError(f"{path}: no layout read from the model ({why}); it cannot run "
-                       "factorized, leave it out of select")
-    return found
-  if isinstance(layout, Mapping):
-    layout = first_match(layout, path)
-  elif callable(layout) and not isinstance(layout, (layouts_lib.Spec, Layout)):
-    layout = layout(path, leaf)
-  if layout is None:
-    return layouts_lib.Spec()
-  if isinstance(layout, str):
-    return layouts_lib.Spec(kind=layout)
-  if isinstance(layout, (layouts_lib.Spec, Layout)):
-    return layout
-  raise TypeError(f"{path}: layout must be a kind, a jlr.layouts.Spec or Layout, got {layout!r}")
-
-
-def _layout_for(layout_arg, path: str, leaf) -> tuple[Layout, int]:
-  spec = _spec_for(layout_arg, path, leaf)
-  shape = tuple(jnp.shape(leaf))
-  try:
-    if isinstance(spec, Layout):
-      b = len(shape) - len(spec.shape)
-      if b < 0 or shape[b:] != spec.shape:
-        raise ValueError(f"layout shape {spec.shape} does not match leaf shape {shape}")
-      return spec, b
-    return layouts_lib.infer(leaf_name(path), shape, spec)
-  except ValueError as e:
-    raise ValueError(f"{path}: {e}") from None
 
 
 def _check_dtype(path: str, leaf) -> None:
@@ -225,8 +159,6 @@ def _resolve(items, what: str, lenient: bool = False) -> list[int | None]:
 
 def _whitening(stats, path: str, layout: Layout, batch: tuple[int, ...], damping: float):
   """``(R, R^{-1})`` for a leaf with calibration statistics, else ``(None, None)``."""
-  from jlr.stats import Gram, RowWeights  # stats imports this module lazily too
-
   st = None if stats is None else stats.get(path)
   if st is None:
     return None, None
@@ -252,7 +184,9 @@ def _whitening(stats, path: str, layout: Layout, batch: tuple[int, ...], damping
 # ----------------------------------------------------------------------------- plan
 
 
-def plan(params, rank, *, select=None, layout=None, stats=None, damping: float = 1e-2) -> Plan:
+def plan(params: PyTree, rank: ranks_lib.RankArg, *, select: SelectArg = None,
+         layout: LayoutArg = None, stats: Stats | None = None,
+         damping: float = 1e-2) -> Plan:
   """Resolve which leaves get factorized, with which layout and rank.
 
   Args:
@@ -275,14 +209,14 @@ def plan(params, rank, *, select=None, layout=None, stats=None, damping: float =
   """
   chosen = candidates(select, layout)
   items, meta, seen, guessed, checked = [], [], [], [], []
-  for path, leaf in _leaves(params)[0]:
-    if is_lowrank(leaf) or not _is_array(leaf) or not chosen(path, leaf):
+  for path, leaf in select_lib.leaves(params)[0]:
+    if is_lowrank(leaf) or not is_array(leaf) or not chosen(path, leaf):
       continue
     seen.append(path)
     rule = _rule_for(rank, path, leaf)
     if rule is None:
       continue
-    lay, b = _layout_for(layout, path, leaf)
+    lay, b = layout_for(layout, path, leaf)
     if layout is None and jnp.ndim(leaf) > 2:
       guessed.append(path)
     if lay.max_rank == 0 or 0 in jnp.shape(leaf):
@@ -328,8 +262,6 @@ def plan(params, rank, *, select=None, layout=None, stats=None, damping: float =
 def _warn_missing_stats(paths, stats) -> None:
   if not paths:
     return
-  from jlr.stats import MissingStatisticsWarning  # stats imports this module lazily too
-
   why = getattr(stats, "missing", {})
   warnings.warn(
       "no calibration statistics for selected kernel(s) "
@@ -415,9 +347,11 @@ def _factor_stack(ws, key, idx, *, layout, rank, method, split, oversample, n_it
   return [(f.u[j], f.v[j]) for j in range(len(ws))]
 
 
-def factorize(params, rank=None, *, select=None, layout=None, method: str = "svd", key=None,
-              split: str = "balanced", oversample: int = 10, n_iter: int = 2, stats=None,
-              damping: float = 1e-2, nested: bool = False):
+def factorize(params: PyTree, rank: ranks_lib.RankArg | Plan | None = None, *,
+              select: SelectArg = None, layout: LayoutArg = None, method: str = "svd",
+              key: jax.Array | None = None, split: str = "balanced", oversample: int = 10,
+              n_iter: int = 2, stats: Stats | None = None, damping: float = 1e-2,
+              nested: bool = False) -> PyTree:
   """Replace selected kernels by their best rank-``r`` :class:`LowRank` factors.
 
   ``W ~ u v`` with ``u v`` the truncated SVD of the matricized kernel (Eckart-Young:
@@ -458,7 +392,7 @@ def factorize(params, rank=None, *, select=None, layout=None, method: str = "svd
                      "was made with (jlr.plan(params, rank, stats=...)); pass them there")
   the_plan = rank if isinstance(rank, Plan) else plan(
       params, rank, select=select, layout=layout, stats=stats, damping=damping)
-  leaves, treedef = _leaves(params)
+  leaves, treedef = select_lib.leaves(params)
   out = [leaf for _, leaf in leaves]
   opts = dict(method=method, split=split, oversample=oversample, n_iter=n_iter)
   prev = None  # under an outer jit, each call waits for the last one's (svd.sequenced)
@@ -500,7 +434,7 @@ def factorize(params, rank=None, *, select=None, layout=None, method: str = "svd
 # ----------------------------------------------------------------------------- merge / truncate
 
 
-def merge(params):
+def merge(params: PyTree) -> PyTree:
   """Every :class:`LowRank` back to a dense kernel of its original shape and dtype."""
   merged = jax.tree_util.tree_map(
       lambda x: x.dense().astype(x.dtype) if is_lowrank(x) else x, params, is_leaf=is_lowrank)
@@ -514,7 +448,7 @@ def _retruncate(f: LowRank, *, rank, split):
                   dtype=f.dtype)
 
 
-def truncate(params, rank, *, split: str = "balanced"):
+def truncate(params: PyTree, rank: ranks_lib.RankArg, *, split: str = "balanced") -> PyTree:
   """Re-rank every :class:`LowRank` leaf optimally.
 
   The factors are re-orthogonalized first (QR of ``u`` and ``v^T``, SVD of the small
@@ -523,7 +457,7 @@ def truncate(params, rank, *, split: str = "balanced"):
   matrix is formed. ``rank`` takes the same forms as in :func:`plan`; a mapping or
   callable that gives ``None`` leaves a leaf as it is. Ranks cannot grow.
   """
-  leaves, treedef = _leaves(params)
+  leaves, treedef = select_lib.leaves(params)
   items, where = [], []
   for i, (path, leaf) in enumerate(leaves):
     if not is_lowrank(leaf):

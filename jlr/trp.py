@@ -44,7 +44,8 @@ from jlr import ranks as ranks_lib
 from jlr import svd as svd_lib
 from jlr.layouts import Layout
 from jlr.paths import path_str
-from jlr.transforms import _layout_for, candidates, factorize, warn_guessed
+from jlr.select import candidates, layout_for
+from jlr.transforms import factorize, warn_guessed
 
 
 class TRPState(NamedTuple):
@@ -70,7 +71,7 @@ def _targets(params, select, layout) -> dict[str, tuple[Layout, int]]:
   for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     path = path_str(kp)
     if chosen(path, leaf):
-      out[path] = _layout_for(layout, path, leaf)
+      out[path] = layout_for(layout, path, leaf)
       if layout is None and jnp.ndim(leaf) > 2:
         guessed.append(path)
   warn_guessed(guessed)

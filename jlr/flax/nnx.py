@@ -43,7 +43,8 @@ from jlr.factorized import factorized
 from jlr.layouts import Layout, Spec
 from jlr.lowrank import LowRank, is_lowrank
 from jlr.paths import path_str
-from jlr.transforms import Plan, _selector, _spec_for, factorize, plan as make_plan
+from jlr.select import selector as _selector, spec_for as _spec_for
+from jlr.transforms import Plan, factorize, plan as make_plan
 
 SUPPORTED = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Embed, nnx.Einsum)
 
