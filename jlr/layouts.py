@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Mapping, Union
 
 import jax.numpy as jnp
 
@@ -216,5 +215,3 @@ def infer(name: str, shape: tuple[int, ...], spec: Spec = Spec()) -> tuple[Layou
     n_in = spec.n_in if spec.n_in is not None else _most_square_split(kshape)
   return Layout(kind, kshape, n_in), b
 
-
-LayoutArg = Union[None, str, Spec, Layout, Mapping[str, Any], Callable[[str, Any], Any]]
