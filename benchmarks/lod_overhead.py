@@ -134,9 +134,9 @@ def step_overhead(name, model, dense_params, extra, x, y, *, select=None, lam=1e
       times[label].append((time.perf_counter() - t0) / calls)
   ratios = [a / b for a, b in zip(times["lod"], times["plain"])]
   med = {k: statistics.median(v) for k, v in times.items()}
-  return {"model": name, "batch": int(x.shape[0]), "ranks": sum(
-              f.rank for _, f in lod._lowranks(params)),
-          "factorized_leaves": len(lod._lowranks(params)),
+  factors = [f for _, f in jlr.select.leaves(params)[0] if jlr.is_lowrank(f)]
+  return {"model": name, "batch": int(x.shape[0]), "ranks": sum(f.rank for f in factors),
+          "factorized_leaves": len(factors),
           "params": int(jlr.summary(params).total_params),
           "median_s": med, "ratio_of_medians": med["lod"] / med["plain"],
           "median_pair_ratio": statistics.median(ratios), "pair_ratios": ratios,
@@ -179,7 +179,7 @@ def shrink_run(*, shrink: bool, epochs: int, steps: int, batch: int, lam: float,
       params = lod.shrink(params, eps, multiple=8, relative=True)
       opt = lod.slice_opt_state(tx, opt, params)
     log.append({"epoch": epoch + 1, "seconds": time.perf_counter() - t0, "loss": loss,
-                "ranks": [f.rank for _, f in lod._lowranks(params)]})
+                "ranks": [f.rank for _, f in jlr.select.leaves(params)[0] if jlr.is_lowrank(f)]})
   return {"shrink": shrink, "seconds": time.perf_counter() - t_start, "epochs": log,
           "final_params": int(jlr.summary(params).total_params)}
 

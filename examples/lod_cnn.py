@@ -129,7 +129,7 @@ def svd_ranks(svd_full, ranks: dict) -> dict:
   """The ranks ``jlr.factorize(dense, ranks)`` really applies, given the full-rank SVD
   ``svd_full = lod.init(dense)``: a layer whose factors would not be smaller than its
   kernel stays dense (full rank), as in ``lod_common.compare_widths``."""
-  full = dict(lod._lowranks(svd_full))
+  full = {p: x for p, x in jlr.select.leaves(svd_full)[0] if jlr.is_lowrank(x)}
   out = {}
   for path, r in ranks.items():
     f = full[path]
@@ -276,8 +276,8 @@ def main(argv=None) -> dict:
         "svd": dict(cost(svd, s_bs), acc=accuracy(s_masked, s_bs))})
   compare_seconds = time.perf_counter() - t0
 
-  full_ranks = {p: f.rank for p, f in lod._lowranks(lod.init(dense_init, select=select,
-                                                             layout=layout))}
+  full_init = lod.init(dense_init, select=select, layout=layout)
+  full_ranks = {p: f.rank for p, f in jlr.select.leaves(full_init)[0] if jlr.is_lowrank(f)}
   frac = lambda ranks: f"{sum(ranks.values()) / sum(full_ranks.values()):.2f}"  # noqa: E731
   head = ["model", "rank frac", "params", "FLOPs", "acc (trained BN)", "acc (recal. BN)",
           "SVD params", "SVD acc (recal. BN)"]

@@ -243,10 +243,9 @@ def place_state(state: TrainState, tx: optax.GradientTransformation, mesh,
 
 def shardings_of(params) -> dict[str, str]:
   """``{path: PartitionSpec}`` of every ``LowRank`` factor pair (``"u | v"``), for logs."""
-  from jlr.transforms import _leaves
-
   spec = lambda x: str(getattr(getattr(x, "sharding", None), "spec", "-"))  # noqa: E731
-  return {p: f"{spec(x.u)} | {spec(x.v)}" for p, x in _leaves(params)[0] if jlr.is_lowrank(x)}
+  return {p: f"{spec(x.u)} | {spec(x.v)}" for p, x in jlr.select.leaves(params)[0]
+          if jlr.is_lowrank(x)}
 
 
 def shard_batch(batch, mesh):
@@ -257,6 +256,13 @@ def shard_batch(batch, mesh):
 
 
 # ----------------------------------------------------------------------------- BatchNorm
+
+
+def _feature_axes(ndim: int, axis) -> tuple[int, ...]:
+  """A BatchNorm's ``axis`` (an int or a sequence, negative counting from the end) as
+  sorted non-negative axes of an ``ndim``-D input."""
+  axes = tuple(axis) if isinstance(axis, Iterable) else (axis,)
+  return tuple(sorted({a + ndim if a < 0 else a for a in axes}))
 
 
 def bn_recalibrator(model, *, apply: Callable | None = None, **kwargs):
@@ -281,7 +287,6 @@ def bn_recalibrator(model, *, apply: Callable | None = None, **kwargs):
   """
   import flax.linen as nn
   from flax import traverse_util
-  from flax.linen.normalization import _canonicalize_axes
 
   import jlr.flax
 
@@ -291,7 +296,7 @@ def bn_recalibrator(model, *, apply: Callable | None = None, **kwargs):
     mod = context.module
     if isinstance(mod, nn.BatchNorm) and context.method_name == "__call__":
       x = jax.numpy.asarray(args[0], jax.numpy.float32)
-      feat = _canonicalize_axes(x.ndim, mod.axis)
+      feat = _feature_axes(x.ndim, mod.axis)
       red = tuple(i for i in range(x.ndim) if i not in feat)
       mean = x.mean(red)
       mod.sow("bn_moments", "mean", mean)
