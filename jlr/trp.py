@@ -25,11 +25,11 @@ or ``jlr.trp.trp(optax.sgd(0.1, momentum=0.9), every=20, energy=0.9, nuclear=3e-
 After training, :func:`decouple` splits each kernel into two thin layers
 (``jlr.factorize`` with the reference's absolute threshold ``ranks.value(0.05)``).
 
-Which nuclear-norm variant is the default: ``trp(...)`` adds the sub-gradient only on
-projection steps, with the *truncated* ``U_k V_k^T`` -- what the released code does and
-what its reported numbers come from; it costs no extra SVDs between projections.
-``nuclear_norm(every=1, rank=None)`` gives the older every-step variant with the full
-thin ``U V^T`` (one SVD per kernel per step).
+The nuclear norm in ``trp(...)`` regularizes on every step, as the released code trains:
+the sub-gradient ``lambda U_k V_k^T`` of the last projected point ``D(W)``, refreshed at
+each projection and kept in the optimizer state (no SVD between projections).
+``nuclear_norm(every=1, rank=None)`` gives the every-step variant with the full thin
+``U V^T`` of the current weights (one SVD per kernel per step).
 """
 
 from __future__ import annotations
@@ -55,13 +55,6 @@ class TRPState(NamedTuple):
 class WarmTRPState(NamedTuple):
   count: jax.Array  # int32 number of updates seen
   bases: dict       # path -> (*batch, n, w) right singular basis of the last projection
-
-
-class WarmTRPChainState(NamedTuple):
-  count: jax.Array  # int32 number of updates seen
-  inner: Any        # the wrapped optimizer's state
-  bases: dict       # path -> (*batch, n, w) right singular basis of the last projection
-  nuclear: dict     # path -> (*batch, m, w) kept left vectors U_k: U_k V_k^T = U_k @ bases^T
 
 
 def _targets(params, select, layout) -> dict[str, tuple[Layout, int]]:
@@ -430,56 +423,71 @@ def nuclear_norm(strength: float, *, every: int = 1, rank: Any = None, select=No
   return optax.GradientTransformation(init, update)
 
 
-def _warm_trp(optimizer, every, rule, strength, select, layout, width, n_iter
-              ) -> optax.GradientTransformation:
-  """``trp(optimizer, nuclear=strength, method="warm")`` as one transform.
+class TRPChainState(NamedTuple):
+  count: jax.Array  # int32 number of updates seen
+  inner: Any        # the wrapped optimizer's state
+  bases: dict       # path -> (*batch, n, w) right singular basis of the last projection
+  nuclear: dict     # path -> lambda U_k V_k^T of the last projected point, kernel-shaped
 
-  The nuclear-norm sub-gradient comes from the projection's own SVD: a projection lands
-  the kernel on ``D(W) = U_k S_k V_k^T`` and keeps ``U_k`` (``V`` is already kept: it is
-  the next projection's start basis); the next step (the
-  first one at the low-rank point, steps ``0, every, 2 every, ...``; step 0 from the
-  exact SVD at ``init``) adds ``strength * U_k V_k^T``, which is exactly a sub-gradient
-  of ``||W||_*`` there (``D(W)`` has rank ``k``) -- the paper's update
-  ``W <- D(W) - lr (grad f + lambda U V^T)(D(W))`` -- with no second SVD. The gradients
-  pass through that ``lax.cond`` untouched on the other steps: they are materialized
-  anyway (the outputs of the backward matmuls), so XLA aliases them through at no cost,
-  where a ``grads + cond(..., zeros)`` wrote and re-read a kernel-sized zero array on
-  every step. The step after a projection pays the one product ``U_k V_k^T`` (``2 m n w``
-  FLOPs per kernel).
+
+WarmTRPChainState = TRPChainState  # the name this state had when only method="warm" used it
+
+
+def _chain(optimizer, every, rule, strength, select, layout, method, width, n_iter,
+           on_projection_only) -> optax.GradientTransformation:
+  """``trp(optimizer, nuclear=strength)`` as one transform (TRP's training loop).
+
+  Every step adds ``strength * U_k V_k^T`` to the gradients, where ``U_k S_k V_k^T`` is
+  the last projected point ``D(W)`` (the first from an exact SVD of the initial weights
+  with the rule's ``k``): a sub-gradient of ``strength * ||D(W)||_*``, refreshed at every
+  projection and kept in the state as a kernel-shaped array (one add per step, no SVD
+  between projections). That is the released code's training: the regularizer on every
+  iteration, the projection every ``every`` steps. The optimizer then updates, and on
+  projection steps (``every, 2 every, ...``) the kernels land on ``D(W + updates)``
+  (``method="svd"``: exact; ``"warm"``: a subspace iteration from the last basis,
+  ``width`` columns). ``on_projection_only=True`` adds the sub-gradient only on the
+  step after each projection (the older setting, kept for comparison).
   """
+
+  def kept(w, lay, basis):
+    """``(U_k S_k V_k^T, strength U_k V_k^T, next basis)`` of ``W`` (matrix form)."""
+    if method == "warm":
+      u, keep, s, svt, basis = _warm_kept(w, lay, rule, basis, n_iter)
+    else:
+      u, s, vt = _svd(w, lay)
+      keep, svt = rule.mask(lay, s), s[..., :, None] * vt
+    sub = strength * (_subgradient_factor(u, keep, s) @ svt)
+    return _kept_matrix(u, keep, svt), sub, basis
 
   def init(params):
     targets = _targets(params, select, layout)
     flat = {path_str(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]}
     bases, nuclear, prev = {}, {}, None
     for p, (lay, _) in targets.items():  # one after another (_map_selected)
-      k = min(width, lay.max_rank)
-      u, s, vt = prev = _svd(svd_lib.sequenced(flat[p], prev), lay)
-      u, s, vt = u[..., :k], s[..., :k], vt[..., :k, :]
-      mat = lay.to_matrix(flat[p]).astype(jnp.float32)
+      w = svd_lib.sequenced(flat[p], prev)
+      u, s, vt = prev = _svd(w, lay)
+      mat = lay.to_matrix(w).astype(jnp.float32)
       keep = rule.mask(lay, s, jnp.sum(jnp.square(mat), axis=(-2, -1)))
-      bases[p] = jnp.swapaxes(vt, -1, -2)
-      nuclear[p] = _kept_columns(u, keep)
-    return WarmTRPChainState(jnp.zeros([], jnp.int32), optimizer.init(params), bases, nuclear)
+      if strength:
+        nuclear[p] = lay.from_matrix(strength * (_kept_columns(u, keep) @ vt)).astype(w.dtype)
+      if method == "warm":
+        bases[p] = jnp.swapaxes(vt[..., :min(width, lay.max_rank), :], -1, -2)
+    return TRPChainState(jnp.zeros([], jnp.int32), optimizer.init(params), bases, nuclear)
 
   def update(grads, state, params=None):
     if params is None:
       raise ValueError("jlr.trp.trp needs params: call tx.update(grads, state, params)")
     targets = _targets(params, select, layout)
 
-    def add_subgradients(args):
-      grads, bases, nuclear = args
+    def add_subgradients(grads):
+      return jax.tree_util.tree_map_with_path(
+          lambda kp, g: g + state.nuclear[path_str(kp)].astype(g.dtype)
+          if path_str(kp) in state.nuclear else g, grads)
 
-      def one(kp, g):
-        p = path_str(kp)
-        if p not in nuclear:
-          return g
-        sub = nuclear[p] @ jnp.swapaxes(strength * bases[p], -1, -2)
-        return g + targets[p][0].from_matrix(sub).astype(g.dtype)
-      return jax.tree_util.tree_map_with_path(one, grads)
-
-    grads = jax.lax.cond(state.count % every == 0, add_subgradients, lambda a: a[0],
-                         (grads, state.bases, state.nuclear))
+    if strength and on_projection_only:
+      grads = jax.lax.cond(state.count % every == 0, add_subgradients, lambda g: g, grads)
+    elif strength:
+      grads = add_subgradients(grads)
     updates, inner = optimizer.update(grads, state.inner, params)
 
     def project_all(args):
@@ -488,54 +496,60 @@ def _warm_trp(optimizer, every, rule, strength, select, layout, width, n_iter
       flat_p = {path_str(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]}
       new_u, bases, nuclear, prev = {}, dict(bases), dict(nuclear), None
       for p, (lay, _) in targets.items():  # one after another (_map_selected)
-        w = flat_p[p] + flat_u[p]
-        u, keep, _, svt, bases[p] = prev = _warm_kept(
-            w, lay, rule, svd_lib.sequenced(bases[p], prev), n_iter)
-        point = lay.from_matrix(_kept_matrix(u, keep, svt)).astype(w.dtype)
-        new_u[p] = (point - flat_p[p]).astype(flat_u[p].dtype)
-        nuclear[p] = _kept_columns(u, keep)
+        w = svd_lib.sequenced(flat_p[p] + flat_u[p], prev)
+        point, sub, basis = kept(w, lay, bases.get(p))
+        if method == "warm":
+          bases[p] = basis
+        prev = new_u[p] = (lay.from_matrix(point).astype(w.dtype) - flat_p[p]).astype(flat_u[p].dtype)
+        if strength:
+          nuclear[p] = lay.from_matrix(sub).astype(nuclear[p].dtype)
       out = jax.tree_util.tree_map_with_path(lambda kp, x: new_u.get(path_str(kp), x), updates)
       return out, bases, nuclear
 
     updates, bases, nuclear = jax.lax.cond(
         _on_schedule(state.count, every), project_all, lambda a: a,
         (updates, state.bases, state.nuclear))
-    return updates, WarmTRPChainState(optax.safe_int32_increment(state.count), inner, bases,
-                                      nuclear)
+    return updates, TRPChainState(optax.safe_int32_increment(state.count), inner, bases, nuclear)
 
   return optax.GradientTransformation(init, update)
 
 
 def trp(optimizer: optax.GradientTransformation, *, every: int = 20, energy: float = 0.9,
-        rank: Any = None, nuclear: float = 0.0, nuclear_every_step: bool = False, select=None,
+        rank: Any = None, nuclear: float = 0.0, nuclear_on: str = "every_step", select=None,
         layout=None, **project_kwargs) -> optax.GradientTransformation:
-  """TRP around ``optimizer``: ``chain(nuclear_norm, optimizer, project)``.
+  """TRP around ``optimizer``, as the released code trains.
 
-  The projection keeps ``ranks.energy(energy)`` (the paper's rule), or ``rank`` when given
-  (any jittable rule: ``ranks.ratio(0.25)`` holds a parameter budget). ``nuclear=0`` turns
-  the regularizer off. By default it is applied on projection steps with the truncated
-  factors (the released code); ``nuclear_every_step=True`` applies the full ``U V^T`` on
-  every step (the older script). ``project_kwargs`` (``method="warm"``, ``max_rank``,
-  ``n_iter`` ...) go to :func:`project`. With ``method="warm"`` and ``nuclear`` it is one
-  transform (:class:`WarmTRPChainState`) with no SVD but the projection's: the
-  sub-gradient ``U_k V_k^T`` is that of the projected point, added on the step after each
-  projection (the first gradient at the low-rank point, as in the paper's update), so
-  the nuclear norm costs one ``(m x k) (k x n)`` product per projection.
+  Every ``every`` steps the selected kernels are projected onto ``D(W)``, keeping
+  ``ranks.energy(energy)`` (the paper's rule) or ``rank`` when given (any jittable rule:
+  ``ranks.ratio(0.25)`` holds a parameter budget). ``nuclear = lambda > 0`` adds the
+  nuclear-norm sub-gradient ``lambda U_k V_k^T`` of the last projected point to the
+  gradients on **every** step (``nuclear_on="every_step"``, the paper's regularizer;
+  ``"projection"`` adds it only on the step after each projection, an older, weaker
+  setting kept for comparison). With ``nuclear`` (or ``method="warm"``) this is one
+  transform, :class:`TRPChainState`, whose only SVDs are the projections'.
+  ``project_kwargs`` (``method="svd"|"warm"|"randomized"``, ``max_rank``, ``n_iter``,
+  ``key``, ``oversample``) as in :func:`project`; ``"randomized"`` with ``nuclear`` adds
+  ``nuclear_norm`` (an exact SVD per kernel per step) before the optimizer.
   """
+  if nuclear_on not in ("every_step", "projection"):
+    raise ValueError(f"nuclear_on must be 'every_step' or 'projection', got {nuclear_on!r}")
+  if nuclear < 0:
+    raise ValueError(f"nuclear must be >= 0, got {nuclear}")
   rule = ranks_lib.energy(energy) if rank is None else ranks_lib.as_rule(rank)
-  if nuclear and project_kwargs.get("method") == "warm":
-    if nuclear_every_step:
-      raise ValueError("method='warm' needs the truncated nuclear norm (nuclear_every_step=False)")
-    if project_kwargs.get("max_rank") is None:
+  method = project_kwargs.get("method", "svd")
+  if method in ("svd", "warm") and (nuclear or method == "warm"):
+    if method == "warm" and project_kwargs.get("max_rank") is None:
       raise ValueError("method='warm' needs max_rank= (the largest rank the rule may keep)")
-    width = project_kwargs["max_rank"] + project_kwargs.get("oversample", 10)
-    return _warm_trp(optimizer, every, rule, nuclear, select, layout, width,
-                     project_kwargs.get("n_iter") or 0)
+    unknown = set(project_kwargs) - {"method", "max_rank", "oversample", "n_iter"}
+    if unknown:
+      raise TypeError(f"trp: unexpected keyword(s) {sorted(unknown)} for method={method!r}")
+    width = (project_kwargs.get("max_rank") or 0) + project_kwargs.get("oversample", 10)
+    return _chain(optimizer, every, rule, nuclear, select, layout, method, width,
+                  project_kwargs.get("n_iter") or 0, nuclear_on == "projection")
   parts = []
   if nuclear:
-    parts.append(nuclear_norm(nuclear, every=1 if nuclear_every_step else every,
-                              rank=None if nuclear_every_step else rule, select=select,
-                              layout=layout))
+    parts.append(nuclear_norm(nuclear, every=1 if nuclear_on == "every_step" else every,
+                              rank=rule, select=select, layout=layout))
   parts += [optimizer, project(every, rule, select=select, layout=layout, **project_kwargs)]
   return optax.chain(*parts)
 

@@ -376,3 +376,27 @@ def test_factorized_ranks_bad_keys_name_the_leaves():
   dense = jlr.merge(v)  # ranks on a model with no LowRank leaf: not silently ignored
   with pytest.raises(ValueError, match="no LowRank leaves.*none"):
     jlr.factorized(model.apply, ranks={"c1/kernel": 1})(dense, x)
+
+
+def test_threshold_shrinking_finds_a_rank_per_layer():
+  """Maestro's progressive shrinking: one eps, each layer its own rank. Two layers trained
+  together on data of rank 2 and rank 5 (linear autoencoders, ordered dropout + group
+  lasso); ``shrink`` at an interval drops the components under eps, and the layers end
+  at their data ranks -- different ranks from one threshold, not a uniform schedule."""
+  rng = np.random.default_rng(2)
+  d = 10
+  xa = jnp.asarray(rng.normal(size=(256, 2)) @ rng.normal(size=(2, d)), jnp.float32)
+  xb = jnp.asarray(rng.normal(size=(256, 5)) @ rng.normal(size=(5, d)), jnp.float32)
+  p = lod.init({"a": {"kernel": rnd((d, d), 6) * 0.3}, "b": {"kernel": rnd((d, d), 7) * 0.3}})
+
+  def loss(p, key):
+    sub = lod.sample(p, key, sampler="independent")
+    err = 0.0
+    for name, x in (("a", xa), ("b", xb)):
+      w = sub[name]["kernel"]
+      err = err + jnp.mean(jnp.sum((x @ w.u @ w.v - x) ** 2, -1))
+    return err + 0.02 * lod.group_lasso(p)
+
+  for _ in range(4):  # train, shrink by threshold, repeat (optimizer state restarts here)
+    p = lod.shrink(_train(loss, p, 1000, 3e-3), 0.05)
+  assert (p["a"]["kernel"].rank, p["b"]["kernel"].rank) == (2, 5)
