@@ -8,7 +8,8 @@ rank rules (:mod:`jlr.ranks`), selection (:mod:`jlr.select`) and Flax integratio
 
 import importlib
 
-from jlr import layouts, lod, masks, ranks, select, sharding, stats, svd, trp, usage
+from jlr import layouts, lod, masks, ranks, rules, select, sharding, stats, svd, trp, usage
+from jlr import primitives  # registers the built-in primitive rules (jlr.rules)
 from jlr.factorized import DensifiedError, DensifiedWarning, factorized
 from jlr.layouts import Layout
 from jlr.lowrank import LowRank, is_lowrank
@@ -30,5 +31,5 @@ def __getattr__(name):  # jlr.flax etc. on first use: the core does not import F
 __all__ = [
     "DensifiedError", "DensifiedWarning", "Entry", "GuessedLayoutWarning", "Layout", "LowRank", "ModelLayouts",
     "Plan", "Report", "compiler_options", "factorize", "factorized", "is_lowrank", "layouts", "lod", "masks",
-    "merge", "plan", "ranks", "select", "sharding", "stats", "summary", "svd", "trp", "truncate", "usage",
+    "merge", "plan", "ranks", "rules", "select", "sharding", "stats", "summary", "svd", "trp", "truncate", "usage",
 ]

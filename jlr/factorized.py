@@ -55,7 +55,9 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
+from jlr import rules
 from jlr.lowrank import LowRank, is_lowrank
+from jlr.select import is_array
 from jlr.paths import path_str
 
 
@@ -309,13 +311,13 @@ def eval_jaxpr(jaxpr, consts, args):
     write(v, x)
   for eqn in jaxpr.eqns:
     ins = [read(v) for v in eqn.invars]
-    if eqn.primitive.name not in _LAYOUT_OPS:  # looked-up rows end here: u[ids] @ v
+    rule = rules.get(eqn.primitive)
+    if rule is None or not rule.rows_stay_factored:  # looked-up rows end here: u[ids] @ v
       ins = [x.dense() if isinstance(x, Factored) and not x.kernel else x for x in ins]
-    if eqn.primitive.name not in _KEEP_OPS:
+    if rule is None or not rule.carries_mask:
       ins = [x.folded() if isinstance(x, Factored) else x for x in ins]
     if any(isinstance(x, Factored) for x in ins):
-      rule = _RULES.get(eqn.primitive.name)
-      outs = rule(eqn, ins) if rule is not None else None
+      outs = rule.run(eqn, ins) if rule is not None and rule.run is not None else None
       if outs is None:
         outs = _fallback(eqn, ins)
     else:
@@ -336,7 +338,8 @@ def _cast(y, eqn):
   return y if y.dtype == dt else y.astype(dt)
 
 
-# ----------------------------------------------------------------------------- layout rules
+# ----------------------------------------------------------------------------- run rules
+# (the interpreter halves of the built-in rules, registered in jlr.primitives)
 
 
 def _transpose(x: Factored, perm) -> Factored:
@@ -405,27 +408,31 @@ def _insert_unit(x: Factored, j: int) -> Factored:
   return Factored(x.a, b, x.nb, x.na, axes, x.path, kernel=x.kernel)
 
 
-def _rule_convert(eqn, ins):
+def run_convert(eqn, ins):
   (x,) = ins
   dt = eqn.params["new_dtype"]
   return x.replace(a=x.a.astype(dt), b=x.b.astype(dt))
 
 
-def _rule_identity(eqn, ins):
+def run_identity(eqn, ins):
   return ins[0] if len(ins) == 1 else None
 
 
-def _rule_transpose(eqn, ins):
+def run_transpose(eqn, ins):
   return _transpose(ins[0], eqn.params["permutation"])
 
 
-def _rule_reshape(eqn, ins):
+def run_reshape(eqn, ins):
   if eqn.params.get("dimensions") is not None:
     return None
   return _reshape_to(ins[0], _out_aval(eqn).shape)
 
 
-def _rule_broadcast_in_dim(eqn, ins):
+def run_squeeze(eqn, ins):
+  return _reshape_to(ins[0], _out_aval(eqn).shape)
+
+
+def run_broadcast_in_dim(eqn, ins):
   x = ins[0]
   shape, dims = eqn.params["shape"], eqn.params["broadcast_dimensions"]
   if any(shape[d] != x.shape[i] for i, d in enumerate(dims)):
@@ -437,7 +444,7 @@ def _rule_broadcast_in_dim(eqn, ins):
   return _reshape_to(x, shape)
 
 
-def _rule_rev(eqn, ins):
+def run_rev(eqn, ins):
   x = ins[0]
   y = x
   for k in eqn.params["dimensions"]:
@@ -451,7 +458,7 @@ def _rule_rev(eqn, ins):
   return y
 
 
-def _rule_scale(eqn, ins):
+def run_scale(eqn, ins):
   """``-T``, ``T * s``, ``s * T``, ``T / s`` for a scalar ``s``: scale the ``a`` factor."""
   name = eqn.primitive.name
   if name == "neg":
@@ -473,7 +480,7 @@ def _einsum(spec, x, y, eqn):
                     preferred_element_type=eqn.params.get("preferred_element_type"))
 
 
-def _rule_dot_general(eqn, ins):
+def run_dot_general(eqn, ins):
   lhs, rhs = ins
   if isinstance(lhs, Factored) and isinstance(rhs, Factored):
     _densify_warning(lhs.path, "dot_general", " with two factored operands")
@@ -564,7 +571,7 @@ def _masked(t, t_lab, f: Factored, keep_lab):
 # ----------------------------------------------------------------------------- conv
 
 
-def _rule_conv(eqn, ins):
+def run_conv(eqn, ins):
   lhs, f = ins
   p = eqn.params
   if isinstance(lhs, Factored) or not isinstance(f, Factored):
@@ -666,7 +673,7 @@ def _record_conv(rec: Recorder, lhs, f: Factored, p) -> None:
 # ----------------------------------------------------------------------------- gather
 
 
-def _rule_gather(eqn, ins):
+def run_gather(eqn, ins):
   x, idx = ins
   if not isinstance(x, Factored) or isinstance(idx, Factored) or x.nb:
     return None
@@ -728,7 +735,7 @@ def _pack(ins):
   return flat, unpack
 
 
-def _rule_call(eqn, ins):
+def run_call(eqn, ins):
   closed = eqn.params.get("jaxpr") or eqn.params.get("call_jaxpr")
   if isinstance(closed, jcore.ClosedJaxpr):
     return eval_jaxpr(closed.jaxpr, closed.consts, ins)
@@ -756,7 +763,7 @@ def _recorded_inside(fn):
   return wrapped, rec, inner
 
 
-def _rule_remat(eqn, ins):
+def run_remat(eqn, ins):
   jaxpr = eqn.params["jaxpr"]
   flat, unpack = _pack(ins)
 
@@ -771,7 +778,7 @@ def _rule_remat(eqn, ins):
   return outs
 
 
-def _rule_scan(eqn, ins):
+def run_scan(eqn, ins):
   p = eqn.params
   nc, ncarry = p["num_consts"], p["num_carry"]
   consts, carry, xs = ins[:nc], ins[nc:nc + ncarry], ins[nc + ncarry:]
@@ -806,38 +813,7 @@ def _rule_scan(eqn, ins):
   return list(c_out) + list(ys)
 
 
-_LAYOUT_OPS = {"convert_element_type", "copy", "copy_p", "sharding_constraint", "transpose",
-               "reshape", "squeeze", "broadcast_in_dim", "rev"}
-
-# primitives whose rules carry a component mask (``Factored.keep``) through or apply it to
-# the r-wide intermediate; before any other, it is folded into the ``a`` factor
-_KEEP_OPS = {"convert_element_type", "copy", "copy_p", "sharding_constraint", "transpose",
-             "mul", "div", "neg", "dot_general", "conv_general_dilated",
-             "pjit", "jit", "closed_call", "core_call"}
-
-_RULES: dict[str, Callable] = {
-    "convert_element_type": _rule_convert,
-    "copy": _rule_identity, "copy_p": _rule_identity, "sharding_constraint": _rule_identity,
-    "transpose": _rule_transpose,
-    "reshape": _rule_reshape,
-    "squeeze": lambda eqn, ins: _reshape_to(ins[0], _out_aval(eqn).shape),
-    "broadcast_in_dim": _rule_broadcast_in_dim,
-    "rev": _rule_rev,
-    "mul": _rule_scale, "div": _rule_scale, "neg": _rule_scale,
-    "dot_general": _rule_dot_general,
-    "conv_general_dilated": _rule_conv,
-    "gather": _rule_gather,
-    "pjit": _rule_call, "jit": _rule_call, "closed_call": _rule_call, "core_call": _rule_call,
-    "remat2": _rule_remat, "checkpoint": _rule_remat, "remat": _rule_remat,
-    "scan": _rule_scan,
-}
-
-
 # ----------------------------------------------------------------------------- entry point
-
-
-def _is_array(x) -> bool:
-  return isinstance(x, (jax.Array, np.ndarray, np.generic)) or isinstance(x, jax.core.Tracer)
 
 
 def factorized(fn: Callable, *, ranks: Mapping[str, Any] | None = None,
@@ -888,7 +864,7 @@ def factorized(fn: Callable, *, ranks: Mapping[str, Any] | None = None,
         placeholders.append(jax.ShapeDtypeStruct(x.shape, x.dtype))
         f = from_lowrank(x, path)
         values.append(f if path not in keeps else f.replace(keep=keeps[path]))
-      elif _is_array(x):
+      elif is_array(x):
         dyn_idx.append(i)
         placeholders.append(x)
         values.append(x)

@@ -59,8 +59,8 @@ def leaves(tree: Any) -> tuple[list[tuple[str, Any]], jax.tree_util.PyTreeDef]:
 
 def is_array(x: Any) -> bool:
   """Whether ``x`` is an array leaf (a ``jax.Array``, tracer included, a numpy array or
-  anything with ``__jax_array__``); a :class:`jlr.LowRank` is not one."""
-  return isinstance(x, (jax.Array, np.ndarray)) or hasattr(x, "__jax_array__")
+  scalar, or anything with ``__jax_array__``); a :class:`jlr.LowRank` is not one."""
+  return isinstance(x, (jax.Array, np.ndarray, np.generic)) or hasattr(x, "__jax_array__")
 
 
 def default_select(path: str, leaf: Any) -> bool:

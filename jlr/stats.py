@@ -30,6 +30,7 @@ from jlr.factorized import Recorder, factorized, recording
 from jlr.layouts import Layout
 from jlr.lowrank import LowRank, is_lowrank
 from jlr.paths import path_str
+from jlr.select import candidates, layout_for
 
 
 class MissingStatisticsWarning(UserWarning):
@@ -66,7 +67,6 @@ def fisher(grad_fn: Callable[[Any, Any], Any], params, batches: Iterable, *, lay
   batches -- the per-batch gradient is the unit of the estimate). For each kernel the
   squared gradient is matricized with its layout and summed over columns.
   """
-  from jlr.select import candidates, layout_for  # no cycle: may join the module imports
 
   chosen = candidates(select, layout)
   acc: dict[str, RowWeights] = {}

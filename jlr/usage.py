@@ -30,18 +30,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
+from jlr import rules
 from jlr.layouts import Layout
-from jlr.paths import path_str
+from jlr.paths import KERNEL_NAMES, leaf_name, path_str
 
-_PASS = {"convert_element_type", "copy", "copy_p", "sharding_constraint", "rev", "neg",
-         "optimization_barrier"}
-_CALLS = {"pjit", "jit", "closed_call", "core_call"}
-_REMATS = {"remat2", "checkpoint", "remat"}
 _FACTORIZABLE = {"dot_general", "conv_general_dilated", "gather"}
 
 
 @dataclasses.dataclass(frozen=True)
-class _Tracked:
+class Tracked:
+  """A value that is a kernel, re-axed: ``axes[k]`` are the kernel axes merged into
+  logical axis ``k``; ``stacked`` the kernel axes sliced away by ``scan``."""
+
   leaf: int
   axes: tuple[tuple[int, ...], ...]  # logical axis -> the kernel axes merged into it
   stacked: frozenset = frozenset()
@@ -141,10 +141,16 @@ def _walk(jaxpr, ins, uses: dict[int, list[Use]]):
   return [read(v) for v in jaxpr.outvars]
 
 
-def _other(eqn, tin, uses, note=""):
+def record_use(uses: dict, t: Tracked, use: Use) -> None:
+  """Note that the kernel ``t`` comes from is consumed as ``use``."""
+  uses.setdefault(t.leaf, []).append(use)
+
+
+def other_use(eqn, tin, uses, note=""):
+  """Every tracked input is used by ``eqn`` in a way with no factorized rule."""
   for t in tin:
     if t is not None:
-      uses.setdefault(t.leaf, []).append(Use("other", primitive=eqn.primitive.name, note=note))
+      record_use(uses, t, Use("other", primitive=eqn.primitive.name, note=note))
   return [None] * len(eqn.outvars)
 
 
@@ -153,85 +159,120 @@ def _flat(axes_groups) -> frozenset:
 
 
 def _step(eqn, tin, uses):
-  name = eqn.primitive.name
-  p = eqn.params
-  n_out = len(eqn.outvars)
-  if name in _PASS and len(tin) == 1:
-    return [tin[0]]
-  if name in ("mul", "div") and len(tin) == 2:
+  rule = rules.get(eqn.primitive)
+  if rule is None or rule.layout is None:
+    return other_use(eqn, tin, uses)
+  return rule.layout(eqn, tin, uses, lambda jaxpr, ins: _walk(jaxpr, ins, uses))
+
+
+# ----------------------------------------------------------------------------- layout rules
+# (the layout halves of the built-in rules, registered in jlr.primitives)
+
+
+def layout_scale(eqn, tin, uses, walk):
+  """``T * s``, ``s * T``, ``T / s`` for a scalar ``s``: the kernel passes through."""
+  if len(tin) == 2:
     k = 0 if tin[0] is not None else 1
     other = eqn.invars[1 - k]
-    if tin[1 - k] is None and not other.aval.shape and (name == "mul" or k == 0):
+    if tin[1 - k] is None and not other.aval.shape and (eqn.primitive.name == "mul" or k == 0):
       return [tin[k]]
-    return _other(eqn, tin, uses)
-  if name == "transpose":
-    t = tin[0]
-    return [dataclasses.replace(t, axes=tuple(t.axes[i] for i in p["permutation"]))]
-  if name in ("reshape", "squeeze", "broadcast_in_dim"):
-    return [_reshape(eqn, tin[0], uses)]
-  if name == "dot_general":
-    (lc, rc), (lb, rb) = p["dimension_numbers"]
-    for t, c, b in ((tin[0], lc, lb), (tin[1], rc, rb)):
-      if t is not None:
-        contracted = _flat(t.axes[i] for i in c)
-        batch = _flat(t.axes[i] for i in b)
-        free = _flat(t.axes) - contracted - batch
-        uses.setdefault(t.leaf, []).append(
-            Use("dot", contracted, free, t.stacked | batch, name))
+  return other_use(eqn, tin, uses)
+
+
+def layout_unary(eqn, tin, uses, walk):
+  """A unary op that keeps every axis where it is (a cast, a copy, ``neg``, ``rev``)."""
+  return [tin[0]] if len(tin) == 1 else other_use(eqn, tin, uses)
+
+
+def layout_transpose(eqn, tin, uses, walk):
+  t = tin[0]
+  return [dataclasses.replace(t, axes=tuple(t.axes[i] for i in eqn.params["permutation"]))]
+
+
+def layout_reshape(eqn, tin, uses, walk):
+  """``reshape`` / ``squeeze`` / ``broadcast_in_dim`` that only add or drop size-1 axes
+  or merge whole axes."""
+  return [_reshape(eqn, tin[0], uses)]
+
+
+def layout_dot_general(eqn, tin, uses, walk):
+  """rows = the contracted kernel axes, columns = the free ones, stacked = batch axes."""
+  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+  for t, c, b in ((tin[0], lc, lb), (tin[1], rc, rb)):
+    if t is not None:
+      contracted = _flat(t.axes[i] for i in c)
+      batch = _flat(t.axes[i] for i in b)
+      free = _flat(t.axes) - contracted - batch
+      record_use(uses, t, Use("dot", contracted, free, t.stacked | batch, "dot_general"))
+  return [None]
+
+
+def layout_conv(eqn, tin, uses, walk):
+  """rows = spatial + input-channel axes of the kernel operand, columns = output channels."""
+  name, p = eqn.primitive.name, eqn.params
+  lhs, rhs = tin
+  if lhs is not None or rhs is None:
+    return other_use(eqn, tin, uses, "as the conv input")
+  dn = p["dimension_numbers"]
+  fgc, bgc = p["feature_group_count"], p["batch_group_count"]
+  if fgc != 1 or bgc != 1:
+    record_use(uses, rhs, Use(
+        "other", primitive=name,
+        note=f"grouped/depthwise convolution (feature_group_count={fgc}, "
+             f"batch_group_count={bgc}) cannot be factorized channel-wise"))
     return [None]
-  if name == "conv_general_dilated":
-    lhs, rhs = tin
-    if lhs is not None or rhs is None:
-      return _other(eqn, tin, uses, "as the conv input")
-    dn = p["dimension_numbers"]
-    fgc, bgc = p["feature_group_count"], p["batch_group_count"]
-    if fgc != 1 or bgc != 1:
-      uses.setdefault(rhs.leaf, []).append(Use(
-          "other", primitive=name,
-          note=f"grouped/depthwise convolution (feature_group_count={fgc}, "
-               f"batch_group_count={bgc}) cannot be factorized channel-wise"))
-      return [None]
-    o, i, sp = dn.rhs_spec[0], dn.rhs_spec[1], dn.rhs_spec[2:]
-    rows = _flat([rhs.axes[i]] + [rhs.axes[s] for s in sp])
-    uses.setdefault(rhs.leaf, []).append(Use("conv", rows, _flat([rhs.axes[o]]), rhs.stacked,
-                                             name, note=str(tuple(sp))))
-    return [None]
-  if name == "gather":
-    t = tin[0]
-    if t is None or tin[1] is not None:
-      return _other(eqn, tin, uses, "as gather indices")
-    dn = p["dimension_numbers"]
-    idx = set(dn.start_index_map) | set(dn.collapsed_slice_dims)
-    rows = _flat(t.axes[i] for i in idx)
-    if any(p["slice_sizes"][k] != eqn.invars[0].aval.shape[k] for k in range(len(t.axes))
-           if k not in idx) or dn.operand_batching_dims:
-      return _other(eqn, tin, uses, "a gather that slices columns")
-    uses.setdefault(t.leaf, []).append(Use("gather", rows, _flat(t.axes) - rows, t.stacked, name))
-    return [None]
-  if name in _CALLS:
-    closed = p.get("jaxpr") or p.get("call_jaxpr")
-    inner = closed.jaxpr if isinstance(closed, jcore.ClosedJaxpr) else closed
-    return _walk(inner, tin, uses)
-  if name in _REMATS:
-    return _walk(p["jaxpr"], tin, uses)
-  if name == "scan":
-    nc, ncarry = p["num_consts"], p["num_carry"]
-    inner_in = list(tin)
-    for k in range(nc, nc + ncarry):
-      if tin[k] is not None:
-        _other(eqn, [tin[k]], uses, "as a scan carry")
+  o, i, sp = dn.rhs_spec[0], dn.rhs_spec[1], dn.rhs_spec[2:]
+  rows = _flat([rhs.axes[i]] + [rhs.axes[s] for s in sp])
+  record_use(uses, rhs, Use("conv", rows, _flat([rhs.axes[o]]), rhs.stacked, name,
+                            note=str(tuple(sp))))
+  return [None]
+
+
+def layout_gather(eqn, tin, uses, walk):
+  """An embedding lookup: rows = the looked-up axes."""
+  name, p = eqn.primitive.name, eqn.params
+  t = tin[0]
+  if t is None or tin[1] is not None:
+    return other_use(eqn, tin, uses, "as gather indices")
+  dn = p["dimension_numbers"]
+  idx = set(dn.start_index_map) | set(dn.collapsed_slice_dims)
+  rows = _flat(t.axes[i] for i in idx)
+  if any(p["slice_sizes"][k] != eqn.invars[0].aval.shape[k] for k in range(len(t.axes))
+         if k not in idx) or dn.operand_batching_dims:
+    return other_use(eqn, tin, uses, "a gather that slices columns")
+  record_use(uses, t, Use("gather", rows, _flat(t.axes) - rows, t.stacked, name))
+  return [None]
+
+
+def layout_call(eqn, tin, uses, walk):
+  """``jit`` / ``closed_call``: follow the called jaxpr."""
+  closed = eqn.params.get("jaxpr") or eqn.params.get("call_jaxpr")
+  return walk(closed.jaxpr if isinstance(closed, jcore.ClosedJaxpr) else closed, tin)
+
+
+def layout_remat(eqn, tin, uses, walk):
+  return walk(eqn.params["jaxpr"], tin)
+
+
+def layout_scan(eqn, tin, uses, walk):
+  """A scanned-over kernel axis is a stacked-layer axis; carries are not kernels."""
+  p = eqn.params
+  nc, ncarry = p["num_consts"], p["num_carry"]
+  inner_in = list(tin)
+  for k in range(nc, nc + ncarry):
+    if tin[k] is not None:
+      other_use(eqn, [tin[k]], uses, "as a scan carry")
+      inner_in[k] = None
+  for k in range(nc + ncarry, len(tin)):
+    t = tin[k]
+    if t is not None:
+      if len(t.axes[0]) != 1:
+        other_use(eqn, [t], uses, "scanned over merged axes")
         inner_in[k] = None
-    for k in range(nc + ncarry, len(tin)):
-      t = tin[k]
-      if t is not None:
-        if len(t.axes[0]) != 1:
-          _other(eqn, [t], uses, "scanned over merged axes")
-          inner_in[k] = None
-        else:
-          inner_in[k] = _Tracked(t.leaf, t.axes[1:], t.stacked | frozenset(t.axes[0]))
-    _walk(p["jaxpr"].jaxpr, inner_in, uses)
-    return [None] * n_out
-  return _other(eqn, tin, uses)
+      else:
+        inner_in[k] = Tracked(t.leaf, t.axes[1:], t.stacked | frozenset(t.axes[0]))
+  walk(p["jaxpr"].jaxpr, inner_in)
+  return [None] * len(eqn.outvars)
 
 
 def _reshape(eqn, t, uses):
@@ -239,7 +280,7 @@ def _reshape(eqn, t, uses):
   old = eqn.invars[0].aval.shape
   new = eqn.outvars[0].aval.shape
   if eqn.primitive.name == "reshape" and eqn.params.get("dimensions") is not None:
-    _other(eqn, [t], uses)
+    other_use(eqn, [t], uses)
     return None
   groups = [g for g, d in zip(t.axes, old) if d != 1]
   dims = [d for d in old if d != 1]
@@ -254,14 +295,14 @@ def _reshape(eqn, t, uses):
       if size == d:
         break
     if size != d:
-      _other(eqn, [t], uses, "a reshape that splits an axis")
+      other_use(eqn, [t], uses, "a reshape that splits an axis")
       return None
     out.append(merged)
   if eqn.primitive.name == "broadcast_in_dim" and any(
       new[j] != 1 for j in range(len(new)) if j not in eqn.params["broadcast_dimensions"]):
-    _other(eqn, [t], uses)
+    other_use(eqn, [t], uses)
     return None
-  return _Tracked(t.leaf, tuple(out), t.stacked)
+  return Tracked(t.leaf, tuple(out), t.stacked)
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -335,7 +376,7 @@ def read(fn: Callable, params, *args, conv: str = "channel", **kwargs) -> ModelL
 
   closed = jax.make_jaxpr(flat_fn)([x for _, x in p_flat], [a_flat[i] for i in dyn])
   n_p = len(p_flat)
-  ins = [_Tracked(i, tuple((a,) for a in range(len(x.shape)))) if _candidate(x) else None
+  ins = [Tracked(i, tuple((a,) for a in range(len(x.shape)))) if _candidate(x) else None
          for i, (_, x) in enumerate(p_flat)]
   ins += [None] * (len(closed.jaxpr.invars) - n_p)
   uses: dict[int, list[Use]] = {}
@@ -350,7 +391,7 @@ def read(fn: Callable, params, *args, conv: str = "channel", **kwargs) -> ModelL
     by_path[path] = leaf_uses
     if lay is None:
       # report what a user would expect factorized: kernels, and leaves fed to a matmul
-      if path.rsplit("/", 1)[-1] in ("kernel", "embedding") or any(
+      if leaf_name(path) in KERNEL_NAMES or any(
           u.kind != "other" or u.primitive in _FACTORIZABLE for u in leaf_uses):
         skipped[path] = why
     else:

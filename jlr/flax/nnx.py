@@ -43,7 +43,7 @@ from jlr.factorized import factorized
 from jlr.layouts import Layout, Spec
 from jlr.lowrank import LowRank, is_lowrank
 from jlr.paths import path_str
-from jlr.select import selector as _selector, spec_for as _spec_for
+from jlr.select import selector, spec_for
 from jlr.transforms import Plan, factorize, plan as make_plan
 
 SUPPORTED = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Embed, nnx.Einsum)
@@ -233,7 +233,7 @@ def plan(model, rank, *, select=None, layout=None) -> Plan:
       return False
     if user_select is None:
       return _unsupported(layers[path]) is None
-    if not _selector(user_select)(path, leaf):
+    if not selector(user_select)(path, leaf):
       return False
     problem = _unsupported(layers[path])
     if problem:
@@ -242,7 +242,7 @@ def plan(model, rank, *, select=None, layout=None) -> Plan:
 
   def layout_for(path, leaf):
     read = module_layout(layers[path], leaf)
-    spec = _spec_for(layout, path, leaf) if layout is not None else Spec()
+    spec = spec_for(layout, path, leaf) if layout is not None else Spec()
     if isinstance(spec, Layout):
       return spec
     if spec.kind == "conv_spatial" and isinstance(read, Spec):
