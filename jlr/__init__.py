@@ -8,8 +8,11 @@ rank rules (:mod:`jlr.ranks`), selection (:mod:`jlr.select`) and Flax integratio
 
 import importlib
 
-from jlr import layouts, lod, masks, ranks, rules, select, sharding, stats, svd, trp, usage
+import sys
+
+from jlr import layouts, masks, methods, ranks, rules, select, sharding, stats, svd, usage
 from jlr import primitives  # registers the built-in primitive rules (jlr.rules)
+from jlr.methods import lod, trp
 from jlr.factorized import DensifiedError, DensifiedWarning, factorized
 from jlr.layouts import Layout
 from jlr.lowrank import LowRank, is_lowrank
@@ -19,6 +22,10 @@ from jlr.transforms import Entry, GuessedLayoutWarning, Plan, factorize, merge, 
 from jlr.usage import ModelLayouts
 
 __version__ = "0.1.0"
+
+# the training methods live in jlr/methods/; `import jlr.trp` / `jlr.lod` name them too
+sys.modules.setdefault("jlr.trp", trp)
+sys.modules.setdefault("jlr.lod", lod)
 
 _LAZY = ("flax", "train", "checkpoint", "cli", "models")
 
@@ -30,6 +37,6 @@ def __getattr__(name):  # jlr.flax etc. on first use: the core does not import F
 
 __all__ = [
     "DensifiedError", "DensifiedWarning", "Entry", "GuessedLayoutWarning", "Layout", "LowRank", "ModelLayouts",
-    "Plan", "Report", "compiler_options", "factorize", "factorized", "is_lowrank", "layouts", "lod", "masks",
+    "Plan", "Report", "compiler_options", "factorize", "factorized", "is_lowrank", "layouts", "lod", "masks", "methods",
     "merge", "plan", "ranks", "rules", "select", "sharding", "stats", "summary", "svd", "trp", "truncate", "usage",
 ]

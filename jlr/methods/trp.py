@@ -43,6 +43,7 @@ import optax
 from jlr import ranks as ranks_lib
 from jlr import svd as svd_lib
 from jlr.layouts import Layout
+from jlr.methods import Method, no_host_step, plain_forward
 from jlr.paths import path_str
 from jlr.select import candidates, layout_for
 from jlr.transforms import factorize, warn_guessed
@@ -561,3 +562,25 @@ def decouple(params, rank: Any = ranks_lib.value(0.05), *, select=None, layout=N
   absolute 0.05: trained weights are already low-rank) as the default.
   """
   return factorize(params, rank, select=select, layout=layout, **kwargs)
+
+
+def method(*, every: int = 20, energy: float = 0.9, rank: Any = None, nuclear: float = 0.0,
+           nuclear_on: str = "every_step", final_rank: Any = ranks_lib.value(0.05),
+           select=None, layout=None, **project_kwargs) -> Method:
+  """TRP as a :class:`jlr.methods.Method`, as the released code trains.
+
+  * ``init``: the dense params as they are (TRP trains dense weights);
+  * ``tx(optimizer)``: :func:`trp` -- the nuclear-norm sub-gradient on every step and the
+    projection onto ``D(W)`` every ``every`` steps (``energy`` rule, or ``rank``);
+  * ``apply(fn)``: ``fn`` itself (the model runs dense while training);
+  * ``between``: nothing (the projection runs inside ``tx``);
+  * ``finalize``: :func:`decouple` at ``final_rank`` (the reference's singular values
+    above 0.05; ``ranks.budget(params=...)`` lands on a parameter budget).
+  """
+
+  def tx(optimizer):
+    return trp(optimizer, every=every, energy=energy, rank=rank, nuclear=nuclear,
+               nuclear_on=nuclear_on, select=select, layout=layout, **project_kwargs)
+
+  return Method(lambda params: params, tx, plain_forward, no_host_step,
+                lambda params: decouple(params, final_rank, select=select, layout=layout))

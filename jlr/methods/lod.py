@@ -36,7 +36,9 @@ import optax
 
 from jlr import ranks as ranks_lib
 from jlr import select as select_lib
+from jlr.factorized import factorized
 from jlr.lowrank import LowRank, is_lowrank
+from jlr.methods import Method
 from jlr.report import summary
 from jlr.select import candidates
 from jlr.transforms import factorize
@@ -278,3 +280,115 @@ def search(params, score: Callable[[Any], float], *, params_budget: int | None =
     if verbose:
       print(f"  {best[2]} -> rank {best[3]}: cost {history[-1][0]:,} score {best[0]:.4f}")
   return params, history
+
+
+# ----------------------------------------------------------------------------- the method
+
+
+def group_lasso_gradient(strength: float) -> optax.GradientTransformation:
+  """Add ``strength * grad(group_lasso)`` to the updates of every ``LowRank`` leaf (place
+  it before the optimizer, like ``optax.add_decayed_weights``): Maestro's hierarchical
+  group lasso on every step. Needs ``params`` in ``update``. Jittable."""
+
+  def init(params):
+    del params
+    return optax.EmptyState()
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError("lod.group_lasso_gradient needs params: tx.update(grads, state, params)")
+
+    def one(u, p):
+      if not is_lowrank(p):
+        return u
+      g = jax.grad(lambda f: group_lasso({"f": f}))(p)
+      return LowRank(u.u + strength * g.u.astype(u.u.dtype),
+                     u.v + strength * g.v.astype(u.v.dtype), u.layout)
+
+    return jax.tree_util.tree_map(one, updates, params, is_leaf=is_lowrank), state
+
+  return optax.GradientTransformation(init, update)
+
+
+def forward(fn: Callable, *, sampler: str = "layer", fraction: float | None = None) -> Callable:
+  """``fn`` run factorized; with ``key`` each ``LowRank`` computes with its first ``b``
+  components, ``b`` drawn by ordered dropout (:func:`sample_ranks`); ``key=None`` runs
+  the whole model. ``fn(params, *args)`` takes the tree holding the factors first."""
+
+  def run(params, *args, key=None, **kwargs):
+    if key is None:
+      return factorized(fn)(params, *args, **kwargs)
+    ranks = sample_ranks(params, key, sampler=sampler, fraction=fraction)
+    return factorized(fn, ranks=ranks)(params, *args, **kwargs)
+
+  return run
+
+
+def kernel_params(params) -> int:
+  """Parameters held by the ``LowRank`` factors of ``params``."""
+  return sum(f.size for _, f in _lowranks(params))
+
+
+def to_budget(params, kernel_budget: int):
+  """The final budget projection: drop trailing components, globally, least important
+  per parameter first (importance ``||u[:, j:]|| ||v[j:]||`` over the component's
+  ``m + n`` parameters; each layer's importance is non-increasing, so every layer keeps
+  a prefix) until the factors hold at most ``kernel_budget`` parameters. Host-side."""
+  leaves = _lowranks(params)
+  total = kernel_params(params)
+  if total <= kernel_budget:
+    return params
+  keep = {p: f.rank for p, f in leaves}
+  imp = {p: np.asarray(importance(f)).reshape(-1, f.rank).max(0) for p, f in leaves}
+  cost = {p: f.size // f.rank for p, f in leaves}  # parameters per component
+  while total > kernel_budget:
+    cands = [(imp[p][keep[p] - 1] / cost[p], p) for p in keep if keep[p] > 1]
+    if not cands:
+      raise ValueError(f"kernel_budget={kernel_budget:,} is below one component per layer")
+    _, p = min(cands)
+    keep[p] -= 1
+    total -= cost[p]
+  return extract(params, ranks=keep)
+
+
+def method(*, lam: float = 1e-4, sampler: str = "layer", fraction: float | None = None,
+           eps: float | None = None, interval: int | None = None, start: int = 0,
+           relative: bool = False, multiple: int = 1, kernel_budget: int | None = None,
+           select=None, layout=None) -> Method:
+  """Maestro's LoD as a :class:`jlr.methods.Method`, as the paper trains it.
+
+  * ``init``: exact full-rank balanced factors of the selected kernels (:func:`init`);
+  * ``tx(optimizer)``: ``lam`` times the hierarchical group lasso's gradient added on
+    every step (:func:`group_lasso_gradient`), then ``optimizer``;
+  * ``apply(fn)``: ordered dropout -- with ``key`` a rank ``b`` per layer drawn by
+    ``sampler`` (:func:`forward`);
+  * ``between``: progressive shrinking by threshold -- every ``interval`` steps from
+    ``start``, each layer drops its trailing components whose importance is under
+    ``eps`` (``relative``: ``eps`` times the layer's first importance), so each layer
+    finds its own rank; the optimizer state is sliced alike (:func:`slice_opt_state`);
+  * ``finalize``: with ``kernel_budget`` the final budget projection
+    (:func:`to_budget`), then :func:`deploy` (factors no smaller than the dense kernel go
+    back to dense).
+  """
+  if (eps is None) != (interval is None):
+    raise ValueError("progressive shrinking needs both eps= and interval=")
+
+  def between(step, params, opt_state, tx):
+    t = step + 1
+    if eps is None or t < start or t % interval:
+      return params, opt_state
+    new = shrink(params, eps, multiple=multiple, relative=relative)
+    if all(a.rank == b.rank for (_, a), (_, b) in zip(_lowranks(params), _lowranks(new))):
+      return params, opt_state
+    return new, slice_opt_state(tx, opt_state, new)
+
+  def finalize(params):
+    if kernel_budget is not None:
+      params = to_budget(params, kernel_budget)
+    return deploy(params)
+
+  def tx(optimizer):
+    return optax.chain(group_lasso_gradient(lam), optimizer) if lam else optimizer
+
+  return Method(lambda params: init(params, select=select, layout=layout), tx,
+                lambda fn: forward(fn, sampler=sampler, fraction=fraction), between, finalize)
