@@ -222,7 +222,7 @@ def module_layout(module, kernel) -> Layout | Spec:
   return Spec(kind="dense", batch_ndim=nd - 2)  # Linear
 
 
-def plan(model, rank, *, select=None, layout=None) -> Plan:
+def plan(model, rank, *, select=None, layout=None, stats=None, damping: float = 1e-2) -> Plan:
   """The :class:`jlr.Plan` that :func:`compress` would apply (to inspect its cost with
   ``jlr.summary(nnx.state(model, nnx.Param), the_plan)``)."""
   layers = _layers(model)
@@ -252,14 +252,14 @@ def plan(model, rank, *, select=None, layout=None) -> Plan:
     return read
 
   state = nnx.state(model, nnx.Param)
-  p = make_plan(state, rank, select=chosen, layout=layout_for)
+  p = make_plan(state, rank, select=chosen, layout=layout_for, stats=stats, damping=damping)
   if user_select is None:  # same break-even rule as the default select of jlr.plan
     p = Plan({k: e for k, e in p.items() if e.layout.factor_size(e.rank) < e.layout.size})
   return p
 
 
 def compress(model, rank, *, select=None, layout=None, method: str = "svd", key=None,
-             split: str = "balanced"):
+             split: str = "balanced", stats=None, damping: float = 1e-2):
   """A new NNX model with chosen layers replaced by :class:`Factorized` twins.
 
   ``rank``, ``select`` and ``layout`` take the same forms as in :func:`jlr.factorize`,
@@ -272,9 +272,15 @@ def compress(model, rank, *, select=None, layout=None, method: str = "svd", key=
   A module referenced from several places is compressed once and stays shared. A kernel
   variable that another module also holds cannot be compressed: ``ValueError`` naming
   both paths. ``model`` may itself be a layer (``compress(nnx.Linear(...), 8)``): its
-  twin is returned.
+  twin is returned. ``stats`` (``{kernel path: jlr.stats.Gram}``, e.g. from
+  ``jlr.stats.activations(lambda p, x: nnx.merge(graphdef, p)(x), state, batches)``)
+  makes it data-aware (whitened), as in :func:`jlr.factorize`.
   """
-  the_plan = rank if isinstance(rank, Plan) else plan(model, rank, select=select, layout=layout)
+  if isinstance(rank, Plan) and stats is not None:
+    raise ValueError("compress(model, plan, stats=...): a plan carries its statistics; pass "
+                     "them to jnnx.plan(model, rank, stats=...)")
+  the_plan = rank if isinstance(rank, Plan) else plan(model, rank, select=select, layout=layout,
+                                                      stats=stats, damping=damping)
   new = nnx.clone(model)
   layers = _layers(new)
   modules, variables = _references(new)
