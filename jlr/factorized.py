@@ -98,44 +98,37 @@ class Recorder:
   def child(self) -> "Recorder":
     return Recorder(self.paths, self.mode, self.weights)
 
-  def add(self, path: str, rows) -> None:
-    """``rows``: ``(*stacked, *lead, m)`` with ``lead`` the non-contracted input axes."""
-    lead = rows.shape[:-1]
+  def add(self, path: str, rows, stacked: int = 0) -> None:
+    """One use of ``path``'s kernel: ``rows`` is ``(*layers, *lead, m)``, ``lead`` the
+    input's non-contracted axes, ``layers`` its first ``stacked`` axes (a ``vmap``-ed
+    kernel contracted per layer: one record per layer)."""
+    lead = rows.shape[stacked:-1]
     w = self.weights(path, lead) if self.weights is not None else None
-    rows = rows.astype(jnp.float32)
-    if w is None:
-      w = jnp.ones(lead, jnp.float32)
-    w = jnp.broadcast_to(jnp.asarray(w, jnp.float32), lead)
-    self.put(path, rows, w)
-
-  def put(self, path: str, rows, w) -> None:
-    """Store rows ``(*stacked, *lead, m)`` with weights ``(*stacked, *lead)``: the
-    stacked axes are the leading ones that ``w`` and ``rows`` do not flatten -- here
-    none; a scan body's records gain one (see :meth:`stacked`)."""
-    m = rows.shape[-1]
-    flat = rows.reshape((-1, m))
-    wf = w.reshape((-1,))
+    w = jnp.ones(lead, jnp.float32) if w is None else jnp.asarray(w, jnp.float32)
+    w = jnp.broadcast_to(w, rows.shape[:-1]).reshape(rows.shape[:stacked] + (-1,))
+    x = rows.astype(jnp.float32).reshape(rows.shape[:stacked] + (-1, rows.shape[-1]))
     if self.mode == "gram":
-      value = ((flat * wf[:, None]).T @ flat, jnp.sum(wf))
-      old = self.records.get(path)
-      self.records[path] = value if old is None else (old[0] + value[0], old[1] + value[1])
+      self.merge(path, (jnp.einsum("...ti,...tj->...ij", x * w[..., None], x), jnp.sum(w, -1)))
     else:
-      old = self.records.get(path)
-      self.records[path] = (flat, wf) if old is None else (
-          jnp.concatenate([old[0], flat]), jnp.concatenate([old[1], wf]))
+      self.merge(path, (x, w))
+
+  def merge(self, path: str, value) -> None:
+    """Add a record of ``path``: Grams and counts are summed, rows concatenated."""
+    old = self.records.get(path)
+    if old is None:
+      self.records[path] = value
+    elif self.mode == "gram":
+      self.records[path] = (old[0] + value[0], old[1] + value[1])
+    else:
+      self.records[path] = (jnp.concatenate([old[0], value[0]], -2),
+                            jnp.concatenate([old[1], value[1]], -1))
 
   def absorb(self, inner: "Recorder", values: dict) -> None:
-    """Merge a scan body's records, ``values`` stacked along a new leading layer axis."""
+    """Merge the records ``values`` made by ``inner`` inside a transform (a scan body's,
+    stacked along a new leading layer axis) and what ``inner`` found missing."""
     self.missing.update(inner.missing)
     for path, value in values.items():
-      old = self.records.get(path)
-      if old is None:
-        self.records[path] = value
-      elif self.mode == "gram":
-        self.records[path] = (old[0] + value[0], old[1] + value[1])
-      else:
-        self.records[path] = (jnp.concatenate([old[0], value[0]], -2),
-                              jnp.concatenate([old[1], value[1]], -1))
+      self.merge(path, value)
 
   def fold(self, value):
     """A record stacked along a leading axis that is not a layer axis, as one record."""
@@ -539,22 +532,11 @@ def _record_dot(rec: Recorder, x, xc, xb, f: Factored, fc, fb) -> None:
     rec.miss(f.path, "an input contracted with axes that are not the kernel's rows")
     return
   by_c = sorted(zip(xc, fc), key=lambda p: f.axes[p[1]])  # kernel row order
-  by_b = sorted(zip(xb, fb), key=lambda p: f.axes[p[1]])
+  by_b = sorted(zip(xb, fb), key=lambda p: f.axes[p[1]])  # stacked layers first
   free = [i for i in range(jnp.ndim(x)) if i not in xc and i not in xb]
   t = jnp.transpose(x, [i for i, _ in by_b] + free + [i for i, _ in by_c])
-  nb, m = len(by_b), math.prod(t.shape[len(by_b) + len(free):])
-  t = t.reshape(t.shape[:nb + len(free)] + (m,))
-  if nb:  # stacked kernels contracted per layer (nn.vmap): one record per layer
-    w = rec.weights(f.path, t.shape[nb:-1]) if rec.weights is not None else None
-    w = jnp.ones(t.shape[nb:-1], jnp.float32) if w is None else jnp.asarray(w, jnp.float32)
-    w = jnp.broadcast_to(w, t.shape[:-1])
-    flat = t.reshape(t.shape[:nb] + (-1, m)).astype(jnp.float32)
-    wf = w.reshape(t.shape[:nb] + (-1,))
-    value = (jnp.einsum("...ti,...t,...tj->...ij", flat, wf, flat), jnp.sum(wf, -1)) \
-        if rec.mode == "gram" else (flat, wf)
-    rec.absorb(rec.child(), {f.path: value})
-    return
-  rec.add(f.path, t)
+  nb = len(by_b)
+  rec.add(f.path, t.reshape(t.shape[:nb + len(free)] + (-1,)), stacked=nb)
 
 
 def _masked(t, t_lab, f: Factored, keep_lab):

@@ -370,3 +370,17 @@ def test_a_plan_carries_its_statistics():
   assert float(jnp.abs(plain["k"].dense() - want["k"].dense()).max()) > 0.1  # whitening matters
   with pytest.raises(ValueError, match="a plan carries the statistics"):
     jlr.factorize(w, p, stats=s)
+
+
+def test_vmapped_layers_get_one_gram_each():
+  """``nn.vmap``-ed Dense layers (a stacked kernel contracted per layer through
+  dot_general batch axes): one Gram per layer, each that layer's own input."""
+  model = nn.vmap(nn.Dense, variable_axes={"params": 0}, split_rngs={"params": True},
+                  in_axes=0, out_axes=0)(6)
+  x = jnp.asarray(rnd((3, 4, 5), 11), jnp.float32)  # 3 layers, each its own (4, 5) input
+  v = model.init(jax.random.key(0), x)
+  assert jlr.flax.layouts(model, v, x)["params/kernel"].shape == (5, 6)
+  g = calibrate.activations(model, v, [x])["params/kernel"]
+  xs = np.asarray(x, np.float64)
+  np.testing.assert_allclose(g.matrix, np.einsum("lti,ltj->lij", xs, xs), rtol=1e-5, atol=1e-6)
+  assert g.count == 4
