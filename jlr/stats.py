@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlr import usage
-from jlr.factorized import Recorder, factorized, recording
+from jlr.factorized import DensifiedWarning, Recorder, factorized, recording
 from jlr.layouts import Layout
 from jlr.lowrank import LowRank, is_lowrank
 from jlr.paths import path_str
@@ -167,7 +167,7 @@ def record(fn: Callable, params, batch, *, mode: str = "gram", mask=None, select
   tree, paths = _targets(params, layout, select)
   rec = Recorder(paths, mode, _row_weights(mask))
   with warnings.catch_warnings():
-    warnings.simplefilter("ignore", category=Warning)  # densified uses land in rec.missing
+    warnings.simplefilter("ignore", DensifiedWarning)  # densified uses land in rec.missing
     with recording(rec):
       factorized(fn)(tree, *args)
   missing = dict(rec.missing)

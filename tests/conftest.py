@@ -20,3 +20,5 @@ def pytest_configure(config):
   expr = config.getoption("markexpr", "") or ""
   if "not slow" in expr and "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
+    if "--xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"]:
+      os.environ["XLA_FLAGS"] += " --xla_cpu_use_fusion_emitters=false"
