@@ -29,9 +29,10 @@ def smol():
   return model, llama.params_from_gguf(cfg, tensors), llama.tokenizer(PATH), cfg, tensors
 
 
-def numpy_forward(cfg, t, ids):
+def numpy_forward(cfg, t, seqs):
   """Llama forward in float64 numpy on GGUF tensors as stored: (out, in) weights, q/k
-  rows in llama.cpp's order, so RoPE rotates adjacent pairs (x[2i], x[2i+1])."""
+  rows in llama.cpp's order, so RoPE rotates adjacent pairs (x[2i], x[2i+1]). The logits
+  of each sequence in ``seqs`` (each its own length); the weights cast to float64 once."""
   def rms(x, w):
     return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + cfg.eps) * w
 
@@ -46,28 +47,32 @@ def numpy_forward(cfg, t, ids):
     return out
 
   w = {k: v.astype(np.float64) for k, v in t.items()}
-  T, hd = len(ids), cfg.head_dim
-  pos = np.arange(T, dtype=np.float64)
-  h = w["token_embd.weight"][ids]
-  mask = np.tril(np.ones((T, T), bool))
-  for i in range(cfg.layers):
-    b = f"blk.{i}."
-    x = rms(h, w[b + "attn_norm.weight"])
-    q = rope_pairs((x @ w[b + "attn_q.weight"].T).reshape(T, cfg.heads, hd), pos)
-    k = rope_pairs((x @ w[b + "attn_k.weight"].T).reshape(T, cfg.kv_heads, hd), pos)
-    v = (x @ w[b + "attn_v.weight"].T).reshape(T, cfg.kv_heads, hd)
-    rep = cfg.heads // cfg.kv_heads
-    k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
-    s = np.einsum("thd,shd->hts", q, k) / math.sqrt(hd)
-    s = np.where(mask[None], s, -np.inf)
-    p = np.exp(s - s.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    o = np.einsum("hts,shd->thd", p, v).reshape(T, -1)
-    h = h + o @ w[b + "attn_output.weight"].T
-    x = rms(h, w[b + "ffn_norm.weight"])
-    g = x @ w[b + "ffn_gate.weight"].T
-    h = h + ((g / (1 + np.exp(-g))) * (x @ w[b + "ffn_up.weight"].T)) @ w[b + "ffn_down.weight"].T
-  return rms(h, w["output_norm.weight"]) @ w["token_embd.weight"].T
+
+  def one(ids):
+    T, hd = len(ids), cfg.head_dim
+    pos = np.arange(T, dtype=np.float64)
+    h = w["token_embd.weight"][ids]
+    mask = np.tril(np.ones((T, T), bool))
+    for i in range(cfg.layers):
+      b = f"blk.{i}."
+      x = rms(h, w[b + "attn_norm.weight"])
+      q = rope_pairs((x @ w[b + "attn_q.weight"].T).reshape(T, cfg.heads, hd), pos)
+      k = rope_pairs((x @ w[b + "attn_k.weight"].T).reshape(T, cfg.kv_heads, hd), pos)
+      v = (x @ w[b + "attn_v.weight"].T).reshape(T, cfg.kv_heads, hd)
+      rep = cfg.heads // cfg.kv_heads
+      k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
+      s = np.einsum("thd,shd->hts", q, k) / math.sqrt(hd)
+      s = np.where(mask[None], s, -np.inf)
+      p = np.exp(s - s.max(-1, keepdims=True))
+      p /= p.sum(-1, keepdims=True)
+      o = np.einsum("hts,shd->thd", p, v).reshape(T, -1)
+      h = h + o @ w[b + "attn_output.weight"].T
+      x = rms(h, w[b + "ffn_norm.weight"])
+      g = x @ w[b + "ffn_gate.weight"].T
+      h = h + ((g / (1 + np.exp(-g))) * (x @ w[b + "ffn_up.weight"].T)) @ w[b + "ffn_down.weight"].T
+    return rms(h, w["output_norm.weight"]) @ w["token_embd.weight"].T
+
+  return [one(np.asarray(ids)) for ids in seqs]
 
 
 def test_config_read_from_the_file(smol):
@@ -77,13 +82,17 @@ def test_config_read_from_the_file(smol):
 
 
 def test_logits_equal_an_independent_numpy_forward(smol):
+  """Two texts in one batch (one compile; a shorter one is padded at its end, which the
+  causal model's logits at its own positions do not see)."""
   model, variables, tok, cfg, tensors = smol
-  for text in ["The quick brown fox jumps over the lazy dog.", "Kings and queens of 1066"]:
-    ids = tok.encode(text)
-    want = numpy_forward(cfg, tensors, np.asarray(ids))
-    got, _ = jax.jit(model.apply)(variables, jnp.asarray([ids]))
-    np.testing.assert_allclose(np.asarray(got[0]), want, atol=2e-3 * np.abs(want).max())
-    assert (np.asarray(got[0]).argmax(-1) == want.argmax(-1)).mean() > 0.9
+  seqs = [tok.encode(t) for t in ["The quick brown fox jumps over the lazy dog.",
+                                  "Kings and queens of 1066"]]
+  T = max(map(len, seqs))
+  batch = jnp.asarray([ids + [tok.eos] * (T - len(ids)) for ids in seqs])
+  got, _ = jax.jit(model.apply)(variables, batch)
+  for row, ids, want in zip(np.asarray(got), seqs, numpy_forward(cfg, tensors, seqs)):
+    np.testing.assert_allclose(row[:len(ids)], want, atol=2e-3 * np.abs(want).max())
+    assert (row[:len(ids)].argmax(-1) == want.argmax(-1)).mean() > 0.9
 
 
 def test_tokenizer_round_trip_and_control_tokens(smol):
