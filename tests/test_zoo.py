@@ -546,3 +546,26 @@ def test_one_adam_step_on_the_factors_lowers_the_loss(name, cls):
     else:
       assert np.array_equal(x, y), path_str(kp)
   assert dead == set(UNUSED.get(_arch(name), {})), dead
+
+
+@pytest.mark.parametrize("name,cls", [
+    pytest.param(n, None, id=n, marks=() if n == "bert" else pytest.mark.slow)
+    for n in ARCHS + sorted(VARIANTS)])
+def test_calibration_covers_every_factorized_kernel(name, cls):
+  """(e) jlr.stats.activations records the real input of every factorized kernel; the only
+  kernels without statistics are the ones with no input to record (an embedding that is
+  only looked up) or used transposed (a tied LM head contracted over its columns), each
+  named in ``.missing`` with that reason -- never silently absent."""
+  b = built(name, cls)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", jlr.stats.MissingStatisticsWarning)
+    st = jlr.stats.activations(b.fwd, b.params, [(b.inputs,)], layout=b.layouts)
+  for path in _lowrank_paths(b.small):
+    if path in st:
+      g = st[path]
+      m = b.layouts[path].matrix_shape[0]
+      assert g.matrix.shape[-2:] == (m, m) and g.count > 0, path
+      assert np.isfinite(g.matrix).all() and (np.diagonal(g.matrix, axis1=-2, axis2=-1) >= 0).all()
+    else:
+      why = st.missing.get(path, "")
+      assert "only looked up" in why or "not the kernel's rows" in why, (path, why)
