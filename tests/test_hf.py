@@ -23,27 +23,34 @@ IDS = jnp.arange(16).reshape(2, 8) % 90 + 3
 
 
 def tiny(kind, layers=2):
+  """``(model, params, inputs)``: the model built without its eager init (about 100
+  op-by-op compiles), its params from one compiled ``init_weights`` instead."""
+  model, inputs = _tiny(kind, layers)
+  return model, jax.jit(model.init_weights, static_argnums=1)(model.key, model.input_shape), inputs
+
+
+def _tiny(kind, layers):
   if kind == "bert":
     cfg = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=layers,
                                   num_attention_heads=4, intermediate_size=37,
                                   max_position_embeddings=64)
-    return transformers.FlaxBertModel(cfg, seed=0), {"input_ids": IDS}
+    return transformers.FlaxBertModel(cfg, seed=0, _do_init=False), {"input_ids": IDS}
   if kind == "gpt2":
     cfg = transformers.GPT2Config(vocab_size=99, n_embd=32, n_layer=layers, n_head=4,
                                   n_positions=64)
-    return transformers.FlaxGPT2LMHeadModel(cfg, seed=0), {"input_ids": IDS}
+    return transformers.FlaxGPT2LMHeadModel(cfg, seed=0, _do_init=False), {"input_ids": IDS}
   if kind == "vit":
     cfg = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32,
                                  num_hidden_layers=layers, num_attention_heads=4,
                                  intermediate_size=37)
-    return transformers.FlaxViTModel(cfg, seed=0), {
+    return transformers.FlaxViTModel(cfg, seed=0, _do_init=False), {
         "pixel_values": jax.random.normal(jax.random.key(0), (2, 3, 16, 16))}
   cfg = transformers.BartConfig(vocab_size=99, d_model=32, encoder_layers=layers,
                                 decoder_layers=layers,
                                 encoder_attention_heads=4, decoder_attention_heads=4,
                                 encoder_ffn_dim=37, decoder_ffn_dim=37,
                                 max_position_embeddings=64)
-  return transformers.FlaxBartModel(cfg, seed=0), {"input_ids": IDS}
+  return transformers.FlaxBartModel(cfg, seed=0, _do_init=False), {"input_ids": IDS}
 
 
 def forward(model):
@@ -64,10 +71,10 @@ EXPECTED = {"bert": 12, "gpt2": 8, "vit": 12, "bart": 30}
                                   pytest.param("vit", marks=pytest.mark.slow),
                                   pytest.param("bart", marks=pytest.mark.slow)])
 def test_factorized_forward_equals_merged(kind):
-  model, inputs = tiny(kind)
+  model, params, inputs = tiny(kind)
   fwd = forward(model)
-  lay = jlr.usage.read(fwd, model.params, inputs)
-  f = jlr.factorize(model.params, ranks.ratio(0.5), layout=lay)
+  lay = jlr.usage.read(fwd, params, inputs)
+  f = jlr.factorize(params, ranks.ratio(0.5), layout=lay)
   assert n_lowrank(f) >= EXPECTED[kind], lay
   if kind == "gpt2":  # FlaxConv1D kernels are (out, in), used transposed
     k = f["transformer"]["h"]["0"]["mlp"]["c_fc"]["kernel"]
@@ -75,7 +82,7 @@ def test_factorized_forward_equals_merged(kind):
   with warnings.catch_warnings():
     warnings.simplefilter("error", jlr.DensifiedWarning)
     got = jax.jit(jlr.factorized(fwd))(f, inputs)
-  want = fwd(jlr.merge(f), inputs)
+  want = jax.jit(fwd)(jlr.merge(f), inputs)  # one compile, not ~60 op-by-op ones
   err = float(jnp.abs(got - want).max() / jnp.abs(want).max())
   assert err < 1e-5, err
 
@@ -83,16 +90,16 @@ def test_factorized_forward_equals_merged(kind):
 @pytest.mark.slow  # heavy (default run <= ~3 min): make test-slow
 @pytest.mark.parametrize("kind", ["bert", "gpt2", "vit", "bart"])
 def test_trp_and_lod_steps_run(kind):
-  model, inputs = tiny(kind, layers=1)  # one block: the steps compile in a few seconds
+  model, params0, inputs = tiny(kind, layers=1)  # one block: the steps compile in a few seconds
   fwd = forward(model)
-  lay = jlr.usage.read(fwd, model.params, inputs)
+  lay = jlr.usage.read(fwd, params0, inputs)
 
   def loss_of(out):
     return jnp.mean(jnp.square(out - 0.5))
 
   # TRP: dense weights, periodic projection (every 2 steps) inside one jitted step
   tx = jlr.trp.trp(optax.adam(1e-3), every=2, energy=0.9, layout=lay)
-  params, state = model.params, tx.init(model.params)
+  params, state = params0, tx.init(params0)
 
   @jax.jit
   def trp_step(p, s):
@@ -106,7 +113,7 @@ def test_trp_and_lod_steps_run(kind):
     trp_losses.append(float(val))
   assert all(jnp.isfinite(jnp.array(trp_losses))) and trp_losses[-1] < trp_losses[0], trp_losses
   # LoD: factors trained with ordered-dropout ranks sampled in the loss
-  fparams = jlr.lod.init(model.params, layout=lay)
+  fparams = jlr.lod.init(params0, layout=lay)
   tx2 = optax.adam(1e-3)
   s2 = tx2.init(fparams)
 
@@ -126,6 +133,6 @@ def test_trp_and_lod_steps_run(kind):
   assert all(jnp.isfinite(jnp.array(lod_losses))) and lod_losses[-1] < lod_losses[0], lod_losses
   assert n_lowrank(fparams) >= EXPECTED[kind] // 2
   # the full-rank LoD start is exact: equal to the dense model
-  start = jlr.lod.init(model.params, layout=lay)
-  err = jnp.abs(jlr.factorized(fwd)(start, inputs) - fwd(model.params, inputs)).max()
+  start = jlr.lod.init(params0, layout=lay)
+  err = jnp.abs(jlr.factorized(fwd)(start, inputs) - fwd(params0, inputs)).max()
   assert float(err) < 1e-4
