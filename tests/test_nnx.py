@@ -38,6 +38,9 @@ def dense_twin(model, compressed):
   return ref
 
 
+run = nnx.jit(lambda m, x: m(x))  # whole forwards, not op by op
+
+
 def state_arrays(model):
   return jax.tree.map(np.asarray, nnx.state(model))
 
@@ -54,7 +57,7 @@ def test_compress_matches_dense_forward_of_merged_kernels(layout):
   assert isinstance(small.gen, jnnx.LowRankLinear)
   assert isinstance(small.conv, jnnx.LowRankConv) and isinstance(small.emb, jnnx.LowRankEmbed)
   assert isinstance(small.dw, nnx.Conv)  # grouped conv skipped by the default selection
-  for got, want in zip(jax.jit(lambda m, x: m(x))(small, ids), dense_twin(model, small)(ids)):
+  for got, want in zip(run(small, ids), run(dense_twin(model, small), ids)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.abs(want).max()))
   rep = jlr.summary(jnnx.params(small))
   assert rep.total_params < rep.dense_total_params
@@ -84,7 +87,7 @@ def test_compressed_model_trains_and_truncates():
   def loss(p):
     return nnx.merge(graphdef, p, rest)(ids)[1].sum()
 
-  grads = jax.grad(loss)(params)
+  grads = jax.jit(jax.grad(loss))(params)
   g = grads["layers"][0]["u"].get_value()
   chex.assert_shape(g, (32, 8))
   assert float(jnp.abs(g).sum()) > 0
