@@ -57,34 +57,38 @@ def test_factorize_merge_truncate_same_numbers_and_declared_shardings(mesh_spec,
   assert m["enc"]["kernel"].sharding.is_equivalent_to(sp["enc"]["kernel"].sharding, 2)
 
 
+_LOD_TX = optax.adam(1e-2)
+
+
+def _lod_loss(p, x, key):
+  sub = lod.sample(p, key)
+  h = x @ sub["enc"]["kernel"].u @ sub["enc"]["kernel"].v + p["enc"]["bias"]
+  y = h @ sub["dec"]["kernel"].u @ sub["dec"]["kernel"].v
+  return jnp.mean(y ** 2) + 1e-3 * lod.group_lasso(p)
+
+
+@jax.jit  # module level: the unsharded run compiles once for every mesh
+def _lod_step(p, s, x, key):
+  g = jax.grad(_lod_loss)(p, x, key)
+  u, s = _LOD_TX.update(g, s, p)
+  return optax.apply_updates(p, u), s
+
+
+def _lod_run(p, x):
+  s = _LOD_TX.init(p)
+  for i in range(3):
+    p, s = _lod_step(p, s, x, jax.random.key(i))
+  return p
+
+
 @pytest.mark.parametrize("mesh_spec", MESHES)
 def test_lod_step_sharded_matches_unsharded(mesh_spec):
   mesh = sharding.make_mesh(mesh_spec)
   p = lod.init(params())
   x = jnp.asarray(np.random.default_rng(1).normal(size=(16, 64)), jnp.float32)
-  tx = optax.adam(1e-2)
-
-  def loss(p, key):
-    sub = lod.sample(p, key)
-    h = x @ sub["enc"]["kernel"].u @ sub["enc"]["kernel"].v + p["enc"]["bias"]
-    y = h @ sub["dec"]["kernel"].u @ sub["dec"]["kernel"].v
-    return jnp.mean(y ** 2) + 1e-3 * lod.group_lasso(p)
-
-  @jax.jit
-  def step(p, s, x_, key):
-    g = jax.grad(loss)(p, key)
-    u, s = tx.update(g, s, p)
-    return optax.apply_updates(p, u), s
-
-  def run(p, x_):
-    s = tx.init(p)
-    for i in range(3):
-      p, s = step(p, s, x_, jax.random.key(i))
-    return p
-
-  ref = run(p, x)
+  ref = _lod_run(p, x)
   sp = sharding.place(p, mesh, "fsdp_tp")
-  got = run(sp, jax.device_put(x, sharding.batch_sharding(mesh)))
+  got = _lod_run(sp, jax.device_put(x, sharding.batch_sharding(mesh)))  # batch sharded too
   chex.assert_trees_all_close(jax.tree.map(np.asarray, got), jax.tree.map(np.asarray, ref),
                               rtol=1e-4, atol=1e-5)
   assert len(got["enc"]["kernel"].u.sharding.device_set) == 8  # not gathered to one device
