@@ -12,17 +12,24 @@ hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default")
 
 
 def pytest_configure(config):
-  """The default run (``-m 'not slow'``) is mostly XLA compiles of small programs: it
-  compiles them with LLVM at -O0 (``--xla_backend_optimization_level=0``: the same HLO
-  passes, plain machine code), 4:36 -> 3:06 on 2 cores, every test passing; and with
-  XLA CPU's older elemental IR emitter for fusions (``--xla_cpu_use_fusion_emitters=false``:
-  the MLIR fusion emitters compile slower than the code they make saves here), which
-  cuts the CPU time of the run by a quarter (351 s -> 256 s; test_any_model.py 29 -> 17). Runs
-  that select the slow tests (examples, benchmarks: run time matters) keep full
-  optimization and the default emitters. Runs before any test module imports JAX."""
+  """The default run (``-m 'not slow'``) is mostly XLA compiles of small programs, so it
+  compiles them cheaply; the HLO passes and the results are the same, every test passes:
+
+  - ``--xla_backend_optimization_level=0``: LLVM at -O0, plain machine code (4:36 -> 3:06
+    on 2 cores);
+  - ``--xla_cpu_use_fusion_emitters=false``: XLA CPU's older elemental IR emitter for
+    fusions; the MLIR fusion emitters compile slower than their code saves here (CPU
+    time of the run 351 s -> 256 s);
+  - ``--xla_cpu_parallel_codegen_split_count=1``: each program's code generated in one
+    piece; splitting it for parallel codegen costs more than it saves with one worker per
+    core (186-196 s -> 165-168 s of CPU, 97-116 s -> 88-90 s of wall).
+
+  Runs that select the slow tests (examples, benchmarks: run time matters) keep XLA's
+  defaults. Runs before any test module imports JAX."""
   expr = config.getoption("markexpr", "") or ""
   if "not slow" in expr:
-    for flag in ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"):
+    for flag in ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false",
+                 "--xla_cpu_parallel_codegen_split_count=1"):
       if flag.split("=")[0] not in os.environ["XLA_FLAGS"]:  # one set by the caller wins
         os.environ["XLA_FLAGS"] += " " + flag
     single_threaded_blas()
