@@ -73,6 +73,8 @@ def test_cli_summary_and_compress(tmp_path, capsys):
   assert "no checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a second interpreter start: the entry point runs by default in
+# test_cli_existing_out_as_a_command, `summary` of a missing checkpoint in-process above
 def test_console_script_entry_point(tmp_path):
   exe = os.path.join(os.path.dirname(sys.executable), "jlr")
   r = subprocess.run([exe, "summary", str(tmp_path / "x")], capture_output=True, text=True)
