@@ -10,7 +10,7 @@ Models: the example ResNet-20 CNN (``examples/resnet.py``, 28x28x1 inputs, the 1
 3x3 convs projected spatial-wise) and a 4-layer 1024-wide MLP (784-1024-1024-1024-10,
 every kernel projected). Optimizer: SGD with momentum 0.9.
 
-Variants, each a jitted ``train_step`` (``jlr.train``) on a fixed random batch:
+Variants, each a jitted ``train_step`` (``examples/train.py``) on a fixed random batch:
 
 * ``plain`` -- SGD only;
 * ``trp`` -- ``jlr.trp.trp(sgd, every=20, energy=0.9, nuclear=3e-4)`` (exact SVDs: the
@@ -62,7 +62,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "examples"))  # resnet.py
+sys.path.insert(0, os.path.join(ROOT, "examples"))  # resnet.py, train.py
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # plots (machine info)
 
 import flax.linen as nn  # noqa: E402
@@ -73,8 +73,8 @@ import optax  # noqa: E402
 
 import jlr  # noqa: E402
 import plots  # noqa: E402
-from jlr.train import TrainState, train_step  # noqa: E402
 from resnet import BLOCK_CONVS, ResNet  # noqa: E402
+from train import TrainState, train_step  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 EVERY, ENERGY, NUCLEAR, LR = 20, 0.9, 3e-4, 0.01

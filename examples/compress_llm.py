@@ -55,8 +55,8 @@ import jlr.flax  # noqa: E402
 from jlr import paths, ranks, stats  # noqa: E402
 from jlr.flax import calibrate  # noqa: E402
 from jlr.models import llama  # noqa: E402
-from jlr.train import progress  # noqa: E402
 from text import kjv_verses, shakespeare_sentences  # noqa: E402
+from train import progress  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 METHODS = ("svd", "fwsvd", "asvd", "whitened")

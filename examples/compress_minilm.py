@@ -81,8 +81,8 @@ from jlr import paths, ranks, stats, svd  # noqa: E402
 from jlr.flax import calibrate  # noqa: E402
 from jlr.lowrank import from_svd  # noqa: E402
 from jlr.models import bert  # noqa: E402
-from jlr.train import progress  # noqa: E402
 from text import kjv_verses, shakespeare_sentences  # noqa: E402,F401
+from train import progress  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 METHODS = ("svd", "whitened", "fisher")

@@ -1,7 +1,7 @@
 """Shared pieces of the LoD examples (``lod_mlp.py``, ``lod_transformer.py``, ``lod_cnn.py``).
 
 * :func:`ranks_of` -- ``{path: rank}`` of every ``LowRank`` leaf (from ``jlr.summary``).
-* :class:`RankedCheckpoints` -- ``jlr.train.Checkpoints`` plus a small JSON of the
+* :class:`RankedCheckpoints` -- ``train.Checkpoints`` (examples/train.py) plus a small JSON of the
   per-leaf ranks at every saved epoch. LoD shrinks the factors, so a checkpoint's shapes
   depend on its epoch; resuming builds a template of the right shapes from those ranks
   (``lod.extract(lod.init(...), ranks=...)``) before restoring.
@@ -32,7 +32,7 @@ import optax
 
 import jlr
 from jlr import lod
-from jlr.train import Checkpoints, TrainState, progress, train_step
+from train import Checkpoints, TrainState, progress, train_step  # examples/train.py
 
 WIDTHS = tuple(round(0.1 * i, 1) for i in range(1, 11))
 

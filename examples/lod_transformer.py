@@ -52,8 +52,8 @@ import optax  # noqa: E402
 import jlr  # noqa: E402
 import jlr.flax  # noqa: E402
 from jlr import lod  # noqa: E402
-from jlr.train import TrainState, evaluate  # noqa: E402
 import lod_common as common  # noqa: E402
+from train import TrainState, evaluate  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

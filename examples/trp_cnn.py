@@ -50,7 +50,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # loaded machine). One BLAS thread, unless the caller chose otherwise.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 warnings.filterwarnings("ignore", category=DeprecationWarning)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `data`, `resnet`, `lod_common`
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `data`, `resnet`, `lod_common`, `train`
 if __name__ == "__main__" and any(a.startswith("--mesh") for a in sys.argv) \
     and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   # simulated CPU devices for --mesh (must be set before JAX starts)
@@ -67,10 +67,10 @@ import jlr  # noqa: E402
 import jlr.flax  # noqa: E402
 from jlr import ranks  # noqa: E402
 from jlr.lowrank import is_lowrank  # noqa: E402
-from jlr.train import TrainState, evaluate  # noqa: E402
 import data as data_lib  # noqa: E402
 import lod_common as common  # noqa: E402
 from resnet import BLOCK_CONVS, ResNet  # noqa: E402
+from train import TrainState, evaluate  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

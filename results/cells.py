@@ -55,11 +55,10 @@ import numpy as np
 
 import jlr
 from jlr import lod, ranks
-from jlr.train import TrainState, progress, train_step
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "examples"))
+                                "examples"))  # lod_common.py, train.py
 from lod_common import ranks_of  # noqa: E402
+from train import TrainState, progress, train_step  # noqa: E402
 
 SCHEDULE = (0.3, 0.45, 0.6, 0.75)  # LoD: fractions of T where the ranks shrink
 

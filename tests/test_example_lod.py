@@ -150,7 +150,7 @@ def test_ranked_checkpoints_round_trip_after_shrink(tmp_path):
   import optax
 
   from jlr import lod
-  from jlr.train import TrainState
+  from train import TrainState
 
   params = {"a": {"kernel": jnp.ones((8, 6)) * jnp.arange(6.0)}}
   tx = optax.adam(1e-3)
@@ -200,7 +200,7 @@ def test_place_state_shards_params_and_moments_and_follows_a_shrink():
   from jax.sharding import PartitionSpec as P
 
   from jlr import lod
-  from jlr.train import TrainState, train_step
+  from train import TrainState, train_step
 
   mesh = lod_common.parse_mesh("data=4,model=2")
   assert lod_common.parse_mesh(None) is None and lod_common.parse_mesh("") is None

@@ -1,3 +1,8 @@
+"""examples/train.py: the examples' loop helpers (not part of the jlr API)."""
+
+import os
+import sys
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -5,7 +10,12 @@ import numpy as np
 import optax
 
 import jlr
-from jlr import train, trp
+from jlr import trp
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+sys.path.insert(0, EXAMPLES)
+
+import train  # noqa: E402
 
 
 def setup():

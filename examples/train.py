@@ -1,5 +1,7 @@
-"""Small training helpers shared by the example trainers -- a convenience, not a
-framework: every piece works in a hand-written loop.
+"""The examples' loop helpers: small training pieces shared by the example trainers,
+``results/`` and ``benchmarks/`` (import it with ``examples/`` on ``sys.path``, as they
+do). Not part of the jlr API, and not a framework: every piece works in a hand-written
+loop.
 
 * :class:`TrainState` -- step, params, optimizer state, extra model collections
   (e.g. ``batch_stats``) and the PRNG key (as raw key data, so checkpoints hold arrays).
