@@ -26,10 +26,94 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Any, Callable
 
 import jax.numpy as jnp
 
-KINDS = ("dense", "dense_general", "embed", "conv_channel", "conv_spatial")
+def _split(shape: tuple[int, ...], n_in: int, perm) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """Rows are the first ``n_in`` axes of ``perm`` (identity when ``None``), columns the rest."""
+  order = perm or tuple(range(len(shape)))
+  return tuple(order[:n_in]), tuple(order[n_in:])
+
+
+def _reshape_u(layout: "Layout", u):
+  """``(m, r)`` -> ``(*row axes, r)``: the thin first layer's kernel."""
+  if layout.perm is not None:
+    raise ValueError("a permuted dense_general layout has no thin-layer kernels; run it "
+                     "through jlr.factorized")
+  return u.reshape(layout.shape[: layout.n_in] + (u.shape[-1],))
+
+
+def _reshape_v(layout: "Layout", v):
+  """``(r, n)`` -> ``(r, *column axes)``: the second layer's kernel."""
+  if layout.perm is not None:
+    raise ValueError("a permuted dense_general layout has no thin-layer kernels; run it "
+                     "through jlr.factorized")
+  return v.reshape((v.shape[-2],) + layout.shape[layout.n_in:])
+
+
+def _spatial_u(layout: "Layout", u):
+  """``(kh * cin, r)`` -> the ``(kh, 1, cin, r)`` kernel of a kh x 1 conv."""
+  kh, _, cin, _ = layout.shape
+  return u.reshape((kh, 1, cin, u.shape[-1]))
+
+
+def _spatial_v(layout: "Layout", v):
+  """``(r, kw * cout)`` -> the ``(1, kw, r, cout)`` kernel of a 1 x kw conv."""
+  _, kw, _, cout = layout.shape
+  return jnp.swapaxes(v.reshape((v.shape[-2], kw, cout)), 0, 1)[None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+  """Everything a layout kind adds to its row and column axes -- one entry of :data:`KINDS`.
+
+  A kind names the *operation* the kernel serves (a matmul, a lookup, a convolution) and
+  how its axes become the matrix's rows and columns. Two kinds can share axes (a 1-D
+  ``conv_channel`` and a 3-axis ``dense_general`` split after two axes) and still differ in
+  what runs: a conv kernel's factors are a conv then a 1x1 conv, a dense one's two matmuls.
+
+  Attributes:
+    name: the key in :data:`KINDS`.
+    ndim: the kernel's number of axes, or ``None`` for any (>= 2).
+    n_in: the row count this kind fixes (a function of ``ndim``), or ``None`` when the
+      layout chooses it (``dense_general``).
+    axes: ``(shape, n_in, perm) -> (row axes, column axes)``, each in matrix order.
+    u_kernel / v_kernel: ``(layout, factor) -> kernel`` of the first / second thin layer.
+    lookup: the kernel is read by row (an embedding): its dense FLOPs are 0 and its
+      factored FLOPs ``2 r n`` per lookup, not ``2 r (m + n)``.
+    permutable: the layout may carry a ``perm``.
+    kernel: what the kernel is, for errors (``"a 2-D conv kernel (kh, kw, cin, cout)"``).
+  """
+
+  name: str
+  ndim: int | None = None
+  n_in: Callable[[int], int] | None = None
+  axes: Callable[..., tuple[tuple[int, ...], tuple[int, ...]]] = _split
+  u_kernel: Callable[..., Any] = _reshape_u
+  v_kernel: Callable[..., Any] = _reshape_v
+  lookup: bool = False
+  permutable: bool = False
+  kernel: str = "a kernel"
+
+
+KINDS: dict[str, Kind] = {k.name: k for k in (
+    Kind("dense", ndim=2, n_in=lambda nd: 1, kernel="a 2-D kernel (in, out)"),
+    Kind("dense_general", permutable=True),
+    Kind("embed", ndim=2, n_in=lambda nd: 1, lookup=True, kernel="a 2-D table (vocab, dim)"),
+    Kind("conv_channel", n_in=lambda nd: nd - 1),
+    Kind("conv_spatial", ndim=4, n_in=lambda nd: 1, axes=lambda shape, n_in, perm: ((0, 2), (1, 3)),
+         u_kernel=_spatial_u, v_kernel=_spatial_v, kernel="a 2-D conv kernel (kh, kw, cin, cout)"),
+)}
+
+
+def register_kind(kind: Kind) -> Kind:
+  """Add a layout kind (one table entry). The interpreter (``jlr.factorized``) runs any
+  kind from its axes alone; the thin-layer modules and ``jlr.ops`` know the built-in ones."""
+  if kind.name in KINDS:
+    raise ValueError(f"layout kind {kind.name!r} is already registered")
+  KINDS[kind.name] = kind
+  return kind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,10 +121,10 @@ class Layout:
   """Static description of a kernel's matricization.
 
   Attributes:
-    kind: one of ``KINDS``.
+    kind: a key of :data:`KINDS`.
     shape: the original kernel shape, without leading stacked-layer axes.
-    n_in: number of leading kernel axes that form the rows ``m`` (ignored for
-      ``conv_spatial``, whose rows are ``(kh, cin)``).
+    n_in: number of kernel axes that form the rows ``m`` (fixed by most kinds: 1 for
+      ``dense``/``embed``/``conv_spatial``, ``ndim - 1`` for ``conv_channel``).
     perm: ``dense_general`` only: the kernel axes in matrix order (rows first), when
       the contracted axes are not the leading ones -- e.g. a Gemma-style ``(heads,
       features, head_dim)`` query kernel contracted over ``features`` has
@@ -53,43 +137,48 @@ class Layout:
   perm: tuple[int, ...] | None = None
 
   def __post_init__(self):
-    if self.kind not in KINDS:
-      raise ValueError(f"unknown layout kind {self.kind!r}; expected one of {KINDS}")
+    spec = KINDS.get(self.kind)
+    if spec is None:
+      raise ValueError(f"unknown layout kind {self.kind!r}; expected one of {tuple(KINDS)}")
     object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
-    if len(self.shape) < 2:
+    nd = len(self.shape)
+    if nd < 2:
       raise ValueError(f"a layout needs a kernel with >= 2 axes, got shape {self.shape}")
-    if self.kind == "conv_spatial":
-      if len(self.shape) != 4:
-        raise ValueError(
-            f"conv_spatial needs a 2-D conv kernel (kh, kw, cin, cout), got shape {self.shape}")
-    elif not 1 <= self.n_in < len(self.shape):
+    if spec.ndim is not None and nd != spec.ndim:
+      raise ValueError(f"{self.kind} needs {spec.kernel}, got shape {self.shape}")
+    if spec.n_in is not None and self.n_in != spec.n_in(nd):
+      if self.kind == "conv_spatial":  # its rows are (kh, cin) whatever n_in says
+        object.__setattr__(self, "n_in", 1)
+      else:
+        raise ValueError(f"a {self.kind} layout of shape {self.shape} has n_in={spec.n_in(nd)}, "
+                         f"got {self.n_in}")
+    if not 1 <= self.n_in < nd:
       raise ValueError(f"n_in={self.n_in} must split shape {self.shape} into two non-empty parts")
-    if self.kind in ("dense", "embed") and len(self.shape) != 2:
-      raise ValueError(f"{self.kind} layout needs a 2-D kernel, got shape {self.shape}")
-    if self.kind == "conv_channel" and self.n_in != len(self.shape) - 1:
-      raise ValueError("conv_channel rows are (*spatial, cin): n_in must be ndim - 1")
     if self.perm is not None:
       perm = tuple(int(p) for p in self.perm)
-      if self.kind != "dense_general" or sorted(perm) != list(range(len(self.shape))):
+      if not spec.permutable or sorted(perm) != list(range(nd)):
         raise ValueError(f"perm={self.perm} must be a permutation of the axes of a "
                          f"dense_general kernel of shape {self.shape}")
-      object.__setattr__(self, "perm", None if perm == tuple(range(len(perm))) else perm)
+      object.__setattr__(self, "perm", None if perm == tuple(range(nd)) else perm)
+
+  @property
+  def spec(self) -> Kind:
+    """This layout's entry of :data:`KINDS`."""
+    return KINDS[self.kind]
+
+  @functools.cached_property
+  def _axes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    return self.spec.axes(self.shape, self.n_in, self.perm)
 
   @property
   def row_axes(self) -> tuple[int, ...]:
     """Kernel axes that form the rows ``m``, in matrix order."""
-    if self.kind == "conv_spatial":
-      return (0, 2)
-    order = self.perm or tuple(range(len(self.shape)))
-    return order[: self.n_in]
+    return self._axes[0]
 
   @property
   def col_axes(self) -> tuple[int, ...]:
     """Kernel axes that form the columns ``n``, in matrix order."""
-    if self.kind == "conv_spatial":
-      return (1, 3)
-    order = self.perm or tuple(range(len(self.shape)))
-    return order[self.n_in:]
+    return self._axes[1]
 
   @functools.cached_property  # read per leaf many times while planning: computed once
   def matrix_shape(self) -> tuple[int, int]:
@@ -110,6 +199,14 @@ class Layout:
     """Number of parameters of the factors at ``rank``: ``rank * (m + n)``."""
     m, n = self.matrix_shape
     return rank * (m + n)
+
+  def flops(self, rank: int | None = None) -> int:
+    """FLOPs of one application (one input row, or one lookup): ``2 m n`` dense, ``2 r (m +
+    n)`` factored; a lookup kind reads a row (0 dense, ``2 r n`` factored)."""
+    m, n = self.matrix_shape
+    if rank is None:
+      return 0 if self.spec.lookup else 2 * m * n
+    return 2 * rank * (n if self.spec.lookup else m + n)
 
   def to_matrix(self, w):
     """(..., *shape) kernel -> (..., m, n) matrix (batched over leading axes)."""
@@ -136,26 +233,12 @@ class Layout:
   def u_kernel(self, u):
     """The ``(m, r)`` left factor as the kernel of the first (thin) layer:
     ``(*in_axes, r)``; ``(kh, 1, cin, r)`` for conv_spatial."""
-    r = u.shape[-1]
-    if self.kind == "conv_spatial":
-      kh, _, cin, _ = self.shape
-      return u.reshape((kh, 1, cin, r))
-    if self.perm is not None:
-      raise ValueError("a permuted dense_general layout has no thin-layer kernels; run it "
-                       "through jlr.factorized")
-    return u.reshape(self.shape[: self.n_in] + (r,))
+    return self.spec.u_kernel(self, u)
 
   def v_kernel(self, v):
     """The ``(r, n)`` right factor as the kernel of the second layer:
     ``(r, *out_axes)``; ``(1, kw, r, cout)`` for conv_spatial."""
-    r = v.shape[-2]
-    if self.kind == "conv_spatial":
-      _, kw, _, cout = self.shape
-      return jnp.swapaxes(v.reshape((r, kw, cout)), 0, 1)[None]
-    if self.perm is not None:
-      raise ValueError("a permuted dense_general layout has no thin-layer kernels; run it "
-                       "through jlr.factorized")
-    return v.reshape((r,) + self.shape[self.n_in:])
+    return self.spec.v_kernel(self, v)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,10 +290,11 @@ def infer(name: str, shape: tuple[int, ...], spec: Spec = Spec()) -> tuple[Layou
       kind = "conv_channel"
     else:
       kind = "dense_general"
-  if kind == "conv_channel":
-    n_in = len(kshape) - 1
-  elif kind in ("dense", "embed", "conv_spatial"):
-    n_in = 1
+  if kind not in KINDS:
+    raise ValueError(f"unknown layout kind {kind!r}; expected one of {tuple(KINDS)}")
+  fixed = KINDS[kind].n_in
+  if fixed is not None:
+    n_in = fixed(len(kshape))
   else:
     n_in = spec.n_in if spec.n_in is not None else _most_square_split(kshape)
   return Layout(kind, kshape, n_in), b

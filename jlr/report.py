@@ -115,13 +115,12 @@ def _si(x: float) -> str:
 
 def _row(path, layout, batch, rank, rule="") -> Row:
   count = math.prod(batch)
-  m, n = layout.matrix_shape
   dense_params = count * layout.size
-  dense_flops = 0 if layout.kind == "embed" else count * 2 * m * n
+  dense_flops = count * layout.flops()
   if rank is None:
     return Row(path, layout.kind, batch + layout.shape, None, layout.max_rank, dense_params,
                dense_params, dense_flops, dense_flops)
-  flops = count * 2 * rank * (n if layout.kind == "embed" else m + n)
+  flops = count * layout.flops(rank)
   return Row(path, layout.kind, batch + layout.shape, rank, layout.max_rank,
              count * layout.factor_size(rank), dense_params, flops, dense_flops, rule)
 

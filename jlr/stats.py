@@ -222,7 +222,7 @@ def activations(fn: Callable, params, batches: Iterable, *, mask: Callable | Non
       out[path] = out[path] + gram if path in out else gram
   missing = {p: why for p, why in info["missing"].items() if p not in out}
   loud = {p: why for p, why in missing.items() if "only looked up" not in why
-          or layout.lookup(p) is None or layout.lookup(p).kind != "embed"}
+          or layout.lookup(p) is None or not layout.lookup(p).spec.lookup}
   if loud:
     warnings.warn("no calibration statistics for " + "; ".join(
         f"{p} ({why})" for p, why in loud.items()), MissingStatisticsWarning, stacklevel=2)

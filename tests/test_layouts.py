@@ -129,3 +129,28 @@ def test_conv_spatial_on_a_2d_conv_is_read():
   u_, s_, vt = np.linalg.svd(mat, full_matrices=False)
   best = ((u_[:, :2] * s_[:2]) @ vt[:2]).reshape(3, 3, 3, 4).transpose(0, 2, 1, 3)
   np.testing.assert_allclose(k.dense(), best, rtol=1e-4, atol=1e-5)
+
+
+def test_a_new_layout_kind_is_one_table_entry():
+  """A PyTorch-style ``(out, in)`` weight: rows are axis 1, columns axis 0. Registering
+  the kind is all it takes for factorize / merge / summary to treat it right."""
+  from jlr.layouts import KINDS, Kind, register_kind
+  kind = register_kind(Kind("dense_out_in", ndim=2, n_in=lambda nd: 1,
+                            axes=lambda shape, n_in, perm: ((1,), (0,))))
+  try:
+    with pytest.raises(ValueError, match="already registered"):
+      register_kind(kind)
+    w = np.random.default_rng(0).normal(size=(6, 10)).astype(np.float32)  # (out, in)
+    lay = Layout("dense_out_in", w.shape)
+    assert lay.matrix_shape == (10, 6) and lay.row_axes == (1,)
+    f = jlr.factorize({"w": w}, 3, select=lambda p, x: True, layout=lay)["w"]
+    assert f.u.shape == (10, 3) and f.v.shape == (3, 6)
+    uu, s, vt = np.linalg.svd(w.T.astype(np.float64))
+    want = ((uu[:, :3] * s[:3]) @ vt[:3]).T  # the rank-3 truncation, back in (out, in)
+    np.testing.assert_allclose(jlr.merge({"w": f})["w"], want, atol=1e-5)
+    row = jlr.summary({"w": f}).rows[0]
+    assert (row.kind, row.params, row.flops) == ("dense_out_in", 3 * 16, 2 * 3 * 16)
+  finally:
+    KINDS.pop("dense_out_in")
+  with pytest.raises(ValueError, match="unknown layout kind 'dense_out_in'"):
+    Layout("dense_out_in", (6, 10))
