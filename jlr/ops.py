@@ -150,11 +150,11 @@ def compiler_options(backend: str | None = None) -> dict[str, str]:
 
   On the CPU backend, XLA (jaxlib 0.10) hands whole chains of convolutions, dots and
   elementwise ops to YNNPACK library fusions, and a factorized conv chain (a 3x3 conv to
-  ``r`` channels, then a 1x1 conv) runs far below its FLOPs inside them: measured on the
-  ``benchmarks/inference_speed.py`` conv net at batch 32 (2 cores), ratio 0.5 factorized
-  51 ms vs 35 ms dense, i.e. *slower* than dense; with these fusions off the same
-  programs take 22 ms vs 31 ms. Dense forwards are not slowed by it (MLP, transformer
-  and conv net were as fast or faster in the same run). So on CPU this returns
+  ``r`` channels, then a 1x1 conv) runs far below its FLOPs inside them: on the
+  ``benchmarks/inference_speed.py`` conv net at ratio 0.5 the factorized forward is
+  *slower* than dense under XLA's default options and faster than dense with these
+  fusions off (its ``default, xla options`` rows; dense forwards under both are in the
+  same figure, README.md, Benchmarks). So on CPU this returns
   ``{"xla_cpu_experimental_ynn_fusion_type": ""}`` (no library fusions; XLA's own
   emitters and Eigen), and ``{}`` on other backends or on an XLA that does not know the
   option (checked once per backend by compiling a one-op program).

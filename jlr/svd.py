@@ -69,17 +69,16 @@ def _lu_basis(x: jax.Array, *, rows: bool = False) -> jax.Array:
   diagonal, so every direction of ``X``, however small, comes out at unit scale: what a
   power iteration needs between products, at ``m w^2`` FLOPs -- one LAPACK ``getrf``,
   no Gram or product -- where CholeskyQR2 costs ``8 m w^2`` and a Householder QR with
-  its explicit ``Q`` ``4 m w^2`` in slow, noisy LAPACK calls on XLA CPU (24 x 384 x 58:
-  1.6 ms against 8 ms and 6-36 ms). Li, Linderman, Szlam, Stanton, Kluger & Tygert,
-  "Algorithm 971: An implementation of a randomized algorithm for principal component
-  analysis", ACM TOMS 2017, normalize the same way."""
+  its explicit ``Q`` ``4 m w^2`` in slow, noisy LAPACK calls on XLA CPU. Li, Linderman,
+  Szlam, Stanton, Kluger & Tygert, "Algorithm 971: An implementation of a randomized
+  algorithm for principal component analysis", ACM TOMS 2017, normalize the same way."""
   if rows:
     return jnp.swapaxes(_lu_basis(jnp.swapaxes(x, -1, -2)), -1, -2)
   packed, _, perm = lax.linalg.lu(x)
   m, w = x.shape[-2:]
   l = jnp.tril(packed[..., :w], -1) + jnp.eye(m, w, dtype=x.dtype)
-  # row i of L is row perm[i] of X: a row scatter (24 x 384 x 58: 0.5 ms less than the
-  # element gather by argsort(perm))
+  # row i of L is row perm[i] of X: a row scatter (cheaper than the element gather by
+  # argsort(perm))
   put = lambda l, p: jnp.zeros_like(l).at[p].set(l, unique_indices=True)  # noqa: E731
   for _ in x.shape[:-2]:
     put = jax.vmap(put)
@@ -95,7 +94,7 @@ def range_basis(a: jax.Array, start: jax.Array, *, n_iter: int = 2) -> jax.Array
   (``lu``: :func:`_lu_basis`, the pivoted LU's ``L``); the last ``orth`` is a Householder
   QR, so every direction of ``Q`` is normalized. The row-space iterate ``Z`` is kept as
   ``w x n`` rows, so both products are plain or ``A``-rhs transposed GEMMs (``A^T Y`` as
-  such is 1.5-2x slower on XLA CPU for wide ``A``). Cost ``O(m n w (1 + 2 n_iter))``
+  such is slower on XLA CPU for wide ``A``). Cost ``O(m n w (1 + 2 n_iter))``
   matmul FLOPs. Jittable."""
   y = a @ start
   for _ in range(n_iter):
@@ -136,7 +135,7 @@ def _gram_svd(b: jax.Array, rank: int):
   within 1.0003x of ``B``'s optimal rank-``r`` error there, 1.01x down to 1/50 of that
   bound, up to 10^4x far below it); else it falls back to :func:`wide_svd` for the batch
   (one ``lax.cond``; under ``vmap`` both branches run). On XLA CPU the ``w x w``
-  eigendecomposition costs a third of the Householder SVD (24 x 58 x 384: 4.3 vs 11.6 ms).
+  eigendecomposition costs less than the Householder SVD.
   """
   lam, e = _eigh_descending(b @ jnp.swapaxes(b, -1, -2))
 
@@ -177,9 +176,9 @@ def projected_eigh(a: jax.Array, q: jax.Array):
   ``B`` onto eigenvectors, so it needs no division by ``s`` and stays exact where ``s``
   is tiny; only ``s`` itself loses relative accuracy below ~``sqrt(eps) s_1`` (float32:
   ``3e-4 s_1``), which rank rules on energy or on values above that never see. The
-  ``w x w`` eigendecomposition costs a quarter of the SVD of the ``w x n`` ``B`` on XLA
-  CPU (1024 x 1024 at w = 138: 1.4 ms against 5.8 ms). ``v`` is its own small product
-  (not ``svt^T``), so it comes out in row-major layout with no transpose. Jittable."""
+  ``w x w`` eigendecomposition costs less than the SVD of the ``w x n`` ``B`` on XLA
+  CPU. ``v`` is its own small product (not ``svt^T``), so it comes out in row-major
+  layout with no transpose. Jittable."""
   b = jnp.swapaxes(q, -1, -2) @ a
   lam, e = _eigh_descending(b @ jnp.swapaxes(b, -1, -2))
   s = jnp.sqrt(jnp.maximum(lam, 0.0))
@@ -192,7 +191,7 @@ def wide_svd(b: jax.Array):
   """Thin SVD of a wide ``b`` (``(*batch, w, n)``, ``w <= n``) as the SVD of its
   transpose: ``b^T = P S Q^T`` gives ``b = Q S P^T``. LAPACK reduces a tall matrix by a
   QR first and runs the SVD iteration on the ``w x w`` factor only, which on XLA CPU is
-  ~1.5x faster than the same SVD of the wide matrix (138 x 1024: 7 ms against 10 ms)."""
+  faster than the same SVD of the wide matrix."""
   p, s, qt = jnp.linalg.svd(jnp.swapaxes(b, -1, -2), full_matrices=False)
   return jnp.swapaxes(qt, -1, -2), s, jnp.swapaxes(p, -1, -2)
 
@@ -243,12 +242,9 @@ def _route(m: int, n: int, rank: int, width: int, n_iter: int) -> str:
   small-side Gram, :func:`_gram_sketch_svd`) or ``"gram"`` (the Gram's eigendecomposition,
   :func:`_small_side_gram_svd`). Cost model in matmul-peak FLOPs, from timings on 2 cores:
   the skinny ``w``-column products run at ~0.3 of the matmul peak, the Gram's square
-  product at ~0.7, and XLA CPU's eigh costs ~``33 N^3`` (``N = min(m, n)``). Measured
-  against it (medians, 2 cores): MiniLM's six 384 x 1536 kernels at rank 76, sketch 52 ms
-  against Gram-sketch 34 ms; its 24 384 x 384 ones at rank 48, 47 against 50 ms; 768 x
-  3072 at rank 307, sketch 74 ms against the full Gram 44 ms; 768 x 768 at rank 192,
-  the sketch 18 ms against the full Gram 47 ms. Only on CPU: elsewhere eigh is
-  relatively slower still, and the sketch is what the GPU literature tunes."""
+  product at ~0.7, and XLA CPU's eigh costs ~``33 N^3`` (``N = min(m, n)``). Only on
+  CPU: elsewhere eigh is relatively slower still, and the sketch is what the GPU
+  literature tunes."""
   big, small = max(m, n), min(m, n)
   if jax.default_backend() != "cpu" or rank >= small:  # full rank: no tail to test
     return "sketch"
@@ -272,13 +268,13 @@ def _gram_sketch_svd(a: jax.Array, rank: int, start: jax.Array, *, n_iter: int, 
 
   The Gram power ``2 + 2 n_iter`` is one more than the sketch's ``1 + 2 n_iter`` (Halko
   et al. 2011, Sec. 4.5), for ``2 M N^2`` FLOPs in one square product plus skinny
-  ``N x N`` ones, where the sketch's ``(2 + 2 n_iter) 2 M N w`` are all skinny: 1.5x
-  faster on MiniLM's 384 x 1536 kernels. The result is an orthogonal projection of
-  ``B``, so the Gram's rounding only tilts the basis: by Ky Fan the error exceeds the
-  optimum by at most ``~2 r ||Delta G||``, negligible where the Gram resolves the tail
-  (:func:`_gram_resolves`, with the full-Gram slack, on the ``w`` Ritz values -- a
-  partial tail, so a stricter test); else ``fallback(a)`` (the sketch) for the batch,
-  one ``lax.cond``."""
+  ``N x N`` ones, where the sketch's ``(2 + 2 n_iter) 2 M N w`` are all skinny: faster
+  on MiniLM's 384 x 1536 kernels (README.md, Benchmarks). The result is an orthogonal
+  projection of ``B``, so the Gram's rounding only tilts the basis: by Ky Fan the error
+  exceeds the optimum by at most ``~2 r ||Delta G||``, negligible where the Gram
+  resolves the tail (:func:`_gram_resolves`, with the full-Gram slack, on the ``w`` Ritz
+  values -- a partial tail, so a stricter test); else ``fallback(a)`` (the sketch) for
+  the batch, one ``lax.cond``."""
   b = _wide(a)
   g = b @ jnp.swapaxes(b, -1, -2)
   y = g @ start

@@ -104,9 +104,8 @@ def _finite_flags(xs):
 def _check_finite(leaves: list[tuple[str, Any]]) -> None:
   """Raise naming the first ``(path, kernel)`` whose (concrete) kernel holds NaN or Inf. One
   compiled reduction over every kernel, read back in one host transfer: a sync per leaf
-  stalled the dispatch of the factorization itself (MiniLM's 36 kernels: 0.31 -> 0.26 s
-  for the whole randomized factorize), and 36 eager reductions still cost 6 ms of
-  dispatch (1 ms as one program)."""
+  stalled the dispatch of the factorization itself, and one eager reduction per kernel
+  costs more dispatch than one program."""
   concrete = [(p, x) for p, x in leaves if _is_concrete(x)]
   if not concrete:
     return
@@ -276,9 +275,8 @@ def _warn_missing_stats(paths, stats) -> None:
 def _compiled(**jit_kwargs):
   """``jax.jit(fn, **jit_kwargs)`` under :func:`jlr.ops.compiler_options` of the backend it
   runs on (one compiled function per backend). On CPU that turns XLA's YNNPACK library
-  fusions off: MiniLM's three kernel groups factorize 1.07x faster at ``ratio(0.25)``
-  (median of 20 interleaved pairs, 2 cores), level at ``ratio(0.5)``. Under an outer jit
-  the caller's options apply."""
+  fusions off: MiniLM's kernel groups factorize a little faster without them, or level.
+  Under an outer jit the caller's options apply."""
   def wrap(fn):
     nested, by_backend = jax.jit(fn, **jit_kwargs), {}
 

@@ -47,3 +47,25 @@ def single_threaded_blas():
   except ImportError:  # pragma: no cover - only a slower run without it
     return
   threadpoolctl.threadpool_limits(int(os.environ["OPENBLAS_NUM_THREADS"]), user_api="blas")
+
+
+def merged_reference(model, small):
+  """The NNX ``model`` (uncompressed) run dense on ``small``'s factors: a clone with each
+  kernel that ``small`` (``jlr.flax.nnx.compress(model, ...)``) compressed set to
+  ``jlr.merge`` of its factors. ``from conftest import merged_reference`` (tests/ is on
+  ``sys.path``: rootdir conftest, no package). Imports inside, so that loading this
+  conftest stays free of JAX."""
+  import jax
+  from flax import nnx
+
+  import jlr
+  from jlr.flax import nnx as jnnx
+  from jlr.paths import path_str
+
+  ref = nnx.clone(model)
+  merged = {path_str(k): v for k, v in
+            jax.tree_util.tree_flatten_with_path(jlr.merge(jnnx.params(small)))[0]}
+  for kp, var in jax.tree_util.tree_flatten_with_path(
+      nnx.state(ref, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable))[0]:
+    var.set_value(merged[path_str(kp)])
+  return ref

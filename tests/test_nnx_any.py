@@ -12,7 +12,8 @@ from flax import nnx
 
 import jlr
 from jlr.flax import nnx as jnnx
-from jlr.paths import path_str
+
+from conftest import merged_reference
 
 
 class Block(nnx.Module):
@@ -53,17 +54,6 @@ class Net(nnx.Module):
     y = self.ein(x).reshape(x.shape[:2] + (16,))
     h = self.heads["a"](self.lora(y))
     return self.extra[0](h) + self.adapter(h)
-
-
-def merged_reference(model, small):
-  """The original model with each kernel set to the merged factors of ``small``."""
-  ref = nnx.clone(model)
-  merged = {path_str(k): v for k, v in
-            jax.tree_util.tree_flatten_with_path(jlr.merge(jnnx.params(small)))[0]}
-  for kp, var in jax.tree_util.tree_flatten_with_path(
-      nnx.state(ref, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable))[0]:
-    var.set_value(merged[path_str(kp)])
-  return ref
 
 
 @pytest.fixture(scope="module")

@@ -15,18 +15,8 @@ from flax import nnx
 
 import jlr
 from jlr.flax import nnx as jnnx
-from jlr.paths import path_str
 
-
-def merged_reference(model, small):
-  """``model`` (uncompressed) with each compressed kernel set to merge(factors)."""
-  ref = nnx.clone(model)
-  merged = {path_str(k): v for k, v in
-            jax.tree_util.tree_flatten_with_path(jlr.merge(jnnx.params(small)))[0]}
-  for kp, var in jax.tree_util.tree_flatten_with_path(
-      nnx.state(ref, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable))[0]:
-    var.set_value(merged[path_str(kp)])
-  return ref
+from conftest import merged_reference
 
 
 def assert_close(got, want):

@@ -190,7 +190,7 @@ def _field(reader, name, default=None):
 @functools.lru_cache(maxsize=2)
 def _reader(path: str, mtime_ns: int):
   """One parsed ``gguf.GGUFReader`` per file version: parsing SmolLM2's metadata (49k
-  tokens, 48k merges) takes ~5 s, and the weights and the tokenizer both need it."""
+  tokens, 48k merges) is slow, and the weights and the tokenizer both need it."""
   import gguf
 
   return gguf.GGUFReader(path)
