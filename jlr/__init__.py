@@ -12,7 +12,7 @@ import sys
 
 from jlr import layouts, masks, methods, ranks, rules, select, sharding, stats, svd, usage
 from jlr import primitives  # registers the built-in primitive rules (jlr.rules)
-from jlr.methods import lod, trp
+from jlr.methods import lod, spectral, trp  # noqa: F401 - jlr.methods.spectral
 from jlr.factorized import DensifiedError, DensifiedWarning, factorized
 from jlr.layouts import Layout
 from jlr.lowrank import LowRank, is_lowrank

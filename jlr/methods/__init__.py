@@ -24,6 +24,8 @@ returns its inputs unchanged off its schedule. ``finalize`` yields the deployabl
 * :mod:`jlr.methods.trp` -- Trained Rank Pruning (Xu et al. 2019, arXiv 1812.02402).
 * :mod:`jlr.methods.lod` -- Maestro's low-rank ordered decomposition (Horvath et al.,
   ICML 2024, arXiv 2308.14929).
+* :mod:`jlr.methods.spectral` -- low-rank training from scratch with spectral
+  initialization and Frobenius decay (Khodak et al., ICLR 2021, arXiv 2105.01029).
 
 A new method is a module here with the same building blocks and a ``method(...)``
 constructor returning a :class:`Method`.
