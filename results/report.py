@@ -33,6 +33,7 @@ CURVE = [
     ("SVD + fine-tune", "svd_ft@{b}", "score"),
     ("whitened SVD + fine-tune", "whiten_ft@{b}", "score"),
     ("low-rank from scratch", "scratch@{b}", "score"),
+    ("from scratch, spectral init + Frobenius decay", "spectral@{b}", "score"),
     ("TRP + nuclear norm at the budget", "trp_nu@{b}", "score"),
     ("LoD, progressive shrink to the budget", "lod@{b}", "score"),
     ("LoD nested (one run, extracted)", "lod_nested", "derived/lod_nested@{b}"),
@@ -111,17 +112,22 @@ def ties(cells: dict, higher: bool = True):
   return {k: (k == best, k != best and sign * (bm - v[0]) <= bs + v[1]) for k, v in have.items()}
 
 
+def rows(data, budgets) -> list[tuple[str, str, str]]:
+  """The :data:`CURVE` rows this size ran (the early ``cpu`` suite had no spectral cells)."""
+  return [r for r in CURVE if any(r[1].format(b=f"{b:g}") in data for b in budgets)]
+
+
 def curve_table(data, budgets, metric: Metric) -> tuple[str, dict]:
   dense = stat(data.get("dense"), "score", metric.test)
   cols = {}
   for b in budgets:
     cols[b] = {label: stat(data.get(cell.format(b=f"{b:g}")), key.format(b=f"{b:g}"), metric.test)
-               for label, cell, key in CURVE}
+               for label, cell, key in rows(data, budgets)}
   marks = {b: ties(cols[b], metric.higher) for b in budgets}
   head = ["method (T steps each)"] + [f"{b:.0%} of kernel params" for b in budgets]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   lines.append("| dense (100%) | " + " | ".join(fmt(dense, metric) for _ in budgets) + " |")
-  for label, _, _ in CURVE:
+  for label, _, _ in rows(data, budgets):
     row = [fmt(cols[b][label], metric, bold=marks[b].get(label, (0, 0))[0],
                tie=marks[b].get(label, (0, 0))[1]) for b in budgets]
     lines.append(f"| {label} | " + " | ".join(row) + " |")
@@ -161,7 +167,7 @@ def ablation_table(data, metric: Metric) -> str:
   lines = [f"| method | setting | {name} | default's {name} | difference |", "|---|---|---|---|---|"]
   sign, k, d = (1 if metric.higher else -1), metric.scale, metric.digits
   best = {}
-  for cell in sorted(c for c in data if "~" in c):
+  for cell in sorted(c for c in data if "~" in c and not c.startswith("spectral_same")):
     base, _, setting = cell.partition("~")
     (rec,) = [r for r in data[cell] if r["seed"] == 0] or [None]
     ref = [r for r in data.get(base, []) if r["seed"] == 0]
@@ -205,7 +211,7 @@ def plot(path: str, data, budgets, cols, title: str, metric: Metric, xlabel: str
   if dense:
     ax.axhline(k * dense[0], color="k", lw=1, ls="--", label="dense")
   for i, (label, _, _) in enumerate(CURVE):
-    pts = [(b, cols[b][label]) for b in budgets if cols[b][label] is not None]
+    pts = [(b, cols[b][label]) for b in budgets if cols[b].get(label) is not None]
     if pts:
       ax.errorbar([100 * b for b, _ in pts], [k * s[0] for _, s in pts],
                   yerr=[k * s[1] for _, s in pts], marker="o", capsize=3, label=label,
@@ -223,6 +229,71 @@ def plot(path: str, data, budgets, cols, title: str, metric: Metric, xlabel: str
   plt.close(fig)
 
 
+def convergence(data, metric: Metric) -> str:
+  """The dense cell's curve (scored at evenly spaced steps): its final mean and how much
+  the last fifth of training moved it, per seed, against the suite's targets."""
+  recs = [r for r in data.get("dense", []) if isinstance(r.get("log"), dict) and r["log"].get("curve")]
+  if not recs:
+    return ""
+  k, d = metric.scale, metric.digits
+  moves, finals = [], []
+  for r in recs:
+    pts = r["log"]["curve"]
+    at = min(pts, key=lambda q: abs(q["step"] - 0.8 * pts[-1]["step"]))
+    moves.append(k * (pts[-1][metric.test] - at[metric.test]))
+    finals.append(k * pts[-1][metric.test])
+  return (f"Dense convergence: final {np.mean(finals):.{d}f} (seeds: "
+          f"{', '.join(f'{v:.{d}f}' for v in finals)}); the last fifth of training moved it by "
+          f"{', '.join(f'{v:+.{d}f}' for v in moves)}.")
+
+
+def plot_convergence(path: str, data, title: str, metric: Metric) -> bool:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  recs = [r for r in data.get("dense", []) if isinstance(r.get("log"), dict) and r["log"].get("curve")]
+  if not recs:
+    return False
+  fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+  for r in recs:
+    pts = r["log"]["curve"]
+    ax.plot([q["step"] for q in pts], [metric.scale * q[metric.test] for q in pts], marker="o",
+            label=f"test, seed {r['seed']}")
+    ax.plot([q["step"] for q in pts], [metric.scale * q[metric.val] for q in pts], ls=":",
+            color=ax.lines[-1].get_color(), label=f"val, seed {r['seed']}")
+  ax.set_xlabel("optimizer step")
+  ax.set_ylabel(metric.label)
+  ax.set_title(title, fontsize=9)
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return True
+
+
+def code_versions(recs: list[dict], size: str, allow_mixed: bool = False) -> str:
+  """One table, one code version: runs whose recorded code digest (``suite.code_hash``)
+  differs are refused (a converged size) or named in the table's text (``--allow-mixed``,
+  and the early ``cpu`` tables, whose runs predate the digest)."""
+  codes = {r.get("code") for r in recs}
+  if len(codes) == 1 and None not in codes:
+    return f"One code version ({codes.pop()}, commit {recs[0].get('commit')})."
+  commits = sorted({r.get("commit") or "?" for r in recs})
+  if None in codes:  # runs that predate the digest: their commits are all there is
+    msg = (f"these {len(recs)} runs recorded no code digest and span {len(commits)} commits "
+           f"({', '.join(commits)})")
+  else:
+    msg = f"these {len(recs)} runs span {len(codes)} code versions (commits {', '.join(commits)})"
+  if size.startswith("converged") and not allow_mixed:
+    stale = sorted({f"{r['cell']} s{r['seed']}" for r in recs if r.get("code") != recs[-1].get("code")})
+    raise SystemExit(f"{size}: {msg}; rerun the stale cells (results/suite.py --rerun-stale) "
+                     f"or pass --allow-mixed to mark them. Differs from the newest: {stale[:10]}")
+  return f"**Mixed code**: {msg}."
+
+
 def _runs_line(recs, size, task) -> str:
   wall = sum(r["wall_s"] for r in recs)
   devices = sorted({r["device"] for r in recs})
@@ -235,7 +306,8 @@ LEGEND = ("mean ± std over seeds {seeds} (n in brackets when fewer); bold: best
           "column, `=`: within the spread of the best (no difference).")
 
 
-def render(size: str, runs: str, task: str = "resnet20") -> tuple[str, dict]:
+def render(size: str, runs: str, task: str = "resnet20", allow_mixed: bool = False
+           ) -> tuple[str, dict]:
   """The README block of one task and what its plot needs."""
   sys.path.insert(0, HERE)
   mod = importlib.import_module(task)
@@ -247,8 +319,24 @@ def render(size: str, runs: str, task: str = "resnet20") -> tuple[str, dict]:
   curve, cols = curve_table(data, budgets, metric)
   recs = [r for rs in data.values() for r in rs]
   dataset = recs[0]["dataset"]
-  legend = LEGEND.format(seeds=", ".join(map(str, st.seeds)))
-  if task == "resnet20":
+  legend = LEGEND.format(seeds=", ".join(map(str, st.seeds))) + " " + code_versions(
+      recs, size, allow_mixed)
+  if st.converged:
+    net = f"ResNet-{st.depth}" if task == "resnet20" else (
+        f"Character-level transformer ({st.layers} layers, d = {st.d}, context {st.ctx})")
+    unit = f"{st.batch} images" if task == "resnet20" else f"{st.batch} x {st.ctx} characters"
+    text = (f"{net} on {dataset}, size `{size}`: every run {st.steps} steps of {unit} "
+            f"(fine-tunes: the last {st.ft}), {metric.label} on the test split, {legend} "
+            f"{_runs_line(recs, size, task)} {convergence(data, metric)}\n\n{curve}\n\n"
+            f"Winners: {winners(cols, budgets, metric)}.\n\n"
+            "TRP + nuclear norm (every step) at its energy-threshold operating point, "
+            "decoupled, beside the dense model's SVD and Khodak's from-scratch training at "
+            "the same per-layer ranks:\n\n"
+            + trp_table(data, metric, [("TRP + Nu", "trp_nu"), ("spectral + Frobenius decay, "
+                                        "TRP's ranks", "spectral_same~trp_nu")]))
+    held = (f"{st.val:,} held-out training images" if task == "resnet20" else
+            f"{st.val_tokens:,} characters of other held-out plays")
+  elif task == "resnet20":
     text = (f"ResNet-20 on {dataset}, size `{size}`: every run {st.steps} SGD steps of "
             f"{st.batch} images (fine-tunes: the last {st.ft} of them), test accuracy "
             f"on {st.test:,} images after BatchNorm recalibration, {legend} "
@@ -276,7 +364,7 @@ def render(size: str, runs: str, task: str = "resnet20") -> tuple[str, dict]:
                 "setting": st, "metric": metric}
 
 
-TITLES = {"resnet20": ("ResNet-20 / {dataset}: accuracy vs size at {steps} steps per run "
+TITLES = {"resnet20": ("ResNet / {dataset}: accuracy vs size at {steps} steps per run "
                        "(mean ± std)", "block-conv kernel parameters kept"),
           "charlm": ("char transformer / Shakespeare: test loss vs size at {steps} steps per "
                      "run (mean ± std)", "attention + MLP kernel parameters kept")}
@@ -296,7 +384,10 @@ def update_readme(readme: str, tag: str, block: str) -> None:
 
 def main(argv=None) -> dict[str, str]:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--size", default="cpu", choices=("quick", "cpu", "full"))
+  p.add_argument("--size", default="cpu", choices=("quick", "cpu", "full", "converged-quick",
+                                                   "converged"))
+  p.add_argument("--allow-mixed", action="store_true",
+                 help="put runs of different code versions in one table, marked")
   p.add_argument("--task", default=None, help="one task (default: every task with results)")
   p.add_argument("--runs", default=os.path.join(HERE, "runs"))
   p.add_argument("--out", default=HERE, help="where <task>_<size>.png goes")
@@ -306,13 +397,16 @@ def main(argv=None) -> dict[str, str]:
   tasks = [args.task] if args.task else [t for t in METRICS if load(args.size, t, args.runs)]
   blocks = {}
   for task in tasks:
-    block, ctx = render(args.size, args.runs, task)
+    block, ctx = render(args.size, args.runs, task, args.allow_mixed)
     png = os.path.join(args.out, f"{task}_{args.size}.png")
     os.makedirs(args.out, exist_ok=True)
     title, xlabel = TITLES[task]
     plot(png, ctx["data"], ctx["budgets"], ctx["cols"],
          title.format(dataset=ctx["dataset"], steps=ctx["setting"].steps), ctx["metric"], xlabel)
     block += f"\n\n![{ctx['metric'].label.split(' (')[0]} vs size]({os.path.relpath(png, ROOT)})"
+    conv = os.path.join(args.out, f"{task}_{args.size}_dense_curve.png")
+    if plot_convergence(conv, ctx["data"], f"{task}: the dense model's curve", ctx["metric"]):
+      block += f"\n\n![dense convergence]({os.path.relpath(conv, ROOT)})"
     print(block + "\n")
     if not args.no_readme:
       update_readme(args.readme, f"{task}-{args.size}", block)

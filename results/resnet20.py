@@ -1,4 +1,7 @@
-"""ResNet-20 on Fashion-MNIST: every compression method at equal parameter and training budgets.
+"""A CIFAR ResNet on Fashion-MNIST: every compression method at equal parameter and training budgets.
+
+ResNet-20 in the ``cpu`` size (the early-training tables), ResNet-8 trained to
+convergence with augmentation and weight decay in the ``converged`` size.
 
 The cells are ``results/cells.py``'s; this module is the task they run on. Every model
 trains with SGD (Nesterov momentum 0.9, cosine decay from ``lr``) on the same batches in
@@ -57,12 +60,44 @@ class Size:
   energy: float = 0.9  # TRP energy threshold T
   nuclear: float = 3e-4
   lam: float = 3e-4   # LoD group-lasso strength
+  # the converged suite (the ``cpu`` size keeps what its tables ran: cells.py)
+  converged: bool = False
+  depth: int = 20      # 6n + 2
+  augment: bool = False  # random 28x28 crops of the 2-pixel padded image, horizontal flips
+  weight_decay: float = 0.0
+  curve: int = 0      # dense: score at this many points of training
+  scratch_init: str = "svd"  # "default": two thin layers with their own init
+  nuclear_on: str = "projection"  # "every_step": as TRP's released code
+  shrink: str = "schedule"  # LoD: "threshold" (Maestro) or the fixed "schedule"
+  eps: float = 0.05   # LoD threshold (relative importance), checked every interval * T
+  interval: float = 0.05
+  start: float = 0.1
+  budget_at: float = 0.8  # LoD: the budget projection, then plain training of that model
+  nuclear_grid: tuple = ()
+  period_grid: tuple = ()
+  lam_grid: tuple = ()
+  eps_grid: tuple = ()
 
 
 SIZES = {
     # CI-slow: every code path, one budget, one seed (minutes)
     "quick": Size(steps=40, ft=10, batch=64, train=6000, val=500, test=1000, calib=256,
                   budgets=(0.25,), seeds=(0,)),
+    # every code path of the converged suite in minutes (CI-slow)
+    "converged-quick": Size(steps=40, ft=10, batch=64, train=6000, val=500, test=1000,
+                            calib=256, budgets=(0.25,), seeds=(0,), converged=True, depth=8,
+                            augment=True, weight_decay=5e-4, curve=2, scratch_init="default",
+                            nuclear_on="every_step", shrink="threshold", interval=0.1,
+                            nuclear_grid=(1e-4, 1e-3), period_grid=(10,), lam_grid=(3e-4,),
+                            eps_grid=(0.02, 0.1)),
+    # 2 CPU cores, until dense converges: ResNet-8 (16/32/64 channels), 20 epochs of 128
+    # augmented images, SGD + weight decay 5e-4, budgets 25% and 10%, 3 seeds
+    "converged": Size(steps=20 * 453, ft=2 * 453, batch=128, train=58000, val=2000,
+                      test=10000, calib=1024, budgets=(0.25, 0.1), seeds=(0, 1, 2),
+                      converged=True, depth=8, augment=True, weight_decay=5e-4, curve=10,
+                      scratch_init="default", nuclear_on="every_step", shrink="threshold",
+                      nuclear_grid=(1e-4, 1e-3), period_grid=(10, 40), lam_grid=(1e-4, 1e-3),
+                      eps_grid=(0.02, 0.1)),
     # 2 CPU cores, ~85 min of two single-threaded workers: 480 steps of 64 = 0.53 epoch
     # of Fashion-MNIST per run, 3 budgets, 3 seeds
     "cpu": Size(steps=480, ft=96, batch=64, train=58000, val=2000, test=10000, calib=512,
@@ -74,18 +109,26 @@ SIZES = {
 
 def cells(size: Size) -> list[tuple[str, tuple[str, ...]]]:
   """``[(cell, dependencies)]`` in the order they are worth running (most decisive first)."""
+  if size.converged:  # TRP's energy point channel-wise (the budgets' layout)
+    return cells_lib.curve(size) + cells_lib.trp_cells(size, ("trp_nu",))
   return cells_lib.curve(size) + [(name, ("dense",)) for name in ("trp_nu_spatial", "trp_nu_channel")] \
       + [(f"trp_nu@{x:g}", ()) for x in size.budgets]
 
 
 def trp_plain(size: Size) -> list[tuple[str, tuple[str, ...]]]:
   """TRP without the nuclear norm (the rest of TRP's Table 1), run after the ablations."""
+  if size.converged:  # its ablation is the search's nuclear=0 cell
+    return []
   return [(name, ("dense",)) for name in ("trp_spatial", "trp_channel")]
 
 
 def ablations(size: Size) -> list[tuple[str, tuple[str, ...]]]:
   """The small search on seed 0 at the middle budget (validation accuracy decides). The
   quick size keeps two (CI-slow has 15 minutes for both tasks)."""
+  if size.converged:  # the validation search the main cells choose from, TRP without Nu
+    b = f"{size.budgets[0]:g}"
+    return [(c, ()) for cs in cells_lib.search(size).values() for c in cs] + [
+        (f"trp_nu@{b}~nuclear=0,period={size.period_grid[0]}", ())]
   b, longer = cells_lib.middle(size), lambda m: cells_lib.longer(m, size)  # noqa: E731
   if size == SIZES["quick"]:  # the code paths only (an override with a dependency, a
     return [(f"lod@{b}~warm=1", ("dense_pre",)), (longer("scratch"), ())]  # longer run)
@@ -94,6 +137,19 @@ def ablations(size: Size) -> list[tuple[str, tuple[str, ...]]]:
           (longer("lod"), ()), (longer("scratch"), ()), (f"lod@{b}~lam=0", ()),
           (f"trp_nu@{b}~nuclear=0", ()), (f"lod@{b}~lam=0.003", ()), (f"lod@{b}~lr=0.05", ()),
           (f"trp_nu@{b}~period=5", ())]
+
+
+def augment(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """Random 28x28 crops of the 2-pixel zero-padded images and horizontal flips (half)."""
+  n, h, w = x.shape[:3]
+  padded = np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)))
+  dy, dx = rng.integers(0, 5, n), rng.integers(0, 5, n)
+  rows = dy[:, None] + np.arange(h)  # (n, h)
+  cols = dx[:, None] + np.arange(w)
+  out = padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+  flip = rng.random(n) < 0.5
+  out[flip] = out[flip, :, ::-1]
+  return out
 
 
 def is_block(path: str, leaf=None) -> bool:
@@ -116,7 +172,7 @@ class Setting(cells_lib.Task):
     self.x_train, self.y_train = xtr[tr], ytr[tr]
     self.x_val, self.y_val = xtr[val], ytr[val]
     self.x_test, self.y_test = xte[: size.test], yte[: size.test]
-    self.model = ResNet(depth=20, width=16)
+    self.model = ResNet(depth=size.depth, width=16)
     x0 = self.x_train[:1]
     init = self.model.init(jax.random.key(seed), x0)
     self.params0, self.extra0 = init["params"], {"batch_stats": init["batch_stats"]}
@@ -140,7 +196,10 @@ class Setting(cells_lib.Task):
       epoch, j = divmod(i, per_epoch)
       order = np.random.default_rng([self.seed, epoch]).permutation(len(self.x_train))
       idx = order[j * self.size.batch: (j + 1) * self.size.batch]
-      yield self.x_train[idx], self.y_train[idx]
+      x = self.x_train[idx]
+      if self.size.augment:
+        x = augment(x, np.random.default_rng([self.seed, epoch, j, 1]))
+      yield x, self.y_train[idx]
 
   # ---- training
   def task_loss(self, params, extra, batch, key):
@@ -151,8 +210,12 @@ class Setting(cells_lib.Task):
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     return ce, (upd, {})
 
-  def optimizer(self, lr: float, steps: int):
-    return optax.sgd(optax.cosine_decay_schedule(lr, max(steps, 1)), momentum=0.9, nesterov=True)
+  def optimizer(self, lr: float, steps: int, decay: str = "l2"):
+    sgd = optax.sgd(optax.cosine_decay_schedule(lr, max(steps, 1)), momentum=0.9, nesterov=True)
+    return optax.chain(cells_lib.decay(self.size.weight_decay, decay), sgd)
+
+  def val_metric(self, scored: dict) -> float:
+    return scored["val_acc"]
 
   # ---- scoring
   def _eval_batch(self, params, extra, x, y):
@@ -193,12 +256,12 @@ class Setting(cells_lib.Task):
 
 
 def run_cell(name: str, seed: int, size: Size, cache: str, dataset: str = "auto",
-             bars: bool = True) -> dict:
+             bars: bool = True, runs: str | None = None) -> dict:
   """Train and score one cell (``cells.run_cell``); ``results/suite.py`` writes the JSON."""
   made = []
 
   def task(sz):
     made.append(Setting(sz, seed, dataset, bars))
     return made[-1]
-  out = cells_lib.run_cell(task, name, seed, size, cache)
+  out = cells_lib.run_cell(task, name, seed, size, cache, runs)
   return {"dataset": made[0].dataset, **out}

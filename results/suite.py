@@ -19,6 +19,7 @@ JSONs into the README's tables and plots.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import json
 import os
@@ -30,6 +31,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 TASKS = ("resnet20", "charlm")
+SIZES = ("quick", "cpu", "full", "converged-quick", "converged")
 ONE_THREAD = {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
               "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
               "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -80,6 +82,35 @@ def commit() -> str | None:
     return None
 
 
+# The method code a cell's numbers depend on: the training methods, the cells, the tasks,
+# their models, data and loop. The rest of jlr (factorize, the interpreter) is held to its
+# tests; each run also records its commit.
+CODE = ("jlr/methods", "results/cells.py", "results/resnet20.py", "results/charlm.py",
+        "examples/train.py", "examples/resnet.py", "examples/data.py", "examples/lod_common.py",
+        "examples/lod_transformer.py")
+
+
+def code_hash() -> str:
+  """A digest of the method code a cell's numbers depend on (:data:`CODE`; not the report,
+  README or tests): two runs with the same digest ran the same methods. ``results/report.py`` refuses to put different digests in one table."""
+  h = hashlib.sha256()
+  for entry in CODE:
+    full = os.path.join(ROOT, entry)
+    files = [full] if os.path.isfile(full) else sorted(
+        os.path.join(d, f) for d, _, fs in os.walk(full) for f in fs if f.endswith(".py"))
+    for f in files:
+      h.update(os.path.relpath(f, ROOT).encode())
+      with open(f, "rb") as fh:
+        h.update(fh.read())
+  return h.hexdigest()[:12]
+
+
+def dep_key(task: str, dep: str, seed: int) -> tuple[str, str, int]:
+  """``"cell|s0"``: that cell on seed 0; ``"cell"``: on the same seed."""
+  cell, _, on = dep.partition("|s")
+  return task, cell, int(on) if on else seed
+
+
 def one(args) -> int:
   """Run one cell in this process and write its JSON."""
   mod = task_module(args.task)
@@ -92,14 +123,14 @@ def one(args) -> int:
     f.write(str(os.getpid()))
   try:
     metrics = mod.run_cell(args.cell, args.seed, size, cache, dataset=args.dataset,
-                           bars=not args.no_progress)
+                           bars=not args.no_progress, runs=run_dir(args.out, args.size, args.task))
   finally:
     os.remove(path + ".running")
   record = {"task": args.task, "cell": args.cell, "seed": args.seed, "size": args.size,
             "setting": vars(cells.parse(args.cell, size)[2]),  # after the cell's ~ settings
             "command": (f"python results/suite.py --size {args.size} --task {args.task} "
                         f"--cell {args.cell} --seed {args.seed}"),
-            "versions": versions(), "device": device(), "commit": commit(),
+            "versions": versions(), "device": device(), "commit": commit(), "code": code_hash(),
             "threads": os.environ.get("XLA_FLAGS", ""), "wall_s": round(time.time() - t0, 1),
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **metrics}
   os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -138,7 +169,16 @@ def schedule(args) -> int:
         task, _, cell = name.rpartition("/")
         for t in [task] if task else [t for t in args.tasks if (t, cell) in deps_of]:
           todo.append((t, cell, int(seed), deps_of[(t, cell)]))
-  done = lambda t, c, s: os.path.exists(json_path(args.out, args.size, t, c, s))  # noqa: E731
+  here = code_hash()
+
+  def done(t, c, s) -> bool:
+    path = json_path(args.out, args.size, t, c, s)
+    if not os.path.exists(path):
+      return False
+    if args.rerun_stale:  # a result of other code is not done
+      with open(path) as f:
+        return json.load(f).get("code") == here
+    return True
 
   def elsewhere(t, c, s) -> bool:
     """Claimed by a live process (another scheduler's cell, or one run by hand)."""
@@ -167,9 +207,9 @@ def schedule(args) -> int:
         print(f"[{time.time() - t_start:7.0f}s] {key[0]}/{key[1]} seed {key[2]}: {status}", flush=True)
     for x in [x for x in pending if done(*x[:3])]:  # finished by another scheduler
       pending.remove(x)
-    ready = [x for x in pending if all(done(x[0], d, x[2]) for d in x[3])
+    ready = [x for x in pending if all(done(*dep_key(x[0], d, x[2])) for d in x[3])
              and not elsewhere(*x[:3])]
-    blocked = [x for x in pending if any((x[0], d, x[2]) in failed for d in x[3])]
+    blocked = [x for x in pending if any(dep_key(x[0], d, x[2]) in failed for d in x[3])]
     for x in blocked:
       pending.remove(x)
       failed.add(x[:3])
@@ -186,7 +226,7 @@ def schedule(args) -> int:
       running[x[:3]] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
       print(f"[{time.time() - t_start:7.0f}s] start {task}/{cell} seed {seed}", flush=True)
     if not ready and not running and pending and not any(
-        elsewhere(*x[:3]) or any(elsewhere(x[0], d, x[2]) for d in x[3]) for x in pending):
+        elsewhere(*x[:3]) or any(elsewhere(*dep_key(x[0], d, x[2])) for d in x[3]) for x in pending):
       break  # waiting on nothing: dependencies will never appear
     time.sleep(1.0)
   print(f"suite: {len(todo) - len(failed)} of {len(todo)} cells have results "
@@ -197,7 +237,7 @@ def schedule(args) -> int:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  p.add_argument("--size", default="cpu", choices=("quick", "cpu", "full"))
+  p.add_argument("--size", default="cpu", choices=SIZES)
   p.add_argument("--task", default=None, help=f"one of {TASKS} (default: all)")
   p.add_argument("--cell", default=None, help="run this one cell here (needs --task, --seed)")
   p.add_argument("--seed", type=int, default=None)
@@ -211,6 +251,8 @@ def main(argv=None) -> int:
   p.add_argument("--out", default=os.path.join(HERE, "runs"), help="where the JSONs go")
   p.add_argument("--dataset", default="auto", choices=("auto", "fashion_mnist", "mnist"))
   p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--rerun-stale", action="store_true",
+                 help="rerun cells whose JSON was written by other code (see code_hash)")
   args = p.parse_args(argv)
   if args.cell is not None:
     if args.task is None or args.seed is None:

@@ -123,3 +123,78 @@ def test_quick_suite_end_to_end(tmp_path):
   assert d["whiten@0.25"]["test_loss"] < d["svd@0.25"]["test_loss"]
   assert d["svd@0.25"]["ranks"] == d["whiten@0.25"]["ranks"] == data["scratch@0.25"][0]["score"]["ranks"]
   assert "TRP + Nu" in report.render("quick", out, "charlm")[0]
+
+
+@pytest.mark.slow
+def test_converged_quick_suite_end_to_end(tmp_path):
+  """``--size converged-quick``: every cell of the converged suite at toy size. Checks what
+  the converged tables rest on: the search decides TRP's and LoD's settings (recorded),
+  LoD's threshold shrinking lands on the budget with per-layer ranks of its own, every
+  run records one code digest, and the report refuses mixed code."""
+  out = str(tmp_path)
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  subprocess.run([sys.executable, os.path.join(ROOT, "results", "suite.py"), "--size",
+                  "converged-quick", "--jobs", "2", "--out", out], check=True, env=env, timeout=2400)
+  import cells
+  import charlm
+  import resnet20
+
+  for mod in (resnet20, charlm):
+    size = mod.SIZES["converged-quick"]
+    data = report.load("converged-quick", mod.TASK, out)
+    assert set(data) == {c for c, _ in mod.cells(size) + mod.ablations(size)}
+    assert len({r["code"] for rs in data.values() for r in rs}) == 1
+    (dense,) = data["dense"]
+    assert len(dense["log"]["curve"]) == size.curve
+    for method in ("trp_nu", "lod"):
+      (rec,) = data[f"{method}@0.25"]
+      vals = rec["options"]["search"]
+      best = max(vals, key=vals.get)
+      assert set(vals) == set(cells.search(size)[method])
+      assert all(f"{k}={v:g}" in best for k, v in rec["options"]["chosen"].items())
+    (lod,) = data["lod@0.25"]
+    budget = data["scratch@0.25"][0]["score"]["kernel_params"]
+    assert lod["score"]["kernel_params"] <= budget  # the budget projection
+    assert lod["log"]["events"], "LoD never shrank"
+    (spec,) = data["spectral_same~trp_nu"]
+    assert spec["score"]["ranks"] == data["trp_nu"][0]["score"]["ranks"]
+    block, _ = report.render("converged-quick", out, mod.TASK)
+    assert "One code version" in block and "Dense convergence" in block
+  # a run of other code in the table is refused, or marked with --allow-mixed
+  path = os.path.join(out, "converged-quick", "charlm", "scratch@0.25_s0.json")
+  with open(path) as f:
+    rec = json.load(f)
+  rec["code"] = "0" * 12
+  with open(path, "w") as f:
+    json.dump(rec, f)
+  with pytest.raises(SystemExit, match="2 code versions"):
+    report.render("converged-quick", out, "charlm")
+  assert "**Mixed code**" in report.render("converged-quick", out, "charlm", allow_mixed=True)[0]
+
+
+def test_augment_is_a_crop_of_the_padded_image_or_its_mirror():
+  import resnet20
+
+  x = np.random.default_rng(0).random((16, 28, 28, 1)).astype(np.float32)
+  y = resnet20.augment(x, np.random.default_rng(1))
+  assert y.shape == x.shape and y.dtype == x.dtype
+  padded = np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)))
+  for i in range(len(x)):
+    windows = [padded[i, a:a + 28, b:b + 28] for a in range(5) for b in range(5)]
+    assert any(np.array_equal(y[i], w) or np.array_equal(y[i], w[:, ::-1]) for w in windows)
+
+
+def test_cell_names_parse_typed_settings_and_the_search_grid():
+  import cells
+  import charlm
+
+  size = charlm.SIZES["converged"]
+  method, b, sz, opts = cells.parse("lod@0.25~lam=1e-05,eps=0.1,shrink=schedule", size)
+  assert (method, b, sz.lam, sz.eps, sz.shrink, opts) == ("lod", 0.25, 1e-5, 0.1, "schedule", {})
+  assert cells.parse("spectral_same~trp_nu", size)[3] == {"ranks_of": "trp_nu"}
+  grid = cells.search(size)
+  assert len(grid["trp_nu"]) == len(size.nuclear_grid) * len(size.period_grid)
+  assert all(cells.parse(c, size)[0] == m for m, cs in grid.items() for c in cs)
+  deps = dict(charlm.cells(size))
+  assert set(deps["lod@0.1"]) == {f"{c}|s0" for c in grid["lod"]}
+  assert cells.search(charlm.SIZES["cpu"]) == {}  # the early suite chose by hand
