@@ -295,6 +295,26 @@ class Task:
           flush=True)
     return state, log
 
+  def latency(self, shapes: list[dict | None], batch: int = 64, rounds: int = 15) -> list[float]:
+    """Median seconds of the jitted inference forward on ``batch`` inputs for each model of
+    ``shapes`` (``{path: rank}`` factorized kernels; ``None``: dense), timed in interleaved
+    rounds so load on the machine falls on all alike (``shapes``: one entry per model). Speed depends on shapes, not values:
+    the SVD of the init at those ranks stands in for the trained model."""
+    x = np.repeat(np.asarray(self.example_input()), batch, axis=0)
+    f = jax.jit(self.forward)
+    models = [self.params0 if r is None else jlr.factorize(
+        self.params0, {k: ranks.fixed(v) for k, v in r.items()}, select=self.select,
+        layout=self.layout) for r in shapes]
+    for p in models:
+      jax.block_until_ready(f(p, self.extra0, x))
+    times = [[] for _ in models]
+    for _ in range(rounds):
+      for i, p in enumerate(models):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(p, self.extra0, x))
+        times[i].append(time.perf_counter() - t0)
+    return [float(np.median(t)) for t in times]
+
   def budget_rule(self, b: float):
     return ranks.ratio(b, min_rank=1)
 

@@ -274,6 +274,57 @@ def plot_convergence(path: str, data, title: str, metric: Metric) -> bool:
   return True
 
 
+def latencies(task: str, size: str, data, budgets) -> dict:
+  """``{"dense": seconds, label: {b: seconds}}``: each curve cell's inference latency at its
+  seed-0 per-layer ranks, measured in one process, interleaved (``Task.latency``); cells
+  with the same ranks share one measurement."""
+  sys.path.insert(0, HERE)
+  mod = importlib.import_module(task)
+  s = mod.Setting(mod.SIZES[size], 0, bars=False)
+  where, shapes = {}, [None]
+  for label, cell, key in rows(data, budgets):
+    for b in budgets:
+      recs = [r for r in data.get(cell.format(b=f"{b:g}"), []) if r["seed"] == 0]
+      scored = get(recs[0], key.format(b=f"{b:g}")) if recs else None
+      if scored and scored.get("ranks"):
+        if scored["ranks"] not in shapes:
+          shapes.append(scored["ranks"])
+        where[(label, b)] = shapes.index(scored["ranks"])
+  seconds = s.latency(shapes)
+  out: dict = {"dense": seconds[0]}
+  for (label, b), i in where.items():
+    out.setdefault(label, {})[b] = seconds[i]
+  return out
+
+
+def plot_latency(path: str, lat: dict, cols, budgets, title: str, metric: Metric, dense) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(7.2, 4.6), dpi=120)
+  k = metric.scale
+  if dense:
+    ax.errorbar([1e3 * lat["dense"]], [k * dense[0]], yerr=[k * dense[1]], marker="s",
+                color="k", capsize=3, label="dense")
+  for i, (label, _, _) in enumerate(CURVE):
+    pts = [(lat[label][b], cols[b][label]) for b in budgets
+           if label in lat and b in lat[label] and cols[b].get(label)]
+    if pts:
+      ax.errorbar([1e3 * t for t, _ in pts], [k * m[0] for _, m in pts],
+                  yerr=[k * m[1] for _, m in pts], marker="o", capsize=3, label=label,
+                  color=f"C{i}")
+  ax.set_xlabel("inference latency, one batch of 64 (ms, measured in one run)")
+  ax.set_ylabel(metric.label)
+  ax.set_title(title, fontsize=9)
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
 def code_versions(recs: list[dict], size: str, allow_mixed: bool = False) -> str:
   """One table, one code version: runs whose recorded code digest (``suite.code_hash``)
   differs are refused (a converged size) or named in the table's text (``--allow-mixed``,
@@ -404,6 +455,12 @@ def main(argv=None) -> dict[str, str]:
     plot(png, ctx["data"], ctx["budgets"], ctx["cols"],
          title.format(dataset=ctx["dataset"], steps=ctx["setting"].steps), ctx["metric"], xlabel)
     block += f"\n\n![{ctx['metric'].label.split(' (')[0]} vs size]({os.path.relpath(png, ROOT)})"
+    if ctx["setting"].converged:
+      lat = latencies(task, args.size, ctx["data"], ctx["budgets"])
+      png = os.path.join(args.out, f"{task}_{args.size}_latency.png")
+      plot_latency(png, lat, ctx["cols"], ctx["budgets"], f"{task}: quality vs measured latency",
+                   ctx["metric"], stat(ctx["data"].get("dense"), "score", ctx["metric"].test))
+      block += f"\n\n![quality vs latency]({os.path.relpath(png, ROOT)})"
     conv = os.path.join(args.out, f"{task}_{args.size}_dense_curve.png")
     if plot_convergence(conv, ctx["data"], f"{task}: the dense model's curve", ctx["metric"]):
       block += f"\n\n![dense convergence]({os.path.relpath(conv, ROOT)})"
