@@ -61,6 +61,7 @@ steps).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import pickle
@@ -80,6 +81,32 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
                                 "examples"))  # lod_common.py, train.py
 from lod_common import ranks_of  # noqa: E402
 from train import TrainState, progress, train_step  # noqa: E402
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The method code a cell's numbers depend on: the training methods, the cells, the tasks,
+# their models, data and loop. The rest of jlr (factorize, the interpreter) is held to its
+# tests; each run also records its commit.
+CODE = ("jlr/methods", "results/cells.py", "results/resnet20.py", "results/charlm.py",
+        "examples/train.py", "examples/resnet.py", "examples/data.py", "examples/lod_common.py",
+        "examples/lod_transformer.py")
+
+
+def code_hash() -> str:
+  """A digest of the method code a cell's numbers depend on (:data:`CODE`; not the report,
+  README or tests): two runs with the same digest ran the same methods. In-flight
+  checkpoints sit under it, so a run never resumes from a checkpoint of other code;
+  ``results/report.py`` refuses to put different digests in one table."""
+  h = hashlib.sha256()
+  for entry in CODE:
+    full = os.path.join(_ROOT, entry)
+    files = [full] if os.path.isfile(full) else sorted(
+        os.path.join(d, f) for d, _, fs in os.walk(full) for f in fs if f.endswith(".py"))
+    for f in files:
+      h.update(os.path.relpath(f, _ROOT).encode())
+      with open(f, "rb") as fh:
+        h.update(fh.read())
+  return h.hexdigest()[:12]
+
 
 SCHEDULE = (0.3, 0.45, 0.6, 0.75)  # LoD, shrink="schedule": fractions of T where ranks shrink
 
@@ -157,6 +184,42 @@ def parse(name: str, size) -> tuple[str, float | None, Any, dict]:
     else:
       raise ValueError(f"{name}: unknown setting {k!r}")
   return method, (float(b) if b else None), dataclasses.replace(size, **over), extra
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Recipe:
+  """How every task's cells train, beside the task's own :class:`Size` fields (which
+  subclass this). The defaults are what the early ``cpu`` tables ran; the ``converged``
+  sizes set the rest.
+
+  Attributes:
+    converged: the converged suite's cells (spectral, TRP's energy point beside Khodak,
+      settings chosen by :func:`search`).
+    weight_decay: on every leaf (``"l2"``) or, in spectral cells, Frobenius decay on the
+      factors (:func:`decay`); coupled for SGD, decoupled for Adam (the task says).
+    curve: the dense cell scores its model at this many evenly spaced steps.
+    scratch_init: ``"svd"`` (the SVD of the dense init) or ``"default"`` (two thin layers).
+    nuclear_on: TRP's nuclear norm on ``"every_step"`` or on ``"projection"`` steps only.
+    shrink: LoD's ``"threshold"`` shrinking (Maestro) or the fixed ``"schedule"``.
+    eps, interval, start, budget_at: LoD's relative threshold, checked every ``interval``
+      of T from ``start`` of T; the budget projection at ``budget_at`` of T.
+    nuclear_grid, period_grid, lam_grid, eps_grid: the validation search (:func:`search`).
+  """
+
+  converged: bool = False
+  weight_decay: float = 0.0
+  curve: int = 0
+  scratch_init: str = "svd"
+  nuclear_on: str = "projection"
+  shrink: str = "schedule"
+  eps: float = 0.05
+  interval: float = 0.05
+  start: float = 0.1
+  budget_at: float = 0.8
+  nuclear_grid: tuple = ()
+  period_grid: tuple = ()
+  lam_grid: tuple = ()
+  eps_grid: tuple = ()
 
 
 # ----------------------------------------------------------------------------- the task
@@ -383,7 +446,7 @@ class Cache:
     return os.path.join(self.directory, f"s{self.seed}", f"{name}.pkl")
 
   def checkpoint(self, cell: str) -> str:
-    return os.path.join(self.directory, f"s{self.seed}", "inflight", f"{cell}.pkl")
+    return os.path.join(self.directory, f"s{self.seed}", "inflight", code_hash(), f"{cell}.pkl")
 
   def save(self, name, params, extra):
     _dump(self._path(name), (params, extra))
@@ -427,14 +490,15 @@ def run_cell(task_factory: Callable[[Any], Task], name: str, seed: int, size, ca
   method, b, size, opts = parse(name, size)
   cache = Cache(cache_dir, seed, lambda dep: run_cell(task_factory, dep, seed, base_size,
                                                       cache_dir, runs_dir))
+  s = task_factory(size)
   searched = {"trp_nu": "trp_nu", "lod": "lod", "lod_nested": "lod"}.get(method)
   if "~" not in name and searched and size.converged:
-    pick, vals = chosen(runs_dir, searched, size, task_factory(size))
+    pick, vals = chosen(runs_dir, searched, size, s)
     if method == "lod_nested":
       pick = {"lam": pick["lam"]}
-    size = dataclasses.replace(size, **pick)
+    # the searched fields are the method's, read below: the task built above stays as is
+    size = s.size = dataclasses.replace(size, **pick)
     opts = {**opts, "chosen": pick, "search": vals}
-  s = task_factory(size)
   T, F = size.steps, size.ft
   out = {"method": method, "budget": b, "steps": T, "options": opts}
   ckpt = cache.checkpoint(name)

@@ -199,13 +199,32 @@ def winners(cols, budgets, metric: Metric) -> str:
   return "; ".join(out)
 
 
-def plot(path: str, data, budgets, cols, title: str, metric: Metric, xlabel: str) -> None:
+def _figure(figsize):
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, ax = plt.subplots(figsize=(7.2, 4.6), dpi=120)
+  return plt.subplots(figsize=figsize, dpi=120)
+
+
+def _save(fig, ax, path: str, xlabel: str, ylabel: str, title: str, loc: str = "best") -> None:
+  import matplotlib.pyplot as plt
+
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title, fontsize=9)
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize=7, loc=loc)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def plot(path: str, data, budgets, cols, title: str, metric: Metric, xlabel: str) -> None:
+  from matplotlib.ticker import NullFormatter
+
+  fig, ax = _figure((7.2, 4.6))
   k = metric.scale
   dense = stat(data.get("dense"), "score", metric.test)
   if dense:
@@ -218,15 +237,9 @@ def plot(path: str, data, budgets, cols, title: str, metric: Metric, xlabel: str
                   color=f"C{i}")
   ax.set_xscale("log")
   ax.set_xticks([100 * b for b in budgets], [f"{b:.0%}" for b in budgets])
-  ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-  ax.set_xlabel(xlabel)
-  ax.set_ylabel(metric.label)
-  ax.set_title(title, fontsize=9)
-  ax.grid(True, alpha=0.3)
-  ax.legend(fontsize=7, loc="lower right" if metric.higher else "upper right")
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
+  ax.xaxis.set_minor_formatter(NullFormatter())
+  _save(fig, ax, path, xlabel, metric.label, title,
+        loc="lower right" if metric.higher else "upper right")
 
 
 def convergence(data, metric: Metric) -> str:
@@ -248,29 +261,17 @@ def convergence(data, metric: Metric) -> str:
 
 
 def plot_convergence(path: str, data, title: str, metric: Metric) -> bool:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
   recs = [r for r in data.get("dense", []) if isinstance(r.get("log"), dict) and r["log"].get("curve")]
   if not recs:
     return False
-  fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+  fig, ax = _figure((6.4, 4.0))
   for r in recs:
     pts = r["log"]["curve"]
     ax.plot([q["step"] for q in pts], [metric.scale * q[metric.test] for q in pts], marker="o",
             label=f"test, seed {r['seed']}")
     ax.plot([q["step"] for q in pts], [metric.scale * q[metric.val] for q in pts], ls=":",
             color=ax.lines[-1].get_color(), label=f"val, seed {r['seed']}")
-  ax.set_xlabel("optimizer step")
-  ax.set_ylabel(metric.label)
-  ax.set_title(title, fontsize=9)
-  ax.grid(True, alpha=0.3)
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
+  _save(fig, ax, path, "optimizer step", metric.label, title)
   return True
 
 
@@ -298,12 +299,7 @@ def latencies(task: str, size: str, data, budgets) -> dict:
 
 
 def plot_latency(path: str, lat: dict, cols, budgets, title: str, metric: Metric, dense) -> None:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(7.2, 4.6), dpi=120)
+  fig, ax = _figure((7.2, 4.6))
   k = metric.scale
   if dense:
     ax.errorbar([1e3 * lat["dense"]], [k * dense[0]], yerr=[k * dense[1]], marker="s",
@@ -315,18 +311,12 @@ def plot_latency(path: str, lat: dict, cols, budgets, title: str, metric: Metric
       ax.errorbar([1e3 * t for t, _ in pts], [k * m[0] for _, m in pts],
                   yerr=[k * m[1] for _, m in pts], marker="o", capsize=3, label=label,
                   color=f"C{i}")
-  ax.set_xlabel("inference latency, one batch of 64 (ms, measured in one run)")
-  ax.set_ylabel(metric.label)
-  ax.set_title(title, fontsize=9)
-  ax.grid(True, alpha=0.3)
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
+  _save(fig, ax, path, "inference latency, one batch of 64 (ms, measured in one run)",
+        metric.label, title)
 
 
 def code_versions(recs: list[dict], size: str, allow_mixed: bool = False) -> str:
-  """One table, one code version: runs whose recorded code digest (``suite.code_hash``)
+  """One table, one code version: runs whose recorded code digest (``cells.code_hash``)
   differs are refused (a converged size) or named in the table's text (``--allow-mixed``,
   and the early ``cpu`` tables, whose runs predate the digest)."""
   codes = {r.get("code") for r in recs}

@@ -44,7 +44,7 @@ TASK = "resnet20"
 
 
 @dataclasses.dataclass(frozen=True)
-class Size:
+class Size(cells_lib.Recipe):
   steps: int          # T: optimizer steps of every run (fine-tuning included)
   ft: int             # F: fine-tuning steps inside T
   batch: int
@@ -60,23 +60,8 @@ class Size:
   energy: float = 0.9  # TRP energy threshold T
   nuclear: float = 3e-4
   lam: float = 3e-4   # LoD group-lasso strength
-  # the converged suite (the ``cpu`` size keeps what its tables ran: cells.py)
-  converged: bool = False
   depth: int = 20      # 6n + 2
   augment: bool = False  # random 28x28 crops of the 2-pixel padded image, horizontal flips
-  weight_decay: float = 0.0
-  curve: int = 0      # dense: score at this many points of training
-  scratch_init: str = "svd"  # "default": two thin layers with their own init
-  nuclear_on: str = "projection"  # "every_step": as TRP's released code
-  shrink: str = "schedule"  # LoD: "threshold" (Maestro) or the fixed "schedule"
-  eps: float = 0.05   # LoD threshold (relative importance), checked every interval * T
-  interval: float = 0.05
-  start: float = 0.1
-  budget_at: float = 0.8  # LoD: the budget projection, then plain training of that model
-  nuclear_grid: tuple = ()
-  period_grid: tuple = ()
-  lam_grid: tuple = ()
-  eps_grid: tuple = ()
 
 
 SIZES = {

@@ -19,7 +19,6 @@ JSONs into the README's tables and plots.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib
 import json
 import os
@@ -82,29 +81,6 @@ def commit() -> str | None:
     return None
 
 
-# The method code a cell's numbers depend on: the training methods, the cells, the tasks,
-# their models, data and loop. The rest of jlr (factorize, the interpreter) is held to its
-# tests; each run also records its commit.
-CODE = ("jlr/methods", "results/cells.py", "results/resnet20.py", "results/charlm.py",
-        "examples/train.py", "examples/resnet.py", "examples/data.py", "examples/lod_common.py",
-        "examples/lod_transformer.py")
-
-
-def code_hash() -> str:
-  """A digest of the method code a cell's numbers depend on (:data:`CODE`; not the report,
-  README or tests): two runs with the same digest ran the same methods. ``results/report.py`` refuses to put different digests in one table."""
-  h = hashlib.sha256()
-  for entry in CODE:
-    full = os.path.join(ROOT, entry)
-    files = [full] if os.path.isfile(full) else sorted(
-        os.path.join(d, f) for d, _, fs in os.walk(full) for f in fs if f.endswith(".py"))
-    for f in files:
-      h.update(os.path.relpath(f, ROOT).encode())
-      with open(f, "rb") as fh:
-        h.update(fh.read())
-  return h.hexdigest()[:12]
-
-
 def dep_key(task: str, dep: str, seed: int) -> tuple[str, str, int]:
   """``"cell|s0"``: that cell on seed 0; ``"cell"``: on the same seed."""
   cell, _, on = dep.partition("|s")
@@ -117,6 +93,7 @@ def one(args) -> int:
   size = mod.SIZES[args.size]
   path = json_path(args.out, args.size, args.task, args.cell, args.seed)
   cache = os.path.join(args.out, ".cache", args.size, args.task)
+  code = cells.code_hash()  # the code this run starts with (its checkpoints are of this code)
   t0 = time.time()
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path + ".running", "w") as f:  # a claim: other schedulers leave this cell alone
@@ -130,7 +107,7 @@ def one(args) -> int:
             "setting": vars(cells.parse(args.cell, size)[2]),  # after the cell's ~ settings
             "command": (f"python results/suite.py --size {args.size} --task {args.task} "
                         f"--cell {args.cell} --seed {args.seed}"),
-            "versions": versions(), "device": device(), "commit": commit(), "code": code_hash(),
+            "versions": versions(), "device": device(), "commit": commit(), "code": code,
             "threads": os.environ.get("XLA_FLAGS", ""), "wall_s": round(time.time() - t0, 1),
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **metrics}
   os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -169,15 +146,18 @@ def schedule(args) -> int:
         task, _, cell = name.rpartition("/")
         for t in [task] if task else [t for t in args.tasks if (t, cell) in deps_of]:
           todo.append((t, cell, int(seed), deps_of[(t, cell)]))
-  here = code_hash()
+  here, codes = cells.code_hash(), {}  # codes: {path: (mtime, digest)}, each JSON read once
 
   def done(t, c, s) -> bool:
     path = json_path(args.out, args.size, t, c, s)
     if not os.path.exists(path):
       return False
     if args.rerun_stale:  # a result of other code is not done
-      with open(path) as f:
-        return json.load(f).get("code") == here
+      mtime = os.path.getmtime(path)
+      if codes.get(path, (None,))[0] != mtime:
+        with open(path) as f:
+          codes[path] = (mtime, json.load(f).get("code"))
+      return codes[path][1] == here
     return True
 
   def elsewhere(t, c, s) -> bool:
@@ -252,7 +232,7 @@ def main(argv=None) -> int:
   p.add_argument("--dataset", default="auto", choices=("auto", "fashion_mnist", "mnist"))
   p.add_argument("--no-progress", action="store_true")
   p.add_argument("--rerun-stale", action="store_true",
-                 help="rerun cells whose JSON was written by other code (see code_hash)")
+                 help="rerun cells whose JSON was written by other code (see cells.code_hash)")
   args = p.parse_args(argv)
   if args.cell is not None:
     if args.task is None or args.seed is None:

@@ -35,9 +35,12 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
+import jax
 import optax
 
-__all__ = ["Method", "plain_forward", "no_host_step"]
+from jlr.lowrank import LowRank, is_lowrank
+
+__all__ = ["Method", "plain_forward", "no_host_step", "lowrank_gradient"]
 
 
 class Method(NamedTuple):
@@ -76,3 +79,28 @@ def no_host_step(step: int, params, opt_state, tx):
   """The host step of a method that needs none."""
   del step, tx
   return params, opt_state
+
+
+def lowrank_gradient(grad: Callable[[LowRank], LowRank], name: str) -> optax.GradientTransformation:
+  """Add ``grad(p)`` (a ``LowRank`` of the factors' gradients) to the update of every
+  ``LowRank`` leaf ``p``; other leaves pass through. The shape of a regularizer on the
+  factors added on every step (LoD's group lasso, Frobenius decay): place it before the
+  optimizer, like ``optax.add_decayed_weights``. ``update`` needs ``params``; jittable."""
+
+  def init(params):
+    del params
+    return optax.EmptyState()
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError(f"{name} needs params: tx.update(grads, state, params)")
+
+    def one(u, p):
+      if not is_lowrank(p):
+        return u
+      g = grad(p)
+      return LowRank(u.u + g.u.astype(u.u.dtype), u.v + g.v.astype(u.v.dtype), u.layout)
+
+    return jax.tree_util.tree_map(one, updates, params, is_leaf=is_lowrank), state
+
+  return optax.GradientTransformation(init, update)

@@ -38,7 +38,7 @@ from jlr import ranks as ranks_lib
 from jlr import select as select_lib
 from jlr.factorized import factorized
 from jlr.lowrank import LowRank, is_lowrank
-from jlr.methods import Method
+from jlr.methods import Method, lowrank_gradient
 from jlr.report import summary
 from jlr.select import candidates
 from jlr.transforms import factorize
@@ -289,25 +289,13 @@ def group_lasso_gradient(strength: float) -> optax.GradientTransformation:
   """Add ``strength * grad(group_lasso)`` to the updates of every ``LowRank`` leaf (place
   it before the optimizer, like ``optax.add_decayed_weights``): Maestro's hierarchical
   group lasso on every step. Needs ``params`` in ``update``. Jittable."""
+  grad = jax.grad(lambda f: group_lasso({"f": f}))
 
-  def init(params):
-    del params
-    return optax.EmptyState()
+  def one(p):
+    g = grad(p)
+    return LowRank(strength * g.u, strength * g.v, p.layout)
 
-  def update(updates, state, params=None):
-    if params is None:
-      raise ValueError("lod.group_lasso_gradient needs params: tx.update(grads, state, params)")
-
-    def one(u, p):
-      if not is_lowrank(p):
-        return u
-      g = jax.grad(lambda f: group_lasso({"f": f}))(p)
-      return LowRank(u.u + strength * g.u.astype(u.u.dtype),
-                     u.v + strength * g.v.astype(u.v.dtype), u.layout)
-
-    return jax.tree_util.tree_map(one, updates, params, is_leaf=is_lowrank), state
-
-  return optax.GradientTransformation(init, update)
+  return lowrank_gradient(one, "lod.group_lasso_gradient")
 
 
 def forward(fn: Callable, *, sampler: str = "layer", fraction: float | None = None) -> Callable:

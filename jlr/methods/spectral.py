@@ -22,12 +22,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import optax
 
-from jlr.lowrank import LowRank, is_lowrank
-from jlr.methods import Method, no_host_step, plain_forward
+from jlr.lowrank import LowRank
+from jlr.methods import Method, lowrank_gradient, no_host_step, plain_forward
 from jlr.transforms import factorize
 
 __all__ = ["frobenius_decay", "spectral_init", "method"]
@@ -40,26 +39,13 @@ def frobenius_decay(weight_decay: float) -> optax.GradientTransformation:
   ``optax.add_decayed_weights(..., mask=...)`` if wanted. Place it before the optimizer,
   like ``optax.add_decayed_weights``; ``update`` needs ``params``. Jittable."""
 
-  def init(params):
-    del params
-    return optax.EmptyState()
+  def one(p):
+    u, v = p.u.astype(jnp.float32), p.v.astype(jnp.float32)
+    w = u @ v
+    return LowRank(weight_decay * (w @ jnp.swapaxes(v, -1, -2)),
+                   weight_decay * (jnp.swapaxes(u, -1, -2) @ w), p.layout)
 
-  def update(updates, state, params=None):
-    if params is None:
-      raise ValueError("frobenius_decay needs params: tx.update(grads, state, params)")
-
-    def one(g, p):
-      if not is_lowrank(p):
-        return g
-      u, v = p.u.astype(jnp.float32), p.v.astype(jnp.float32)
-      w = u @ v
-      gu = weight_decay * (w @ jnp.swapaxes(v, -1, -2))
-      gv = weight_decay * (jnp.swapaxes(u, -1, -2) @ w)
-      return LowRank(g.u + gu.astype(g.u.dtype), g.v + gv.astype(g.v.dtype), g.layout)
-
-    return jax.tree_util.tree_map(one, updates, params, is_leaf=is_lowrank), state
-
-  return optax.GradientTransformation(init, update)
+  return lowrank_gradient(one, "frobenius_decay")
 
 
 def spectral_init(params, rank: Any, *, select=None, layout=None):
