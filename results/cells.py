@@ -368,7 +368,9 @@ class Task:
     models = [self.params0 if r is None else jlr.factorize(
         self.params0, {k: ranks.fixed(v) for k, v in r.items()}, select=self.select,
         layout=self.layout) for r in shapes]
-    for p in models:
+    for r, p in zip(shapes, models):
+      if r is not None and ranks_of(p) != r:  # never time another model than the one named
+        raise ValueError(f"latency: factorized ranks {ranks_of(p)} differ from {r}")
       jax.block_until_ready(f(p, self.extra0, x))
     times = [[] for _ in models]
     for _ in range(rounds):

@@ -160,6 +160,10 @@ def test_converged_quick_suite_end_to_end(tmp_path):
     assert spec["score"]["ranks"] == data["trp_nu"][0]["score"]["ranks"]
     block, _ = report.render("converged-quick", out, mod.TASK)
     assert "One code version" in block and "Dense convergence" in block
+  # the report end to end: tables, the dense curve, quality vs latency at each cell's ranks
+  blocks = report.main(["--size", "converged-quick", "--runs", out, "--out", out, "--no-readme"])
+  assert all("![quality vs latency]" in b for b in blocks.values())
+  assert os.path.exists(os.path.join(out, "resnet20_converged-quick_latency.png"))
   # a run of other code in the table is refused, or marked with --allow-mixed
   path = os.path.join(out, "converged-quick", "charlm", "scratch@0.25_s0.json")
   with open(path) as f:
