@@ -296,8 +296,7 @@ class Task:
 
   def lod_loss(self, lam: float, sampler: str = "layer"):
     """Ordered dropout (a rank per layer drawn each step) and ``lam`` times the group lasso
-    in the loss (``lam=0``: the lasso runs as ``lod.group_lasso_gradient`` in the optimizer
-    instead, or not at all)."""
+    in the loss (``lam=0``: no lasso)."""
     def loss(params, extra, batch, key):
       sub = params if sampler == "none" else lod.sample(params, key, sampler=sampler)
       task, (upd, _) = self.task_loss(sub, extra, batch, None)
@@ -361,7 +360,7 @@ class Task:
   def latency(self, shapes: list[dict | None], batch: int = 64, rounds: int = 15) -> list[float]:
     """Median seconds of the jitted inference forward on ``batch`` inputs for each model of
     ``shapes`` (``{path: rank}`` factorized kernels; ``None``: dense), timed in interleaved
-    rounds so load on the machine falls on all alike (``shapes``: one entry per model). Speed depends on shapes, not values:
+    rounds so load on the machine falls on all alike. Speed depends on shapes, not values:
     the SVD of the init at those ranks stands in for the trained model."""
     x = np.repeat(np.asarray(self.example_input()), batch, axis=0)
     f = jax.jit(self.forward)
@@ -399,7 +398,8 @@ class Task:
     def one(kp, x):
       if not jlr.is_lowrank(x):
         return x
-      ku, kv = jax.random.split(jax.random.fold_in(key, zlib.crc32(jlr.paths.path_str(kp).encode())))
+      path = jlr.paths.path_str(kp)
+      ku, kv = jax.random.split(jax.random.fold_in(key, zlib.crc32(path.encode())))
       (m, n), r = x.layout.matrix_shape, x.rank
       return jlr.LowRank(jax.random.normal(ku, x.u.shape, x.u.dtype) / np.sqrt(m),
                          jax.random.normal(kv, x.v.shape, x.v.dtype) / np.sqrt(r), x.layout)

@@ -5,7 +5,8 @@ Neural Layers", ICLR 2021 (arXiv 2105.01029):
 
 * **spectral initialization** -- draw the dense kernel ``W`` from its usual init and start
   the factors from its truncated SVD, ``u = U_r sqrt(S_r)``, ``v = sqrt(S_r) V_r^T``
-  (:func:`jlr.factorize`: exact SVD, balanced factors), instead of initializing ``u`` and ``v`` as two independent layers;
+  (:func:`jlr.factorize`: exact SVD, balanced factors), instead of initializing ``u`` and
+  ``v`` as two independent layers;
 * **Frobenius decay** -- penalize the product, ``(lambda / 2) ||u v||_F^2``, not the
   factors (``(lambda / 2)(||u||_F^2 + ||v||_F^2)``, what weight decay on the factors
   does): its gradient is ``lambda (u v) v^T`` for ``u`` and ``lambda u^T (u v)`` for ``v``
