@@ -14,8 +14,8 @@ values. Every rule names its unit:
   (the energy threshold of TRP, Xu et al. 2019, arXiv 1812.02402).
 * :func:`value` ``(t)`` -- keep singular values ``s_i > t`` (TRP's decoupling rule).
 * :func:`budget` ``(fraction | params=)`` -- one global parameter budget over all
-  leaves that share the rule, allocated greedily by largest marginal energy per
-  parameter (``s_j^2 / (m + n)``).
+  leaves that share the rule (or per ``group=``), allocated greedily by largest
+  marginal energy per parameter (``s_j^2 / (m + n)``), every leaf at rank >= 8.
 * :func:`round_up` ``(rule, multiple)`` -- round another rule's rank up to a hardware
   multiple (8, 128), capped at full rank.
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 
 import jax
@@ -208,7 +209,8 @@ class budget(Rule):  # noqa: N801
   """One parameter budget shared by every leaf that uses this rule.
 
   Give either ``fraction`` (of those leaves' dense parameter count) or ``params``
-  (an absolute count). Every leaf starts at rank ``multiple``; then components are
+  (an absolute count). Every leaf starts at rank ``min_rank`` (default 8, as
+  :class:`ratio`; capped at full rank, rounded up to ``multiple``); then components are
   added in chunks of ``multiple`` in order of marginal energy per parameter,
   ``sum(s_j^2) / (multiple * (m + n))`` (per-leaf normalized energy
   ``s_j^2 / ||W||_F^2`` when ``normalize=True``, which makes layers of different
@@ -216,16 +218,23 @@ class budget(Rule):  # noqa: N801
   spectrum is non-increasing, this greedy is the optimal allocation of total kept
   energy up to one chunk per leaf.
 
+  A leaf never gets a rank past its break-even ``floor(m n / (m + n))`` (beyond it the
+  factors are larger than the kernel); a leaf whose floor alone is past break-even
+  stays dense (what :func:`jlr.plan` does with it) and is charged its ``m n``.
+
+  ``group(path) -> key`` splits the budget: each group of leaves (e.g. every layer's
+  query projection) gets the same fraction of its own dense parameters, allocated
+  inside the group. Spectra of one kind of matrix are comparable; across kinds (a value
+  projection, an FFN down-projection) their energies are in different units, and a
+  single greedy can starve a whole kind (SVD-LLM V2, Wang et al. 2025, allocates per
+  type of matrix for this reason).
+
   ``sensitivity={path: alpha}`` scores component ``j`` of leaf ``l`` by
   ``alpha_l s_j^2 / sum_i s_i^2 / (m + n)``: a first-order model of an end-to-end
   distortion ``D ~ sum_l alpha_l e_l(r_l)``, where ``e_l`` is leaf ``l``'s relative
   (data-aware, with ``stats=``) truncation error and ``alpha_l = D_l / e_l`` is measured
   by truncating that leaf alone (``D_l``: the model's output distortion, e.g. an
-  embedding's ``1 - cos`` or an LM's extra NLL). Relative errors are not comparable
-  across layers -- a value projection at 8% error can move the output as little as an
-  FFN down-projection at 0.2% -- and ``alpha`` puts them in one unit, so the greedy
-  minimizes the modelled distortion (the SVD-LLM / ASVD observation that layers differ
-  in sensitivity, as a budget).
+  embedding's ``1 - cos`` or an LM's extra NLL).
   """
 
   fraction: float | None = None
@@ -233,6 +242,8 @@ class budget(Rule):  # noqa: N801
   multiple: int = 1
   normalize: bool = False
   sensitivity: Mapping[str, float] | Iterable[tuple[str, float]] | None = None
+  min_rank: int = 8
+  group: Callable[[str], Any] | None = None
   needs_spectrum = True
   is_global = True
 
@@ -249,6 +260,11 @@ class budget(Rule):  # noqa: N801
       raise ValueError(f"budget fraction is the share of parameters kept, in (0, 1]; got {self.fraction}")
     if self.params is not None and self.params <= 0:
       raise ValueError(f"budget params must be positive, got {self.params}")
+    if isinstance(self.min_rank, bool) or not isinstance(self.min_rank, (int, np.integer)) \
+        or self.min_rank < 1:
+      raise ValueError(f"min_rank must be an int >= 1, got {self.min_rank!r}")
+    if self.multiple < 1:
+      raise ValueError(f"multiple must be >= 1, got {self.multiple}")
 
   def mask(self, layout: Layout, s: jax.Array, total: jax.Array | None = None) -> jax.Array:
     raise ValueError("a global budget needs every leaf's spectrum at once on the host; "
@@ -262,7 +278,7 @@ class budget(Rule):  # noqa: N801
     """Ranks for ``items = [(path, layout, s)]``; ``s`` is ``(batch..., k)``."""
     k = self.multiple
     alpha = dict(self.sensitivity) if self.sensitivity is not None else None
-    sizes, costs, gains = [], [], []
+    sizes, costs, gains, floors, tops = [], [], [], [], []
     for path, layout, s in items:
       s2 = np.asarray(s, np.float64) ** 2
       s2 = s2.reshape(-1, s2.shape[-1])
@@ -274,31 +290,49 @@ class budget(Rule):  # noqa: N801
           raise ValueError(f"{path}: no sensitivity weight given to ranks.budget(sensitivity=)")
         s2 = s2 * alpha[path]
       m, n = layout.matrix_shape
+      g = s2.sum(0)
+      floor = min(-(-max(k, int(self.min_rank)) // k) * k, len(g))
+      even = (m * n) // (m + n)  # break-even rank
       sizes.append(count * layout.size)
       costs.append(count * (m + n))
-      gains.append(s2.sum(0))
-    total = self.params if self.params is not None else self.fraction * sum(sizes)
-    ranks = [min(k, len(g)) for g in gains]
-    spent = sum(r * c for r, c in zip(ranks, costs))
-    if spent > total:
-      raise ValueError(
-          f"budget of {int(total):,} params is below the minimum of {spent:,} "
-          f"(rank {k} in each of {len(items)} leaves)")
-    chunks = []  # (score, leaf, chunk start)
-    for i, g in enumerate(gains):
-      for start in range(ranks[i], len(g), k):
-        stop = min(start + k, len(g))
-        chunks.append((g[start:stop].sum() / ((stop - start) * costs[i]), i, start, stop))
-    chunks.sort(key=lambda c: (-c[0], c[1], c[2]))
-    closed = set()
-    for _, i, start, stop in chunks:
-      if i in closed or ranks[i] != start:
-        continue
-      extra = (stop - start) * costs[i]
-      if spent + extra > total:
-        closed.add(i)
-        continue
-      ranks[i], spent = stop, spent + extra
+      gains.append(g)
+      floors.append(floor)
+      tops.append(max(floor, min(even, len(g))))
+    keys = [None] * len(items) if self.group is None else [self.group(p) for p, _, _ in items]
+    if self.params is not None:
+      whole = float(sum(sizes))
+      share = lambda members: self.params * sum(sizes[i] for i in members) / whole  # noqa: E731
+    else:
+      share = lambda members: self.fraction * sum(sizes[i] for i in members)  # noqa: E731
+    ranks = list(floors)
+    for key in dict.fromkeys(keys):
+      members = [i for i, x in enumerate(keys) if x == key]
+      total = share(members)
+      spent = 0
+      for i in members:  # a floor past break-even: the leaf stays dense, at its size
+        spent += sizes[i] if floors[i] * costs[i] >= sizes[i] else floors[i] * costs[i]
+      if spent > total + 1e-9:  # as ratio(): the floor wins over the nominal size
+        where = "" if key is None else f" (group {key!r})"
+        warnings.warn(
+            f"ranks.budget: the floor of rank {max(k, self.min_rank)} in each of "
+            f"{len(members)} leaves{where} costs {spent:,} params, over the budget of "
+            f"{int(total):,}; every leaf keeps its floor (lower min_rank= to go below)",
+            stacklevel=4)
+      chunks = []  # (score, leaf, chunk start, chunk stop)
+      for i in members:
+        for start in range(floors[i], tops[i], k):
+          stop = min(start + k, tops[i])
+          chunks.append((gains[i][start:stop].sum() / ((stop - start) * costs[i]), i, start, stop))
+      chunks.sort(key=lambda c: (-c[0], c[1], c[2]))
+      closed = set()
+      for _, i, start, stop in chunks:
+        if i in closed or ranks[i] != start:
+          continue
+        extra = (stop - start) * costs[i]
+        if spent + extra > total:
+          closed.add(i)
+          continue
+        ranks[i], spent = stop, spent + extra
     return ranks
 
 

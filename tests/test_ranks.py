@@ -80,7 +80,7 @@ def _kept_energy(params, factorized):
 def test_budget_meets_budget_and_beats_uniform_ratio(fraction):
   params = _tree()
   dense = sum(x["kernel"].size for x in params.values())
-  fb = jlr.factorize(params, ranks.budget(fraction), select="kernel")
+  fb = jlr.factorize(params, ranks.budget(fraction, min_rank=1), select="kernel")
   fu = jlr.factorize(params, ranks.ratio(fraction, min_rank=1), select="kernel")
   used = jlr.summary(fb).total_params
   assert used <= fraction * dense
@@ -93,8 +93,27 @@ def test_budget_absolute_params_multiple_and_too_small():
   fb = jlr.factorize(params, ranks.budget(params=4000, multiple=8), select="kernel")
   assert jlr.summary(fb).total_params <= 4000
   assert all(x["kernel"].rank % 8 == 0 for x in fb.values())
-  with pytest.raises(ValueError, match="below the minimum"):
-    jlr.factorize(params, ranks.budget(params=10), select="kernel")
+  with pytest.warns(UserWarning, match="over the budget of 10"):  # as ratio: the floor wins
+    plan = jlr.plan(params, ranks.budget(params=10), select="kernel")
+  assert [e.rank for e in plan.values()] == [8, 8, 8]
+
+
+def test_budget_floor_break_even_and_groups():
+  """Every leaf keeps rank >= min_rank (8 by default, as ratio), no leaf is given a rank
+  past its break-even m n / (m + n), and group= gives every group its own share."""
+  s = 0.5 ** np.arange(64)  # a steep spectrum: the greedy alone would starve it
+  flat = np.ones(64)
+  lay = Layout("dense", (64, 64))
+  items = [("a/q", lay, s), ("b/q", lay, flat), ("a/k", lay, flat), ("b/k", lay, flat)]
+  r = ranks.budget(0.25).allocate(items)
+  assert min(r) >= 8 and max(r) <= 32
+  assert sum(r) * 128 <= 0.25 * 4 * 64 * 64
+  assert ranks.budget(0.25, min_rank=1).allocate(items)[0] < 8
+  grouped = ranks.budget(0.25, group=lambda p: p.split("/")[1]).allocate(items)
+  assert grouped[0] + grouped[1] <= 16 and grouped[2] == grouped[3] == 8  # 25% per group
+  tiny = Layout("dense", (9, 32))  # break-even rank 7 < the floor: stays dense, charged 288
+  assert ranks.budget(params=288 + 8 * 128, min_rank=8).allocate(
+      [("t", tiny, np.ones(9)), ("a", lay, flat)]) == [8, 8]
 
 
 def test_budget_normalized_gives_every_leaf_a_share():
@@ -149,11 +168,11 @@ def test_budget_with_sensitivity_weights_normalized_energies():
   s = np.linspace(2.0, 0.1, 12)
   lay = Layout("dense", (24, 12))
   items = [("a", lay, s), ("b", lay, s)]
-  even = ranks.budget(0.5, sensitivity={"a": 1.0, "b": 1.0}).allocate(items)
+  even = ranks.budget(0.5, sensitivity={"a": 1.0, "b": 1.0}, min_rank=1).allocate(items)
   assert even[0] == even[1]
-  tilted = ranks.budget(0.5, sensitivity={"a": 10.0, "b": 1.0}).allocate(items)
+  tilted = ranks.budget(0.5, sensitivity={"a": 10.0, "b": 1.0}, min_rank=1).allocate(items)
   assert tilted[0] > tilted[1] and sum(tilted) * 36 <= 0.5 * 2 * 288
   scaled = [(p, lay, s * np.sqrt(a / (s ** 2).sum())) for p, a in (("a", 10.0), ("b", 1.0))]
-  assert tilted == ranks.budget(0.5).allocate(scaled)
+  assert tilted == ranks.budget(0.5, min_rank=1).allocate(scaled)
   with pytest.raises(ValueError, match="b: no sensitivity weight"):
     ranks.budget(0.5, sensitivity={"a": 1.0}).allocate(items)
