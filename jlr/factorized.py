@@ -78,7 +78,8 @@ class Recorder:
   as the ``(..., tokens, m)`` matrix of rows in the kernel's row order (the rows of its
   layout's matrix), while :func:`factorized` evaluates a function (calibration: see
   :func:`jlr.stats.activations`). ``mode="gram"`` keeps ``(sum_i w_i x_i x_i^T, sum_i
-  w_i)`` per leaf (summed over the leaf's uses); ``mode="rows"`` keeps ``(rows,
+  w_i)`` per leaf (summed over the leaf's uses); ``mode="abs"`` keeps ``(sum_i w_i |x_i|,
+  sum_i w_i)`` (ASVD's per-channel mean magnitude); ``mode="rows"`` keeps ``(rows,
   weights)`` (concatenated over uses). ``weights(path, shape)`` gives per-row weights
   for an input of ``path`` whose non-contracted axes have ``shape`` (a padding mask), or
   None. A stacked kernel (``scan`` over layers, ``vmap``-ed layers) gets one record per
@@ -109,6 +110,8 @@ class Recorder:
     x = rows.astype(jnp.float32).reshape(rows.shape[:stacked] + (-1, rows.shape[-1]))
     if self.mode == "gram":
       self.merge(path, (jnp.einsum("...ti,...tj->...ij", x * w[..., None], x), jnp.sum(w, -1)))
+    elif self.mode == "abs":
+      self.merge(path, (jnp.einsum("...ti,...t->...i", jnp.abs(x), w), jnp.sum(w, -1)))
     else:
       self.merge(path, (x, w))
 
@@ -117,7 +120,7 @@ class Recorder:
     old = self.records.get(path)
     if old is None:
       self.records[path] = value
-    elif self.mode == "gram":
+    elif self.mode in ("gram", "abs"):
       self.records[path] = (old[0] + value[0], old[1] + value[1])
     else:
       self.records[path] = (jnp.concatenate([old[0], value[0]], -2),
@@ -132,7 +135,7 @@ class Recorder:
 
   def fold(self, value):
     """A record stacked along a leading axis that is not a layer axis, as one record."""
-    if self.mode == "gram":
+    if self.mode in ("gram", "abs"):
       return value[0].sum(0), value[1].sum(0)
     rows, w = value
     return (jnp.moveaxis(rows, 0, -3).reshape(rows.shape[1:-2] + (-1, rows.shape[-1])),

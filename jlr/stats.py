@@ -49,6 +49,22 @@ class Gram:
 
 
 @dataclasses.dataclass(frozen=True)
+class Magnitudes:
+  """``sums = sum_i |x_i|`` (elementwise, length ``m``) over ``count`` input rows: ASVD's
+  per-channel activation magnitude ``mean |x| = sums / count`` (Yuan et al. 2023)."""
+
+  sums: np.ndarray
+  count: int
+
+  @property
+  def mean(self) -> np.ndarray:
+    return self.sums / max(self.count, 1)
+
+  def __add__(self, other: "Magnitudes") -> "Magnitudes":
+    return Magnitudes(self.sums + other.sums, self.count + other.count)
+
+
+@dataclasses.dataclass(frozen=True)
 class RowWeights:
   """FWSVD row importance ``w_i = sum_j E[(dL/dW_ij)^2]`` (length ``m``)."""
 
@@ -159,7 +175,7 @@ def record(fn: Callable, params, batch, *, mode: str = "gram", mask=None, select
            layout=None) -> tuple[dict, dict]:
   """One calibration pass: ``({path: record}, {path: why missing})`` for the kernels of
   ``params`` as ``fn(params, *batch)`` uses them (see :func:`activations`). ``mode``:
-  ``"gram"`` -> ``(X^T W X, sum w)``; ``"rows"`` -> ``(X, w)`` (each ``(*stacked, tokens,
+  ``"gram"`` -> ``(X^T W X, sum w)``; ``"abs"`` -> ``(sum w |X|, sum w)``; ``"rows"`` -> ``(X, w)`` (each ``(*stacked, tokens,
   m)`` / ``(*stacked, tokens)``). Jit it; ``params`` may hold ``LowRank`` leaves."""
   args = _args(batch)
   if layout is None:
@@ -179,7 +195,8 @@ def record(fn: Callable, params, batch, *, mode: str = "gram", mask=None, select
 
 
 def activations(fn: Callable, params, batches: Iterable, *, mask: Callable | None = None,
-                select: Callable[[str], bool] | None = None, layout=None) -> Statistics:
+                select: Callable[[str], bool] | None = None, layout=None,
+                mode: str = "gram") -> Statistics:
   """``{kernel path: Gram}`` of the real inputs of every kernel of ``params`` as
   ``fn(params, *batch)`` uses them (``fn(params, batch)`` for a non-tuple batch), summed
   over ``batches`` in float64 on the host.
@@ -199,8 +216,12 @@ def activations(fn: Callable, params, batches: Iterable, *, mask: Callable | Non
   nothing; ``Gram.count`` is the number of real rows). ``select(path) -> bool``
   restricts the kernels. A kernel with a layout that could not be recorded is in
   ``.missing`` with the reason, and a :class:`MissingStatisticsWarning` names it unless
-  it is only looked up (embeddings).
+  it is only looked up (embeddings). ``mode="abs"`` collects :class:`Magnitudes`
+  (per input channel ``sum |x|``, ASVD's statistic) instead of Grams.
   """
+  if mode not in ("gram", "abs"):
+    raise ValueError(f"mode must be 'gram' or 'abs', got {mode!r}")
+  kind = Gram if mode == "gram" else Magnitudes
   batches = iter(batches)
   first = next(batches, None)
   if first is None:
@@ -212,13 +233,13 @@ def activations(fn: Callable, params, batches: Iterable, *, mask: Callable | Non
   @jax.jit
   def grams(params, batch):
     records, info["missing"] = record(fn, params, batch, mask=None if mask is None else mask(batch),
-                                      select=select, layout=layout)
+                                      select=select, layout=layout, mode=mode)
     return records
 
   out: dict[str, Gram] = {}
   for batch in (first, *batches):
     for path, (g, c) in jax.device_get(grams(params, batch)).items():
-      gram = Gram(np.asarray(g, np.float64), int(round(float(np.max(c)))))
+      gram = kind(np.asarray(g, np.float64), int(round(float(np.max(c)))))
       out[path] = out[path] + gram if path in out else gram
   missing = {p: why for p, why in info["missing"].items() if p not in out}
   loud = {p: why for p, why in missing.items() if "only looked up" not in why

@@ -1,0 +1,182 @@
+"""jlr.llm: the language-model recipe on a tiny random Llama, against numpy truths."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jlr
+from jlr import llm, paths
+from jlr.models import llama
+
+CFG = llama.LlamaConfig(vocab=64, d=32, layers=2, heads=4, kv_heads=2, ffn=96, max_len=64)
+MODEL = llama.Llama(CFG)
+
+
+def logits_fn(p, ids):
+  return MODEL.apply(p, ids)[0]
+
+
+def is_proj(path, leaf=None):
+  return path.endswith("/kernel") and ("/attn/" in path or "/mlp/" in path)
+
+
+@pytest.fixture(scope="module")
+def setup():
+  params = MODEL.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+  rng = np.random.default_rng(0)
+  # a low-entropy source (a random bigram chain) so the model has something to learn
+  trans = rng.dirichlet(np.full(CFG.vocab, 0.05), CFG.vocab)
+  def chain(n, t):
+    out = np.zeros((n, t), np.int32)
+    out[:, 0] = rng.integers(0, CFG.vocab, n)
+    for j in range(1, t):
+      out[:, j] = [rng.choice(CFG.vocab, p=trans[i]) for i in out[:, j - 1]]
+    return out
+  windows = chain(24, 17)
+  cal = llm.calibrate(logits_fn, params, windows[:8], select=is_proj, fisher=2, progress=False)
+  return params, windows, cal
+
+
+def test_calibration_collects_every_projection(setup):
+  params, windows, cal = setup
+  kernels = [p for p in paths.flatten(params) if is_proj(p)]
+  assert sorted(cal.grams) == sorted(kernels) == sorted(cal.magnitudes) == sorted(cal.fisher)
+  g = cal.grams["params/blocks_0/attn/q/kernel"]
+  assert g.count == 8 * 16 and g.matrix.shape == (32, 32)
+  m = cal.magnitudes["params/blocks_0/attn/q/kernel"]
+  assert m.count == 8 * 16 and np.all(m.mean > 0)
+
+
+def test_svd_llm_truncation_loss_is_the_whitened_tail(setup):
+  """SVD-LLM: cutting to rank r costs exactly sum_{j>r} s_j^2 of ||X W - X W'||^2, the
+  s_j those of (X^T X)^{1/2} W (small damping); checked against numpy."""
+  params, windows, cal = setup
+  spec = llm.spectra(params, cal, "svd_llm")
+  path = "params/blocks_1/mlp/down/kernel"
+  lay, s = spec[path]
+  small = llm.compress(params, cal, {path: 10}, "svd_llm")
+  w = np.asarray(paths.flatten(params)[path], np.float64)
+  w2 = np.asarray(paths.flatten(small)[path].dense(), np.float64)
+  g = cal.grams[path].matrix
+  g = g + 1e-2 * np.mean(np.diag(g)) * np.eye(len(g))  # the damping the recipe uses
+  err = np.trace((w - w2).T @ g @ (w - w2))
+  np.testing.assert_allclose(err, np.sum(s[10:] ** 2), rtol=2e-3)
+  u, v = paths.flatten(small)[path].u, paths.flatten(small)[path].v
+  chex.assert_shape([u, v], [(96, 10), (10, 32)])
+  np.testing.assert_allclose(np.linalg.norm(u, axis=0), np.linalg.norm(v, axis=1), rtol=1e-4)
+
+
+def test_asvd_scales_rows_by_mean_abs_activation(setup):
+  params, windows, cal = setup
+  path = "params/blocks_0/mlp/gate/kernel"
+  small = llm.compress(params, cal, {path: 6}, "asvd", alpha=0.5)
+  w = np.asarray(paths.flatten(params)[path], np.float64)
+  sc = cal.magnitudes[path].mean ** 0.5
+  p, s, qt = np.linalg.svd(sc[:, None] * w, full_matrices=False)
+  want = (p[:, :6] * s[:6]) @ qt[:6] / sc[:, None]
+  np.testing.assert_allclose(np.asarray(paths.flatten(small)[path].dense()), want, atol=2e-4)
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.6])
+def test_loss_allocation_meets_the_budget_per_kind_with_a_floor(setup, keep):
+  params, _, cal = setup
+  spec = llm.spectra(params, cal, "svd_llm")
+  rk = llm.allocate(spec, keep, by="loss", min_rank=3)  # a tiny model: 8 would not fit
+  for k in {llm.kind(p) for p in spec}:
+    members = [p for p in spec if llm.kind(p) == k]
+    size = sum(spec[p][0].size for p in members)
+    used = sum(rk[p] * sum(spec[p][0].matrix_shape) for p in members)
+    assert used <= keep * size + 1e-9, k
+    chunk = max(sum(spec[p][0].matrix_shape) for p in members)
+    assert used > keep * size - chunk * len(members), k  # spent, up to one component a leaf
+  assert min(rk.values()) >= 3
+  assert llm.kind("params/blocks_3/attn/q/kernel") == "attn/q"
+
+
+def test_a_steep_spectrum_gives_up_rank_a_flat_one_keeps_it():
+  lay = jlr.Layout("dense", (64, 64))
+  spec = {"blocks_0/attn/q/kernel": (lay, 0.5 ** np.arange(64)),
+          "blocks_1/attn/q/kernel": (lay, np.ones(64))}
+  rk = llm.allocate(spec, 0.5, by="loss")
+  assert rk["blocks_0/attn/q/kernel"] == 8 and rk["blocks_1/attn/q/kernel"] == 24
+  assert llm.allocate(spec, 0.5, by="uniform") == {p: 16 for p in spec}
+
+
+def test_full_rank_factors_reproduce_the_dense_nll(setup):
+  params, windows, cal = setup
+  spec = llm.spectra(params, cal, "svd")
+  full = {p: min(lay.matrix_shape) for p, (lay, _) in spec.items()}
+  small = jlr.factorize(params, lambda p, x: full.get(p), layout=cal.layout)
+  a = llm.nll(logits_fn, params, windows)
+  b = llm.nll(logits_fn, small, windows)
+  chex.assert_shape(a, (24,))
+  np.testing.assert_allclose(a, b, rtol=1e-4)
+
+
+def test_perplexity_bootstrap_interval():
+  x = np.random.default_rng(0).normal(3.0, 0.3, 400)
+  r = llm.perplexity(x, bootstrap=2000)
+  assert r["low"] < r["ppl"] < r["high"]
+  np.testing.assert_allclose(r["ppl"], np.exp(x.mean()))
+  half = 1.96 * x.std() / np.sqrt(len(x))  # the normal interval of the mean
+  np.testing.assert_allclose(np.log([r["low"], r["high"]]), [x.mean() - half, x.mean() + half],
+                             atol=0.01)
+
+
+def test_update_moves_u_then_v_only_and_lowers_the_calibration_loss(setup):
+  params, windows, cal = setup
+  spec = llm.spectra(params, cal, "svd_llm")
+  small = llm.compress(params, cal, llm.allocate(spec, 0.3, min_rank=3), "svd_llm")
+  before = llm.nll(logits_fn, small, windows[:8]).mean()
+  u0 = np.array(paths.flatten(small)["params/blocks_0/attn/q/kernel"].u)
+  new = llm.update(logits_fn, small, windows[:8], steps=15, lr=3e-3, progress=False)
+  assert llm.nll(logits_fn, new, windows[:8]).mean() < before
+  for path, x in paths.flatten(small).items():
+    y = paths.flatten(new)[path]
+    if not jlr.is_lowrank(x):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # norms, embedding
+  np.testing.assert_array_equal(  # pure: the input tree is untouched
+      np.asarray(paths.flatten(small)["params/blocks_0/attn/q/kernel"].u), u0)
+
+
+def test_heal_early_stops_and_never_returns_worse_than_it_started(setup, tmp_path):
+  params, windows, cal = setup
+  spec = llm.spectra(params, cal, "svd_llm")
+  small = llm.compress(params, cal, llm.allocate(spec, 0.3, min_rank=3), "svd_llm")
+  healed, log = llm.heal(logits_fn, small, windows[:16], windows[16:], steps=40, lr=3e-3,
+                         eval_every=5, patience=2, progress=False,
+                         checkpoint=str(tmp_path / "heal.pkl"))
+  vals = dict(log.val)
+  assert vals[log.best_step] == min(vals.values()) <= vals[0]
+  got = llm.nll(logits_fn, healed, windows[16:]).mean()
+  np.testing.assert_allclose(got, vals[log.best_step], rtol=1e-5)
+  assert log.best_step > 0  # it learned the chain
+  # resumable: a second call resumes from the checkpoint and ends where the first did
+  again, log2 = llm.heal(logits_fn, small, windows[:16], windows[16:], steps=40, lr=3e-3,
+                         eval_every=5, patience=2, progress=False,
+                         checkpoint=str(tmp_path / "heal.pkl"))
+  assert log2.best_step == log.best_step
+
+
+def test_sensitivity_rank_search_meets_the_budget(setup):
+  params, windows, cal = setup
+  full = jlr.factorize(params, jlr.ranks.full(), select=is_proj, layout=cal.layout,
+                       stats=llm.stats_for(cal, "asvd"), damping=1e-6, nested=True)
+  score = lambda p: float(llm.nll(logits_fn, p, windows[:4]).mean())  # noqa: E731
+  rk = llm.sensitivity_ranks(score, params, full, 0.5, levels=(0.25, 0.5, 0.75),
+                             progress=False)
+  lays = {p: f.layout for p, f in paths.flatten(full).items() if jlr.is_lowrank(f)}
+  used = sum(rk[p] * sum(lay.matrix_shape) for p, lay in lays.items())
+  assert used <= 0.5 * sum(lay.size for lay in lays.values())
+  assert len(set(rk.values())) > 1  # kernels differ in sensitivity
+
+
+def test_unknown_method_and_missing_statistics_are_refused(setup):
+  params, _, cal = setup
+  with pytest.raises(ValueError, match="method must be one of"):
+    llm.stats_for(cal, "magic")
+  bare = llm.Calibration(cal.grams, None, None, cal.layout)
+  with pytest.raises(ValueError, match="needs calibrate"):
+    llm.stats_for(bare, "asvd")
