@@ -37,8 +37,9 @@ data:                  # opt-in: Fashion-MNIST from Debian (the examples fall ba
 llm-quick: $(STAMP)    # SmolLM2-135M compression, small settings (minutes)
 	$(BIN)/python examples/compress_llm.py --quick
 
-llm: $(STAMP)          # the README's LLM table (see its wall time in the JSON)
+llm: $(STAMP)          # the README's LLM tables (resumable; see the wall times in the JSONs)
 	$(BIN)/python examples/compress_llm.py
+	$(BIN)/python examples/llm_hf.py
 
 results: $(STAMP)      # every README results table from scratch: resumable, 2 cells at a time (hours on 2 cores)
 	$(BIN)/python results/suite.py --size cpu --jobs 2

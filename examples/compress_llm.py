@@ -17,8 +17,9 @@ on -- the SVD-LLM paper's Table 1, measured side by side on a model that runs on
   is stated beside it (the tied embedding / LM head stays dense).
 
 Rows: SVD, FWSVD, ASVD (alpha searched, its sensitivity rank search), SVD-LLM (uniform
-ranks, and the truncation-loss allocation), SVD-LLM + its sequential update, then the
-best of those healed. Then decode speed with the KV cache (batch 1 and 8) and prefill,
+ranks, the truncation-loss allocation, and ASVD's rank search on its factors), SVD-LLM +
+its sequential update from the allocation that scores best on the probe, then that model
+healed. ``--quick`` compresses the first 4 blocks only. Then decode speed with the KV cache (batch 1 and 8) and prefill,
 dense vs compressed, with the bytes of weights each reads per token.
 
 Results are resumable (each finished cell is in the JSON; a rerun skips it)::
@@ -55,10 +56,10 @@ TEXTS = ("kjv", "docstrings")
 # SVD-LLM (Wang et al. 2024, arXiv 2403.07378) Table 1: LLaMA-7B, WikiText-2 perplexity
 PAPER = {"model": "LLaMA-7B, WikiText-2 (SVD-LLM Table 1)", "dense": 5.68,
          "0.2": {"svd": 20061, "fwsvd": 1727, "asvd": 11.14, "svd_llm": 7.94}}
-SIZES = {"quick": dict(calib=8, ctx=128, eval_windows=8, fisher=2, remove=(0.2, 0.4),
+SIZES = {"quick": dict(blocks=4, calib=8, ctx=128, eval_windows=8, fisher=2, remove=(0.2, 0.4),
                        strs_levels=(0.5, 0.9), strs_windows=1, alphas=(0.5, 1.0),
                        update_steps=4, heal_steps=6, heal_every=3, decode=8, heal_windows=16),
-         "full": dict(calib=64, ctx=256, eval_windows=128, fisher=16, remove=(0.2, 0.4, 0.6),
+         "full": dict(blocks=0, calib=64, ctx=256, eval_windows=128, fisher=16, remove=(0.2, 0.4, 0.6),
                       strs_levels=(0.3, 0.5, 0.7, 0.9), strs_windows=2,
                       alphas=(0.25, 0.5, 0.75, 1.0), update_steps=50, heal_steps=300,
                       heal_every=25, decode=32, heal_windows=160)}
@@ -84,10 +85,13 @@ def parse_args(argv=None):
   return a
 
 
-def is_target(groups):
+def is_target(groups, blocks: int | None = None):
+  """The projections of ``groups`` (``attn``, ``mlp``), in the first ``blocks`` blocks."""
   names = [(g, n) for g in groups for n in PROJ[g]]
+  prefixes = None if blocks is None else tuple(f"params/blocks_{i}/" for i in range(blocks))
   return lambda path, leaf=None: path.endswith("/kernel") and any(
-      f"/{g}/{n}/kernel" in path for g, n in names)
+      f"/{g}/{n}/kernel" in path for g, n in names) and (
+          prefixes is None or path.startswith(prefixes))
 
 
 def windows(tok, texts, ctx: int, n: int, skip: int = 0) -> np.ndarray:
@@ -114,7 +118,7 @@ def main(argv=None) -> dict:
 
   model, variables, tok = llama.load_gguf()
   fn = lambda p, ids: model.apply(p, ids)[0]  # noqa: E731
-  target = is_target(a.targets.split(","))
+  target = is_target(a.targets.split(","), a.blocks or None)
   sources = [shakespeare_sentences(), stdlib_docstrings(STDLIB_CALIB)]
 
   def mixed(n, skip=0):  # half of each source, interleaved: calibration / probe / healing
@@ -142,11 +146,11 @@ def main(argv=None) -> dict:
         f"{' and '.join(TEXTS)}")
 
   def score(tree) -> dict:
-    merged = jlr.merge(tree)  # the same model, one compiled forward for every cell
+    merged = llm.merged(tree)  # the same model, one compiled forward for every cell
     return {t: llm.perplexity(llm.nll(fn, merged, w, progress=bars)) for t, w in evals.items()}
 
   def probe_ppl(tree, n=None) -> float:  # held-out calibration text: every search scores here
-    return math.exp(float(llm.nll(fn, jlr.merge(tree), probe[:n]).mean()))
+    return math.exp(float(llm.nll(fn, llm.merged(tree), probe[:n]).mean()))
 
   def save():
     res = {"name": name, "config": {k: (list(v) if isinstance(v, tuple) else v)
@@ -181,7 +185,7 @@ def main(argv=None) -> dict:
   cal = llm.calibrate(fn, variables, calib, select=target, fisher=a.fisher, progress=bars)
   fac = {m: llm.factors(variables, cal, m) for m in ("svd", "fwsvd", "svd_llm")}
   done["calibration_seconds"] = time.perf_counter() - t0
-  best_by_level = {}
+  best_by_level, tables, strs = {}, {}, {}
   for remove in a.remove:
     keep = 1.0 - remove
     uniform = llm.allocate(fac["svd"].spectra, keep, by="uniform")
@@ -197,21 +201,39 @@ def main(argv=None) -> dict:
     if key not in cells:
       cell(key, llm.compress(fac["svd_llm"], loss_ranks), method="svd_llm", alloc="loss",
            remove=remove, ranks=loss_ranks, strength=strength, strength_scores=tried)
-    # ASVD as its paper runs it: alpha searched at uniform ranks, then its rank search
-    key = f"asvd/strs/{remove}"
-    if key not in cells:
-      f, alphas = llm.search_alpha(probe_ppl, variables, cal, uniform, a.alphas)
-      rk = llm.sensitivity_ranks(lambda t: probe_ppl(t, a.strs_windows), variables, f, keep,
-                                 levels=a.strs_levels, progress=bars)
-      cell(key, llm.compress(f, rk), method="asvd", alloc="strs", remove=remove,
-           alpha=f.alpha, alpha_scores=alphas, ranks=rk)
-    # the allocation chosen on the probe (uniform where strength 0 won)
-    alloc = "loss" if strength > 0 else "uniform"
-    base = llm.compress(fac["svd_llm"], loss_ranks)
+    # ASVD as its paper runs it: alpha searched (once, at the first level's uniform ranks),
+    # then its sensitivity rank search; the same rank search on SVD-LLM's factors
+    if "asvd" not in fac:
+      if "asvd_alpha" in done:  # resumed: the search's choice is in the JSON
+        fac["asvd"] = llm.factors(variables, cal, "asvd", alpha=done["asvd_alpha"])
+      else:
+        fac["asvd"], done["asvd_alpha_scores"] = llm.search_alpha(probe_ppl, variables, cal,
+                                                                  uniform, a.alphas)
+        done["asvd_alpha"] = fac["asvd"].alpha
+    for method in ("asvd", "svd_llm"):
+      saved = done.setdefault("sensitivity", {})
+      if method not in saved:  # [[path, level, probe perplexity]]: resumable, and shown
+        table = llm.sensitivity(lambda t: probe_ppl(t, a.strs_windows), variables,
+                                fac[method], levels=a.strs_levels, progress=bars)
+        saved[method] = [[p, lv, v] for (p, lv), v in table.items()]
+        save()
+      tables[method] = {(p, lv): v for p, lv, v in saved[method]}
+      strs[method] = llm.sensitivity_ranks(tables[method], fac[method], keep)
+      key = f"{method}/strs/{remove}"
+      if key not in cells:
+        cell(key, llm.compress(fac[method], strs[method]), method=method, alloc="strs",
+             remove=remove, alpha=fac[method].alpha if method == "asvd" else None,
+             ranks=strs[method])
+    # SVD-LLM's allocation for the update and healing: the best on the probe text
+    options = {"loss" if strength > 0 else "uniform": loss_ranks, "strs": strs["svd_llm"]}
+    probe_scores = {al: probe_ppl(llm.compress(fac["svd_llm"], rk)) for al, rk in options.items()}
+    alloc = min(probe_scores, key=probe_scores.get)
+    base = llm.compress(fac["svd_llm"], options[alloc])
     key = f"svd_llm/{alloc}/{remove}/update"
     upd = llm.update(fn, base, calib, steps=a.update_steps, lr=a.lr_update, progress=bars)
     if key not in cells:
-      cell(key, upd, method="svd_llm", alloc=alloc, remove=remove, update_steps=a.update_steps)
+      cell(key, upd, method="svd_llm", alloc=alloc, remove=remove, update_steps=a.update_steps,
+           probe_ppl=probe_scores)
     best_by_level[remove] = (alloc, upd)
     key = f"svd_llm/{alloc}/{remove}/update/heal"
     if key not in cells:
@@ -298,7 +320,8 @@ def table(res) -> str:
   lines = [head, "|---" * (len(levels) + 1) + "|"]
   rows = [("svd/uniform", "SVD, uniform"), ("fwsvd/uniform", "FWSVD, uniform"),
           ("asvd/strs", NAMES["asvd"]), ("svd_llm/uniform", "SVD-LLM, uniform"),
-          ("svd_llm/loss", "SVD-LLM, truncation-loss allocation")]
+          ("svd_llm/loss", "SVD-LLM, truncation-loss allocation (strength on the probe)"),
+          ("svd_llm/strs", "SVD-LLM, ASVD's sensitivity rank search")]
   for prefix, label in rows:
     row = [cells.get(f"{prefix}/{lv}") for lv in levels]
     if any(row):

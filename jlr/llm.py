@@ -53,7 +53,7 @@ import optax
 
 from jlr import ranks, stats as stats_lib, svd as svd_lib
 from jlr.factorized import factorized
-from jlr.lowrank import LowRank, from_svd, is_lowrank
+from jlr.lowrank import LowRank, is_lowrank
 from jlr.paths import flatten, path_str, replace
 from jlr.select import layout_for, selector
 from jlr.transforms import factorize
@@ -222,22 +222,36 @@ def choose_strength(score: Callable[[dict[str, int]], float], spec, keep: float,
   return min(scores, key=scores.get), scores
 
 
-def sensitivity_ranks(score: Callable[[Any], float], params, f: Factors, keep: float, *,
-                      levels: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
-                      progress: bool = True) -> dict[str, int]:
-  """ASVD's sensitivity-based truncation rank search (STRS, Yuan et al. 2023, Sec. 3.3):
-  each kernel alone is cut to each fraction ``levels`` of its parameters (a prefix of
-  its factors ``f``) and the model scored (``score(params)``: a
-  calibration perplexity); then one threshold on that score, binary-searched, gives each
-  kernel the smallest level whose score is under it, so the total keeps ``keep``."""
-  lows = {p: x for p, x in flatten(f.tree).items() if is_lowrank(x)}
+def sensitivity(score: Callable[[Any], float], params, f: Factors, *,
+                levels: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+                progress: bool = True) -> dict[tuple[str, float], float]:
+  """ASVD's sensitivity table (Yuan et al. 2023, Sec. 3.3): ``{(path, level): score}``,
+  the model scored (``score(params)``: a calibration perplexity) with only that kernel
+  cut to the fraction ``level`` of its parameters (a prefix of its factors ``f``).
+  Independent of the budget: one table serves every :func:`sensitivity_ranks` call."""
   table = {}
-  for path, x in _bar(list(lows.items()), "rank search", progress):
+  for path, x in _bar(_lowrank_items(f), "sensitivity", progress):
     m, n = x.layout.matrix_shape
     for lv in levels:
       r = max(1, math.floor(lv * m * n / (m + n)))
-      w = x.layout.from_matrix(x.u[..., :r] @ x.v[..., :r, :]).astype(x.dtype)
+      w = jnp.asarray(x.layout.from_matrix(
+          np.asarray(x.u[..., :r], np.float32) @ np.asarray(x.v[..., :r, :], np.float32)), x.dtype)
       table[path, lv] = float(score(replace(params, {path: w})))
+  return table
+
+
+def _lowrank_items(f: Factors):
+  return [(p, x) for p, x in flatten(f.tree).items() if is_lowrank(x)]
+
+
+def sensitivity_ranks(table: Mapping[tuple[str, float], float], f: Factors,
+                      keep: float) -> dict[str, int]:
+  """ASVD's sensitivity-based truncation rank search (STRS) on a :func:`sensitivity`
+  table: one threshold on the score, binary-searched, gives each kernel the smallest
+  level whose score is under it (none: it stays dense), the lowest threshold whose total
+  keeps a fraction ``keep`` of the kernels' parameters."""
+  lows = dict(_lowrank_items(f))
+  levels = sorted({lv for _, lv in table})
   sizes = {p: x.layout.size for p, x in lows.items()}
   target = keep * sum(sizes.values())
 
@@ -283,13 +297,32 @@ def compress(f: Factors, rank: Mapping[str, int]):
       return x.dense().astype(x.dtype)
     if r > x.rank:
       raise ValueError(f"{path}: rank {r} is above the kernel's full rank {x.rank}")
-    cut = LowRank(x.u[..., :r], x.v[..., :r, :], x.layout)
-    if cut.size >= math.prod(x.shape):
-      return cut.dense().astype(x.dtype)
-    u, s, vt = svd_lib.of_product(cut.u, cut.v)
-    return from_svd(u, s, vt, x.layout, dtype=x.dtype)
+    u, v = np.asarray(x.u[..., :r], np.float64), np.asarray(x.v[..., :r, :], np.float64)
+    if r * sum(x.layout.matrix_shape) >= x.layout.size:
+      return jnp.asarray(x.layout.from_matrix(u @ v), x.dtype)
+    # the SVD of u v from QRs of both factors and the r x r core (jlr.svd.of_product), on
+    # the host: searches try hundreds of rank patterns, and XLA would compile every shape
+    qu, ru = np.linalg.qr(u)
+    qv, rv = np.linalg.qr(np.swapaxes(v, -1, -2))
+    p, s, wt = np.linalg.svd(ru @ np.swapaxes(rv, -1, -2))
+    root = np.sqrt(s)
+    return LowRank(jnp.asarray((qu @ p) * root[..., None, :], x.dtype),
+                   jnp.asarray(root[..., :, None] * (wt @ np.swapaxes(qv, -1, -2)), x.dtype),
+                   x.layout)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(f.tree, is_leaf=is_lowrank)
   return jax.tree_util.tree_unflatten(treedef, [one(path_str(kp), x) for kp, x in leaves])
+
+
+def merged(params):
+  """:func:`jlr.merge` on the host (numpy): every ``LowRank`` as its dense kernel, without
+  an XLA compile per new factor shape. Scoring a merged tree reuses one compiled forward
+  for every rank pattern a search tries."""
+  def one(x):
+    if not is_lowrank(x):
+      return x
+    mat = np.asarray(x.u, np.float32) @ np.asarray(x.v, np.float32)
+    return jnp.asarray(x.layout.from_matrix(mat), x.dtype)
+  return jax.tree_util.tree_map(one, params, is_leaf=is_lowrank)
 
 
 def search_alpha(score: Callable[[Any], float], params, cal: Calibration,

@@ -164,7 +164,9 @@ def test_sensitivity_rank_search_meets_the_budget(setup):
   params, windows, cal = setup
   f = llm.factors(params, cal, "asvd")
   score = lambda p: float(llm.nll(logits_fn, p, windows[:4]).mean())  # noqa: E731
-  rk = llm.sensitivity_ranks(score, params, f, 0.5, levels=(0.25, 0.5, 0.75), progress=False)
+  table = llm.sensitivity(score, params, f, levels=(0.25, 0.5, 0.75), progress=False)
+  assert len(table) == 14 * 3
+  rk = llm.sensitivity_ranks(table, f, 0.5)
   lays = {p: lay for p, (lay, _) in f.spectra.items()}
   used = sum(min(rk[p] * sum(lay.matrix_shape), lay.size) for p, lay in lays.items())
   assert used <= 0.5 * sum(lay.size for lay in lays.values())  # (past break-even: dense)
