@@ -213,9 +213,9 @@ def main(argv=None) -> dict:
     for method in ("asvd", "svd_llm"):
       saved = done.setdefault("sensitivity", {})
       if method not in saved:  # [[path, level, probe perplexity]]: resumable, and shown
-        table = llm.sensitivity(lambda t: probe_ppl(t, a.strs_windows), variables,
+        found = llm.sensitivity(lambda t: probe_ppl(t, a.strs_windows), variables,
                                 fac[method], levels=a.strs_levels, progress=bars)
-        saved[method] = [[p, lv, v] for (p, lv), v in table.items()]
+        saved[method] = [[p, lv, v] for (p, lv), v in found.items()]
         save()
       tables[method] = {(p, lv): v for p, lv, v in saved[method]}
       strs[method] = llm.sensitivity_ranks(tables[method], fac[method], keep)
