@@ -27,7 +27,7 @@ __version__ = "0.1.0"
 sys.modules.setdefault("jlr.trp", trp)
 sys.modules.setdefault("jlr.lod", lod)
 
-_LAZY = ("flax", "checkpoint", "cli", "models")
+_LAZY = ("flax", "checkpoint", "cli", "models", "llm")
 
 
 def __getattr__(name):  # jlr.flax etc. on first use: the core does not import Flax glue

@@ -44,18 +44,18 @@ import functools
 import math
 import os
 import pickle
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jlr import ranks, stats as stats_lib, svd as svd_lib
+from jlr import ranks, stats as stats_lib
 from jlr.factorized import factorized
 from jlr.lowrank import LowRank, is_lowrank
 from jlr.paths import flatten, path_str, replace
-from jlr.select import layout_for, selector
+from jlr.select import selector
 from jlr.transforms import factorize
 
 METHODS = ("svd", "fwsvd", "asvd", "svd_llm")
@@ -113,7 +113,7 @@ def calibrate(logits_fn: Callable, params, windows: Sequence, *, select=None,
   chosen = None if select is None else selector(select)
   sel = None if select is None else (lambda p: p in flat and chosen(p, flat[p]))
   grams = stats_lib.activations(fn, params, _bar(chunks, "grams", progress), select=sel)
-  layout = stats_lib._read_layouts(fn, params, (chunks[0],))
+  layout = stats_lib.read_layouts(fn, params, (chunks[0],))
   mags = stats_lib.activations(fn, params, _bar(chunks, "|x|", progress), select=sel,
                                mode="abs") if magnitudes else None
   fish = None

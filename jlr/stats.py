@@ -147,8 +147,10 @@ def _args(batch):
   return batch if isinstance(batch, tuple) else (batch,)
 
 
-def _read_layouts(fn, params, args) -> "usage.ModelLayouts":
-  """Layouts of every kernel, ``LowRank`` leaves read as the dense kernels they stand for."""
+def read_layouts(fn, params, args) -> "usage.ModelLayouts":
+  """Layouts of every kernel of ``params`` as ``fn(params, *args)`` uses them (what a
+  calibration pass records against), ``LowRank`` leaves read as the dense kernels they
+  stand for."""
   shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if is_lowrank(x) else x,
                         params, is_leaf=is_lowrank)
   return usage.read(fn, shapes, *args)
@@ -179,7 +181,7 @@ def record(fn: Callable, params, batch, *, mode: str = "gram", mask=None, select
   m)`` / ``(*stacked, tokens)``). Jit it; ``params`` may hold ``LowRank`` leaves."""
   args = _args(batch)
   if layout is None:
-    layout = _read_layouts(fn, params, args)
+    layout = read_layouts(fn, params, args)
   tree, paths = _targets(params, layout, select)
   rec = Recorder(paths, mode, _row_weights(mask))
   with warnings.catch_warnings():
@@ -227,7 +229,7 @@ def activations(fn: Callable, params, batches: Iterable, *, mask: Callable | Non
   if first is None:
     raise ValueError("activations needs at least one batch")
   if layout is None:
-    layout = _read_layouts(fn, params, _args(first))
+    layout = read_layouts(fn, params, _args(first))
   info: dict = {}
 
   @jax.jit
