@@ -70,6 +70,9 @@ def parse_args(argv=None):
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--quick", action="store_true", help="small settings (minutes)")
   p.add_argument("--targets", default="attn,mlp", help="projection groups to factorize")
+  p.add_argument("--embed", action="store_true",
+                 help="also factorize the tied embedding / LM head (plain SVD: it is looked "
+                      "up, so it has no input statistics) at each level's ratio")
   p.add_argument("--lr-update", type=float, default=1e-5)
   p.add_argument("--lr-heal", type=float, default=5e-5)
   p.add_argument("--out-dir", default=RESULTS)
@@ -111,7 +114,7 @@ def main(argv=None) -> dict:
   t_start = time.perf_counter()
   bars = not a.no_progress
   os.makedirs(a.out_dir, exist_ok=True)
-  name = "compress_llm_quick" if a.quick else "compress_llm"
+  name = ("compress_llm_quick" if a.quick else "compress_llm") + ("_embed" if a.embed else "")
   out_path = os.path.join(a.out_dir, f"{name}.json")
   done = json.load(open(out_path)) if os.path.exists(out_path) else {}
   cells = {c["key"]: c for c in done.get("cells", [])}
@@ -166,7 +169,20 @@ def main(argv=None) -> dict:
     os.replace(out_path + ".tmp", out_path)
     return res
 
+  emb = "params/embed/embedding"
+  emb_f = llm.factors(variables, None, "svd", select=lambda p, x=None: p == emb) \
+      if a.embed else None
+
+  def with_embed(tree, remove):
+    """The embedding / LM head cut to the level's ratio: its own kind, so the
+    truncation-loss allocation gives it its share too (the same rank as uniform)."""
+    if emb_f is None:
+      return tree
+    r = llm.allocate(emb_f.spectra, 1.0 - remove, by="uniform")
+    return paths.replace(tree, {emb: paths.flatten(llm.compress(emb_f, r))[emb]})
+
   def cell(key, tree, **info):
+    tree = with_embed(tree, info["remove"])
     kept = sum(int(x.size) for p, x in paths.flatten(tree).items() if target(p))
     whole = int(jlr.summary(tree).total_params)
     cells[key] = {"key": key, "ppl": score(tree), "target_params_kept": kept / target_params,
@@ -228,7 +244,7 @@ def main(argv=None) -> dict:
     options = {"loss" if strength > 0 else "uniform": loss_ranks, "strs": strs["svd_llm"]}
     probe_scores = {al: probe_ppl(llm.compress(fac["svd_llm"], rk)) for al, rk in options.items()}
     alloc = min(probe_scores, key=probe_scores.get)
-    base = llm.compress(fac["svd_llm"], options[alloc])
+    base = with_embed(llm.compress(fac["svd_llm"], options[alloc]), remove)
     key = f"svd_llm/{alloc}/{remove}/update"
     upd = llm.update(fn, base, calib, steps=a.update_steps, lr=a.lr_update, progress=bars)
     if key not in cells:

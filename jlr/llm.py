@@ -170,9 +170,14 @@ class Factors:
   spectra: dict
 
 
-def factors(params, cal: Calibration, method: str = "svd_llm", *, alpha: float = 0.5,
+def factors(params, cal: Calibration | None, method: str = "svd_llm", *, alpha: float = 0.5,
             select=None) -> Factors:
-  """:class:`Factors` of the calibrated kernels (or ``select``\ ed ones, for ``"svd"``)."""
+  """:class:`Factors` of the calibrated kernels (or the ``select``\\ ed ones; ``cal=None``
+  with ``"svd"``: kernels without statistics, such as a looked-up embedding)."""
+  if cal is None:
+    if method != "svd" or select is None:
+      raise ValueError("factors(cal=None) is plain SVD of select= kernels: method='svd'")
+    cal = Calibration(None, None, None, None)
   st = stats_for(cal, method, alpha=alpha)
   paths = set(cal.grams or cal.magnitudes or ())
   chosen = select if select is not None else (lambda p, x=None: p in paths)

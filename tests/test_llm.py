@@ -196,3 +196,19 @@ def test_allocation_strength_interpolates_within_budget_and_uniform_is_a_candida
   assert t == 0.0  # uniform is always among the candidates
   with pytest.raises(ValueError, match="strength"):
     llm.allocate(spec, 0.5, strength=2.0)
+
+
+def test_an_embedding_without_statistics_gets_plain_svd_factors(setup):
+  params = setup[0]
+  emb = "params/embed/embedding"
+  f = llm.factors(params, None, "svd", select=lambda p, x=None: p == emb)
+  assert list(f.spectra) == [emb]
+  w = np.asarray(paths.flatten(params)[emb], np.float64)
+  np.testing.assert_allclose(f.spectra[emb][1], np.linalg.svd(w, compute_uv=False),
+                             rtol=1e-4)
+  small = llm.compress(f, {emb: 5})
+  e = paths.flatten(small)[emb]
+  p, s, qt = np.linalg.svd(w, full_matrices=False)
+  np.testing.assert_allclose(np.asarray(e.dense()), (p[:, :5] * s[:5]) @ qt[:5], atol=2e-5)
+  with pytest.raises(ValueError, match="plain SVD"):
+    llm.factors(params, None, "svd_llm", select=lambda p, x=None: p == emb)
