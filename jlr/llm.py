@@ -347,12 +347,12 @@ def search_alpha(score: Callable[[Any], float], params, cal: Calibration,
 # ----------------------------------------------------------------------------- update / heal
 
 
-def _only(part: str):
-  """Gradient filter: keep ``u`` (``part="u"``) or ``v`` of every ``LowRank``; zero the rest."""
+def _only(phase):
+  """Gradient filter: ``phase`` 0 keeps the ``u`` of every ``LowRank``, 1 its ``v`` (a traced
+  scalar: one compiled step serves both); everything else is zeroed."""
   def one(g):
     if is_lowrank(g):
-      return LowRank(g.u if part == "u" else jnp.zeros_like(g.u),
-                     g.v if part == "v" else jnp.zeros_like(g.v), g.layout)
+      return LowRank(g.u * (1 - phase), g.v * phase, g.layout)
     return jnp.zeros_like(g)
   return lambda grads: jax.tree_util.tree_map(one, grads, is_leaf=is_lowrank)
 
@@ -369,20 +369,19 @@ def update(logits_fn: Callable, params, windows, *, steps: int = 100, lr: float 
   """SVD-LLM's parameter update with sequential low-rank approximation: Adam on the LM
   loss over calibration ``windows``, first the ``u`` factors with ``v`` frozen for
   ``steps``, then ``v`` with ``u`` frozen for ``steps`` (everything else frozen)."""
-  for part in ("u", "v"):
-    keep = _only(part)
-    tx = optax.adam(lr)
+  tx = optax.adam(lr)
 
-    @jax.jit
-    def step(p, s, w, keep=keep, tx=tx):
-      loss, g = jax.value_and_grad(lambda p: token_nll(logits_fn, p, w))(p)
-      u, s = tx.update(keep(g), s, p)
-      return optax.apply_updates(p, u), s, loss
+  @jax.jit
+  def step(p, s, w, phase):
+    loss, g = jax.value_and_grad(lambda p: token_nll(logits_fn, p, w))(p)
+    u, s = tx.update(_only(phase)(g), s, p)
+    return optax.apply_updates(p, u), s, loss
 
-    state = tx.init(params)
-    for w in _bar(_windows_batches(windows, batch, steps, seed), f"update {part}", progress,
-                  total=steps):
-      params, state, _ = step(params, state, w)
+  for phase, part in enumerate(("u", "v")):
+    state = tx.init(params)  # a fresh Adam for each factor
+    for w in _bar(_windows_batches(windows, batch, steps, seed + phase), f"update {part}",
+                  progress, total=steps):
+      params, state, _ = step(params, state, w, jnp.float32(phase))
   return params
 
 
