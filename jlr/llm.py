@@ -78,9 +78,7 @@ def kind(path: str) -> str:
 
 def token_nll(logits_fn: Callable, params, windows) -> jax.Array:
   """Mean next-token negative log-likelihood (nats) of ``windows`` (``(B, T + 1)``)."""
-  logits = factorized(logits_fn)(params, windows[:, :-1])
-  lp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
-  return -jnp.take_along_axis(lp, windows[:, 1:, None], -1)[..., 0].mean()
+  return _per_window(logits_fn, params, windows).mean()
 
 
 # ----------------------------------------------------------------------------- calibrate
