@@ -106,14 +106,14 @@ def calibrate(logits_fn: Callable, params, windows: Sequence, *, select=None,
   first ``k`` windows one at a time (FWSVD)."""
   windows = np.asarray(windows)
   chunks = [jnp.asarray(windows[i: i + batch, :-1]) for i in range(0, len(windows), batch)]
-  fn = lambda p, x: logits_fn(p, x)  # noqa: E731
   flat = flatten(params)
   chosen = None if select is None else selector(select)
   sel = None if select is None else (lambda p: p in flat and chosen(p, flat[p]))
-  grams = stats_lib.activations(fn, params, _bar(chunks, "grams", progress), select=sel)
-  layout = stats_lib.read_layouts(fn, params, (chunks[0],))
-  mags = stats_lib.activations(fn, params, _bar(chunks, "|x|", progress), select=sel,
-                               mode="abs") if magnitudes else None
+  layout = stats_lib.read_layouts(logits_fn, params, (chunks[0],))  # one trace for all passes
+  grams = stats_lib.activations(logits_fn, params, _bar(chunks, "grams", progress),
+                                select=sel, layout=layout)
+  mags = stats_lib.activations(logits_fn, params, _bar(chunks, "|x|", progress), select=sel,
+                               layout=layout, mode="abs") if magnitudes else None
   fish = None
   if fisher:
     grad = jax.jit(jax.grad(lambda p, w: token_nll(logits_fn, p, w)))
@@ -225,6 +225,15 @@ def choose_strength(score: Callable[[dict[str, int]], float], spec, keep: float,
   return min(scores, key=scores.get), scores
 
 
+def _host_dense(x: LowRank, r: int | None = None):
+  """The kernel of ``x`` (its first ``r`` components) as a dense array, multiplied on the
+  host: searches try hundreds of factor shapes, and XLA would compile every one."""
+  u, v = np.asarray(x.u, np.float32), np.asarray(x.v, np.float32)
+  if r is not None:
+    u, v = u[..., :r], v[..., :r, :]
+  return jnp.asarray(x.layout.from_matrix(u @ v), x.dtype)
+
+
 def sensitivity(score: Callable[[Any], float], params, f: Factors, *,
                 levels: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
                 progress: bool = True) -> dict[tuple[str, float], float]:
@@ -234,11 +243,8 @@ def sensitivity(score: Callable[[Any], float], params, f: Factors, *,
   Independent of the budget: one table serves every :func:`sensitivity_ranks` call."""
   table = {}
   for path, x in _bar(_lowrank_items(f), "sensitivity", progress):
-    m, n = x.layout.matrix_shape
     for lv in levels:
-      r = max(1, math.floor(lv * m * n / (m + n)))
-      w = jnp.asarray(x.layout.from_matrix(
-          np.asarray(x.u[..., :r], np.float32) @ np.asarray(x.v[..., :r, :], np.float32)), x.dtype)
+      w = _host_dense(x, ranks.ratio(lv, min_rank=1).plain(x.layout))
       table[path, lv] = float(score(replace(params, {path: w})))
   return table
 
@@ -279,8 +285,8 @@ def sensitivity_ranks(table: Mapping[tuple[str, float], float], f: Factors,
   choice = pick(scores[lo])
   if cost(choice) > target:
     choice = {p: min(levels) for p in lows}
-  return {p: max(1, math.floor(c * lows[p].layout.size / sum(lows[p].layout.matrix_shape)))
-          if c < 1.0 else min(lows[p].layout.matrix_shape) for p, c in choice.items()}
+  return {p: ranks.ratio(c, min_rank=1).plain(lows[p].layout) if c < 1.0
+          else lows[p].layout.max_rank for p, c in choice.items()}
 
 
 # ----------------------------------------------------------------------------- factorize
@@ -297,14 +303,14 @@ def compress(f: Factors, rank: Mapping[str, int]):
       return x
     r = rank.get(path)
     if r is None:
-      return x.dense().astype(x.dtype)
+      return _host_dense(x)
     if r > x.rank:
       raise ValueError(f"{path}: rank {r} is above the kernel's full rank {x.rank}")
-    u, v = np.asarray(x.u[..., :r], np.float64), np.asarray(x.v[..., :r, :], np.float64)
     if r * sum(x.layout.matrix_shape) >= x.layout.size:
-      return jnp.asarray(x.layout.from_matrix(u @ v), x.dtype)
+      return _host_dense(x, r)
     # the SVD of u v from QRs of both factors and the r x r core (jlr.svd.of_product), on
     # the host: searches try hundreds of rank patterns, and XLA would compile every shape
+    u, v = np.asarray(x.u[..., :r], np.float64), np.asarray(x.v[..., :r, :], np.float64)
     qu, ru = np.linalg.qr(u)
     qv, rv = np.linalg.qr(np.swapaxes(v, -1, -2))
     p, s, wt = np.linalg.svd(ru @ np.swapaxes(rv, -1, -2))
@@ -320,12 +326,8 @@ def merged(params):
   """:func:`jlr.merge` on the host (numpy): every ``LowRank`` as its dense kernel, without
   an XLA compile per new factor shape. Scoring a merged tree reuses one compiled forward
   for every rank pattern a search tries."""
-  def one(x):
-    if not is_lowrank(x):
-      return x
-    mat = np.asarray(x.u, np.float32) @ np.asarray(x.v, np.float32)
-    return jnp.asarray(x.layout.from_matrix(mat), x.dtype)
-  return jax.tree_util.tree_map(one, params, is_leaf=is_lowrank)
+  return jax.tree_util.tree_map(lambda x: _host_dense(x) if is_lowrank(x) else x, params,
+                                is_leaf=is_lowrank)
 
 
 def search_alpha(score: Callable[[Any], float], params, cal: Calibration,
@@ -459,17 +461,17 @@ def heal(logits_fn: Callable, params, train, val, *, steps: int = 300, lr: float
     return optax.apply_updates(p, u), s, loss
 
   score = lambda p: float(nll(logits_fn, p, val, batch=batch).mean())  # noqa: E731
-  state = {"params": params, "opt": tx.init(params), "step": 0, "val": [(0, score(params))],
-           "best": (0, params), "bad": 0}
   if checkpoint and os.path.exists(checkpoint):
     with open(checkpoint, "rb") as f:
       state = pickle.load(f)
+  else:
+    state = {"params": params, "opt": tx.init(params), "step": 0, "val": [(0, score(params))],
+             "best": (0, params), "bad": 0}
   batches = list(_windows_batches(train, batch, steps, seed))
   stopped = "steps"
   bar = _bar(range(state["step"], steps), "heal", progress, total=steps - state["step"])
   for i in bar:
     if state["bad"] >= patience:
-      stopped = f"no validation gain in {patience} evaluations"
       break
     p, s, _ = step(state["params"], state["opt"], batches[i], teacher)
     state.update(params=p, opt=s, step=i + 1)
