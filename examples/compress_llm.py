@@ -182,7 +182,6 @@ def main(argv=None) -> dict:
     return paths.replace(tree, {emb: paths.flatten(llm.compress(emb_f, r))[emb]})
 
   def cell(key, tree, **info):
-    tree = with_embed(tree, info["remove"])
     kept = sum(int(x.size) for p, x in paths.flatten(tree).items() if target(p))
     whole = int(jlr.summary(tree).total_params)
     cells[key] = {"key": key, "ppl": score(tree), "target_params_kept": kept / target_params,
@@ -201,22 +200,26 @@ def main(argv=None) -> dict:
   cal = llm.calibrate(fn, variables, calib, select=target, fisher=a.fisher, progress=bars)
   fac = {m: llm.factors(variables, cal, m) for m in ("svd", "fwsvd", "svd_llm")}
   done["calibration_seconds"] = time.perf_counter() - t0
-  best_by_level, tables, strs = {}, {}, {}
+  best_by_level, tables, strs, strs_trees = {}, {}, {}, {}
   for remove in a.remove:
     keep = 1.0 - remove
+
+    def shrink(f, rk, remove=remove):  # every model of this level, searched or scored
+      return with_embed(llm.compress(f, rk), remove)
+
     uniform = llm.allocate(fac["svd"].spectra, keep, by="uniform")
     for method in ("svd", "fwsvd", "svd_llm"):
       key = f"{method}/uniform/{remove}"
       if key not in cells:
-        cell(key, llm.compress(fac[method], uniform), method=method, alloc="uniform",
-             remove=remove)
+        cell(key, shrink(fac[method], uniform), method=method, alloc="uniform", remove=remove)
     key = f"svd_llm/loss/{remove}"
     strength, tried = llm.choose_strength(
-        lambda rk: probe_ppl(llm.compress(fac["svd_llm"], rk)), fac["svd_llm"].spectra, keep)
+        lambda rk: probe_ppl(shrink(fac["svd_llm"], rk)), fac["svd_llm"].spectra, keep)
     loss_ranks = llm.allocate(fac["svd_llm"].spectra, keep, by="loss", strength=strength)
+    loss_tree = shrink(fac["svd_llm"], loss_ranks)
     if key not in cells:
-      cell(key, llm.compress(fac["svd_llm"], loss_ranks), method="svd_llm", alloc="loss",
-           remove=remove, ranks=loss_ranks, strength=strength, strength_scores=tried)
+      cell(key, loss_tree, method="svd_llm", alloc="loss", remove=remove, ranks=loss_ranks,
+           strength=strength, strength_scores=tried)
     # ASVD as its paper runs it: alpha searched (once, at the first level's uniform ranks),
     # then its sensitivity rank search; the same rank search on SVD-LLM's factors
     if "asvd" not in fac:
@@ -235,16 +238,18 @@ def main(argv=None) -> dict:
         save()
       tables[method] = {(p, lv): v for p, lv, v in saved[method]}
       strs[method] = llm.sensitivity_ranks(tables[method], fac[method], keep)
+      strs_trees[method] = shrink(fac[method], strs[method])
       key = f"{method}/strs/{remove}"
       if key not in cells:
-        cell(key, llm.compress(fac[method], strs[method]), method=method, alloc="strs",
-             remove=remove, alpha=fac[method].alpha if method == "asvd" else None,
-             ranks=strs[method])
-    # SVD-LLM's allocation for the update and healing: the best on the probe text
-    options = {"loss" if strength > 0 else "uniform": loss_ranks, "strs": strs["svd_llm"]}
-    probe_scores = {al: probe_ppl(llm.compress(fac["svd_llm"], rk)) for al, rk in options.items()}
+        cell(key, strs_trees[method], method=method, alloc="strs", remove=remove,
+             alpha=fac[method].alpha if method == "asvd" else None, ranks=strs[method])
+    # SVD-LLM's allocation for the update and healing: the best on the probe text (the
+    # strength search already scored the loss allocation's model there)
+    options = {"loss" if strength > 0 else "uniform": (tried[strength], loss_tree),
+               "strs": (probe_ppl(strs_trees["svd_llm"]), strs_trees["svd_llm"])}
+    probe_scores = {al: sc for al, (sc, _) in options.items()}
     alloc = min(probe_scores, key=probe_scores.get)
-    base = with_embed(llm.compress(fac["svd_llm"], options[alloc]), remove)
+    base = options[alloc][1]
     key = f"svd_llm/{alloc}/{remove}/update"
     upd = llm.update(fn, base, calib, steps=a.update_steps, lr=a.lr_update, progress=bars)
     if key not in cells:
