@@ -197,7 +197,9 @@ def main(argv=None) -> dict:
   print("dense: " + ", ".join(f"{t} {done['dense']['ppl'][t]['ppl']:.2f}" for t in TEXTS))
 
   t0 = time.perf_counter()
-  cal = llm.calibrate(fn, variables, calib, select=target, fisher=a.fisher, progress=bars)
+  cache = os.path.join(a.out_dir, ".cache", name)  # resumable state (not committed)
+  cal = llm.calibrate(fn, variables, calib, select=target, fisher=a.fisher, progress=bars,
+                      cache=os.path.join(cache, "calibration.pkl"))
   fac = {m: llm.factors(variables, cal, m) for m in ("svd", "fwsvd", "svd_llm")}
   done["calibration_seconds"] = time.perf_counter() - t0
   best_by_level, tables, strs, strs_trees = {}, {}, {}, {}
@@ -260,7 +262,8 @@ def main(argv=None) -> dict:
     if key not in cells:
       t0 = time.perf_counter()
       healed, log = llm.heal(fn, upd, heal_train, heal_val, steps=a.heal_steps, lr=a.lr_heal,
-                             eval_every=a.heal_every, teacher=variables, progress=bars)
+                             eval_every=a.heal_every, teacher=variables, progress=bars,
+                             checkpoint=os.path.join(cache, key.replace("/", "_") + ".pkl"))
       cell(key, healed, method="svd_llm", alloc=alloc, remove=remove, heal_val=log.val,
            heal_best_step=log.best_step, heal_stopped=log.stopped,
            heal_seconds=time.perf_counter() - t0)

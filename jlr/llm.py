@@ -99,12 +99,47 @@ class Calibration:
 
 def calibrate(logits_fn: Callable, params, windows: Sequence, *, select=None,
               batch: int = 4, magnitudes: bool = True, fisher: int = 0,
-              progress: bool = True) -> Calibration:
+              cache: str | None = None, progress: bool = True) -> Calibration:
   """Input statistics of the selected kernels on ``windows`` (``(n, T + 1)`` tokens), in
   ``batch``-window passes: Grams (SVD-LLM), per-channel mean ``|x|`` (ASVD, with
   ``magnitudes``) and, with ``fisher=k``, the empirical Fisher of the LM loss on the
-  first ``k`` windows one at a time (FWSVD)."""
+  first ``k`` windows one at a time (FWSVD).
+
+  ``cache``: a file the result is saved to and, on a later call with the same windows,
+  parameters and settings (a fingerprint of all of them; ``logits_fn`` is taken to be the
+  same), loaded from instead of recomputed; a stale file is recomputed and overwritten."""
   windows = np.asarray(windows)
+  key = _fingerprint(params, windows, select, batch, magnitudes, fisher) if cache else None
+  if cache and os.path.exists(cache):
+    with open(cache, "rb") as f:
+      saved_key, saved = pickle.load(f)
+    if saved_key == key:
+      return saved
+  cal = _calibrate(logits_fn, params, windows, select, batch, magnitudes, fisher, progress)
+  if cache:
+    os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
+    with open(cache + ".tmp", "wb") as f:
+      pickle.dump((key, cal), f)
+    os.replace(cache + ".tmp", cache)
+  return cal
+
+
+def _fingerprint(params, windows, select, batch, magnitudes, fisher) -> str:
+  """A digest of everything :func:`calibrate`'s result depends on: the windows, every
+  parameter's path and bytes, which kernels are selected and the settings."""
+  import hashlib
+  h = hashlib.sha256(np.ascontiguousarray(windows).tobytes())
+  flat = flatten(params)
+  chosen = None if select is None else selector(select)
+  for p, x in sorted(flat.items()):
+    x = np.asarray(x)
+    h.update(f"{p}{x.shape}{x.dtype}{chosen is None or chosen(p, x)}".encode())
+    h.update(np.ascontiguousarray(x).tobytes())
+  h.update(repr((batch, magnitudes, fisher)).encode())
+  return h.hexdigest()
+
+
+def _calibrate(logits_fn, params, windows, select, batch, magnitudes, fisher, progress):
   chunks = [jnp.asarray(windows[i: i + batch, :-1]) for i in range(0, len(windows), batch)]
   flat = flatten(params)
   chosen = None if select is None else selector(select)

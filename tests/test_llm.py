@@ -49,6 +49,26 @@ def test_calibration_collects_every_projection(setup):
   assert m.count == 8 * 16 and np.all(m.mean > 0)
 
 
+def test_calibration_cache_loads_the_same_and_recomputes_when_stale(setup, tmp_path):
+  params, windows, _ = setup
+  path = str(tmp_path / "cal.pkl")
+  kw = dict(select=is_proj, magnitudes=False, cache=path, progress=False)
+  first = llm.calibrate(logits_fn, params, windows[:4], **kw)
+
+  def unused(p, ids):
+    raise AssertionError("recomputed")
+
+  again = llm.calibrate(unused, params, windows[:4], **kw)  # loaded: the model never runs
+  g = "params/blocks_1/mlp/down/kernel"
+  np.testing.assert_array_equal(again.grams[g].matrix, first.grams[g].matrix)
+  assert again.layout[g] == first.layout[g]
+  with pytest.raises(AssertionError, match="recomputed"):  # other windows: stale
+    llm.calibrate(unused, params, windows[4:8], **kw)
+  moved = jax.tree.map(lambda x: x * 1.01, params)
+  with pytest.raises(AssertionError, match="recomputed"):  # other weights: stale
+    llm.calibrate(unused, moved, windows[:4], **kw)
+
+
 def test_svd_llm_truncation_loss_is_the_whitened_tail(setup):
   """SVD-LLM: cutting to rank r costs exactly sum_{j>r} s_j^2 of ||X W - X W'||^2, the
   s_j those of (X^T X)^{1/2} W (small damping); checked against numpy."""
