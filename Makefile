@@ -36,9 +36,11 @@ data:                  # opt-in: Fashion-MNIST from Debian (the examples fall ba
 
 llm-quick: $(STAMP)    # SmolLM2-135M compression, small settings (minutes)
 	$(BIN)/python examples/compress_llm.py --quick
+	$(BIN)/python examples/compress_llm.py --quick --readme
 
 llm: $(STAMP)          # the README's LLM tables (resumable; see the wall times in the JSONs)
 	$(BIN)/python examples/compress_llm.py
+	$(BIN)/python examples/compress_llm.py --readme
 	$(BIN)/python examples/llm_hf.py
 
 results: $(STAMP)      # every README results table from scratch: resumable, 2 cells at a time (hours on 2 cores)

@@ -51,6 +51,9 @@ from jlr.models import llama  # noqa: E402
 from text import STDLIB_CALIB, kjv_verses, shakespeare_sentences, stdlib_docstrings  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(ROOT, "README.md")
+TARGETS = {0.2: 1.5, 0.4: 3.0, 0.6: 8.0}  # issue 30: best recipe within this x dense perplexity
 PROJ = {"attn": ("q", "k", "v", "o"), "mlp": ("gate", "up", "down")}
 TEXTS = ("kjv", "docstrings")
 # SVD-LLM (Wang et al. 2024, arXiv 2403.07378) Table 1: LLaMA-7B, WikiText-2 perplexity
@@ -77,6 +80,9 @@ def parse_args(argv=None):
   p.add_argument("--lr-heal", type=float, default=5e-5)
   p.add_argument("--out-dir", default=RESULTS)
   p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--readme", nargs="?", const=README, default=None, metavar="PATH",
+                 help="only write the README block (between <!-- results:llm[-quick]:begin/end "
+                      "-->) from the JSON of this setting; runs nothing")
   for k, v in SIZES["full"].items():
     p.add_argument(f"--{k.replace('_', '-')}", type=type(v[0]) if isinstance(v, tuple) else type(v),
                    nargs="+" if isinstance(v, tuple) else None, default=None,
@@ -117,6 +123,14 @@ def main(argv=None) -> dict:
   name = ("compress_llm_quick" if a.quick else "compress_llm") + ("_embed" if a.embed else "")
   out_path = os.path.join(a.out_dir, f"{name}.json")
   done = json.load(open(out_path)) if os.path.exists(out_path) else {}
+  if a.readme:
+    if not done:
+      raise SystemExit(f"no results at {out_path}: run without --readme first")
+    sys.path.insert(0, os.path.join(ROOT, "results"))
+    from report import update_readme
+    update_readme(a.readme, "llm-quick" if a.quick else "llm", readme_block(done))
+    print(readme_block(done))
+    return done
   cells = {c["key"]: c for c in done.get("cells", [])}
 
   model, variables, tok = llama.load_gguf()
@@ -257,16 +271,19 @@ def main(argv=None) -> dict:
     if key not in cells:
       cell(key, upd, method="svd_llm", alloc=alloc, remove=remove, update_steps=a.update_steps,
            probe_ppl=probe_scores)
-    best_by_level[remove] = (alloc, upd)
     key = f"svd_llm/{alloc}/{remove}/update/heal"
-    if key not in cells:
+    ckpt = os.path.join(cache, key.replace("/", "_") + ".pkl")
+    final = upd  # the level's model for speed and samples: healed when we have it
+    if key not in cells or os.path.exists(ckpt):  # a finished checkpoint returns at once
       t0 = time.perf_counter()
-      healed, log = llm.heal(fn, upd, heal_train, heal_val, steps=a.heal_steps, lr=a.lr_heal,
-                             eval_every=a.heal_every, teacher=variables, progress=bars,
-                             checkpoint=os.path.join(cache, key.replace("/", "_") + ".pkl"))
-      cell(key, healed, method="svd_llm", alloc=alloc, remove=remove, heal_val=log.val,
-           heal_best_step=log.best_step, heal_stopped=log.stopped,
-           heal_seconds=time.perf_counter() - t0)
+      final, log = llm.heal(fn, upd, heal_train, heal_val, steps=a.heal_steps, lr=a.lr_heal,
+                            eval_every=a.heal_every, teacher=variables, progress=bars,
+                            checkpoint=ckpt)
+      if key not in cells:
+        cell(key, final, method="svd_llm", alloc=alloc, remove=remove, heal_val=log.val,
+             heal_best_step=log.best_step, heal_stopped=log.stopped,
+             heal_seconds=time.perf_counter() - t0)
+    best_by_level[remove] = (alloc, final)
 
   if "speed" not in done:
     levels = best_by_level if not a.quick else dict(list(best_by_level.items())[-1:])
@@ -386,6 +403,45 @@ def speed_table(res) -> str:
     lines.append(f"| {r['model']} | {r['weight_mb']:.0f} | {r['prefill_tok_s']:.0f} | "
                  f"{r['decode_tok_s_b1']:.1f} | {r['decode_tok_s_b8']:.1f} |")
   return "\n".join(lines)
+
+
+def targets_table(res) -> str:
+  """The best row of each level against the issue's targets, as multiples of dense."""
+  dense = res["dense"]["ppl"]
+  lines = ["| projection params removed | best row | " + " | ".join(
+      f"{t}: x dense" for t in TEXTS) + " | target | met |", "|---" * (4 + len(TEXTS)) + "|"]
+  full = not res["config"].get("blocks")  # the targets are for the whole model
+  for lv in sorted({c["remove"] for c in res["cells"]}):
+    row = [c for c in res["cells"] if c["remove"] == lv]
+    best = min(row, key=lambda c: sum(math.log(c["ppl"][t]["ppl"]) for t in TEXTS))
+    x = [best["ppl"][t]["ppl"] / dense[t]["ppl"] for t in TEXTS]
+    goal = TARGETS.get(lv) if full else None
+    lines.append(f"| {lv:.0%} | `{best['key']}` | " + " | ".join(f"{v:.2f}x" for v in x)
+                 + (f" | {goal}x | {'yes' if max(x) <= goal else 'no'} |" if goal else " | - | - |"))
+  return "\n".join(lines)
+
+
+def readme_block(res) -> str:
+  """README's block for one run, every number from its JSON."""
+  c = res["config"]
+  tokens = c["eval_windows"] * c["ctx"]
+  scope = (f"the first {c['blocks']} of 30 blocks" if c.get("blocks") else "all 30 blocks")
+  head = (f"`{res['command']}`: {res['targets']['kernels']} projections of {scope} "
+          f"({res['targets']['params']:,} of {res['targets']['total']:,} params); calibration "
+          f"{c['calib']} x {c['ctx']} tokens; evaluation {c['eval_windows']} x {c['ctx']} = "
+          f"{tokens:,} tokens of each text, perplexity (95% bootstrap interval over windows "
+          "in the JSON); ASVD's alpha: "
+          f"{res.get('asvd_alpha', '-')}; update {c['update_steps']} steps, heal <= "
+          f"{c['heal_steps']} steps. {res['machine']['cpu_count']} CPU cores, jax "
+          f"{res['machine']['jax']}" + (f", {res['wall_seconds'] / 3600:.1f} h of wall time"
+                                       if res.get("wall_seconds") else "") + ".")
+  parts = [head, table(res), targets_table(res)]
+  if res.get("speed"):
+    parts.append(speed_table(res))
+    parts.append("Greedy samples (chat prompt \"Write one sentence about the sea.\", "
+                 f"{c['decode']} tokens):\n\n" + "\n".join(
+                     f"- {r['model']}: {r['sample']!r}" for r in res["speed"]))
+  return "\n\n".join(parts)
 
 
 if __name__ == "__main__":

@@ -33,3 +33,11 @@ def test_compress_llm_quick(tmp_path):
   assert len(heals) == 2 and all(c["heal_best_step"] >= 0 for c in heals)
   assert {r["model"] for r in res["speed"]} >= {"dense"}
   assert all(r["decode_tok_s_b8"] > 0 for r in res["speed"])
+  # the README block is written from the JSON alone, between its markers
+  readme = tmp_path / "README.md"
+  readme.write_text("a\n<!-- results:llm-quick:begin -->\nold\n<!-- results:llm-quick:end -->\nb\n")
+  subprocess.run([sys.executable, os.path.join(EXAMPLES, "compress_llm.py"), "--quick",
+                  "--out-dir", str(tmp_path), "--readme", str(readme)], check=True, timeout=600)
+  text = readme.read_text()
+  assert "old" not in text and text.startswith("a\n") and text.endswith("b\n")
+  assert f"{cells['svd_llm/uniform/0.2']['ppl']['kjv']['ppl']:.1f}" in text
