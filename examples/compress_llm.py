@@ -215,8 +215,8 @@ def main(argv=None) -> dict:
   cal = llm.calibrate(fn, variables, calib, select=target, fisher=a.fisher, progress=bars,
                       cache=os.path.join(cache, "calibration.pkl"))
   fac = {m: llm.factors(variables, cal, m) for m in ("svd", "fwsvd", "svd_llm")}
-  done["calibration_seconds"] = time.perf_counter() - t0
-  best_by_level, tables, strs, strs_trees = {}, {}, {}, {}
+  done.setdefault("calibration_seconds", time.perf_counter() - t0)  # not a cache hit's
+  best_by_level, bases, tables, strs, strs_trees = {}, {}, {}, {}, {}
   for remove in a.remove:
     keep = 1.0 - remove
 
@@ -265,14 +265,21 @@ def main(argv=None) -> dict:
                "strs": (probe_ppl(strs_trees["svd_llm"]), strs_trees["svd_llm"])}
     probe_scores = {al: sc for al, (sc, _) in options.items()}
     alloc = min(probe_scores, key=probe_scores.get)
-    base = options[alloc][1]
+    bases[remove] = (alloc, options[alloc][1], probe_scores)
+
+  # then the trained rows, every level's one-shot rows first (they are the cheap ones)
+  for remove, (alloc, base, probe_scores) in bases.items():
     key = f"svd_llm/{alloc}/{remove}/update"
-    upd = llm.update(fn, base, calib, steps=a.update_steps, lr=a.lr_update, progress=bars)
+    heal_key = key + "/heal"
+    ckpt = os.path.join(cache, heal_key.replace("/", "_") + ".pkl")
+    if key in cells and os.path.exists(ckpt):
+      upd = base  # healing resumes from its checkpoint: the update's result is not read
+    else:
+      upd = llm.update(fn, base, calib, steps=a.update_steps, lr=a.lr_update, progress=bars)
     if key not in cells:
       cell(key, upd, method="svd_llm", alloc=alloc, remove=remove, update_steps=a.update_steps,
            probe_ppl=probe_scores)
-    key = f"svd_llm/{alloc}/{remove}/update/heal"
-    ckpt = os.path.join(cache, key.replace("/", "_") + ".pkl")
+    key = heal_key
     final = upd  # the level's model for speed and samples: healed when we have it
     if key not in cells or os.path.exists(ckpt):  # a finished checkpoint returns at once
       t0 = time.perf_counter()
