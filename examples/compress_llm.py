@@ -316,8 +316,13 @@ def speed(model, dense, models: dict, tok, a, bars) -> list[dict]:
   step = jax.jit(lambda v, ids, pos, cache: jlr.flax.apply(model, v, ids, pos, cache))
   pre = jax.jit(lambda v, x: jlr.flax.apply(model, v, x)[0])
   x = jnp.zeros((1, a.ctx), jnp.int32)
-  for label, tree in [("dense", dense)] + [(f"svd_llm {r:.0%} removed", m[1])
-                                           for r, m in models.items()]:
+  runs = [("dense", dense)] + [(f"svd_llm {r:.0%} removed", m[1]) for r, m in models.items()]
+  # the profile's floor: every projection at rank 8, so its time is what a token costs
+  # besides reading projection weights (LM head, attention over the cache, norms, dispatch)
+  last = runs[-1][1]
+  runs.append((FLOOR, jlr.truncate(last, {p: 8 for p, x in paths.flatten(last).items()
+                                          if jlr.is_lowrank(x) and "/embed/" not in p})))
+  for label, tree in runs:
     jax.block_until_ready(pre(tree, x))
     ts = []
     for _ in range(3):
@@ -354,6 +359,7 @@ def speed(model, dense, models: dict, tok, a, bars) -> list[dict]:
   return rows
 
 
+FLOOR = "floor: every projection at rank 8"
 NAMES = {"svd": "SVD", "fwsvd": "FWSVD", "asvd": "ASVD (alpha searched, rank search)",
          "svd_llm": "SVD-LLM (whitened)"}
 
@@ -404,51 +410,26 @@ def _fmt(x: float) -> str:
 
 
 def speed_table(res) -> str:
-  lines = ["| model | weights MB | prefill tok/s | decode tok/s, batch 1 | batch 8 |",
-           "|---|---|---|---|---|"]
-  for r in res.get("speed", []):
-    lines.append(f"| {r['model']} | {r['weight_mb']:.0f} | {r['prefill_tok_s']:.0f} | "
-                 f"{r['decode_tok_s_b1']:.1f} | {r['decode_tok_s_b8']:.1f} |")
+  """Decode and prefill, each model's speed-up over dense beside the ratio of weight bytes
+  a token reads, and what a purely bandwidth-bound decode would give: the floor's time
+  (everything but projection weights) plus the dense projections' time scaled by bytes."""
+  rows = res.get("speed", [])
+  dense = rows[0]
+  floor = next((r for r in rows if r["model"] == FLOOR), None)
+  lines = ["| model | weights MB | bytes ratio | prefill tok/s | decode tok/s, batch 1 (x dense) "
+           "| batch 8 (x dense) | batch 1 if bandwidth-bound |", "|---" * 7 + "|"]
+  for r in rows:
+    ratio = dense["weight_mb"] / r["weight_mb"]
+    bound = "-"
+    if floor and r is not floor and r is not dense:
+      t_d, t_f = 1 / dense["decode_tok_s_b1"], 1 / floor["decode_tok_s_b1"]
+      share = (r["weight_mb"] - floor["weight_mb"]) / (dense["weight_mb"] - floor["weight_mb"])
+      bound = f"{t_d / (t_f + (t_d - t_f) * share):.2f}x"
+    lines.append(f"| {r['model']} | {r['weight_mb']:.0f} | {ratio:.2f}x | {r['prefill_tok_s']:.0f} | "
+                 f"{r['decode_tok_s_b1']:.1f} ({r['decode_tok_s_b1'] / dense['decode_tok_s_b1']:.2f}x) | "
+                 f"{r['decode_tok_s_b8']:.1f} ({r['decode_tok_s_b8'] / dense['decode_tok_s_b8']:.2f}x) | "
+                 f"{bound} |")
   return "\n".join(lines)
-
-
-def targets_table(res) -> str:
-  """The best row of each level against the issue's targets, as multiples of dense."""
-  dense = res["dense"]["ppl"]
-  lines = ["| projection params removed | best row | " + " | ".join(
-      f"{t}: x dense" for t in TEXTS) + " | target | met |", "|---" * (4 + len(TEXTS)) + "|"]
-  full = not res["config"].get("blocks")  # the targets are for the whole model
-  for lv in sorted({c["remove"] for c in res["cells"]}):
-    row = [c for c in res["cells"] if c["remove"] == lv]
-    best = min(row, key=lambda c: sum(math.log(c["ppl"][t]["ppl"]) for t in TEXTS))
-    x = [best["ppl"][t]["ppl"] / dense[t]["ppl"] for t in TEXTS]
-    goal = TARGETS.get(lv) if full else None
-    lines.append(f"| {lv:.0%} | `{best['key']}` | " + " | ".join(f"{v:.2f}x" for v in x)
-                 + (f" | {goal}x | {'yes' if max(x) <= goal else 'no'} |" if goal else " | - | - |"))
-  return "\n".join(lines)
-
-
-def readme_block(res) -> str:
-  """README's block for one run, every number from its JSON."""
-  c = res["config"]
-  tokens = c["eval_windows"] * c["ctx"]
-  scope = (f"the first {c['blocks']} of 30 blocks" if c.get("blocks") else "all 30 blocks")
-  head = (f"`{res['command']}`: {res['targets']['kernels']} projections of {scope} "
-          f"({res['targets']['params']:,} of {res['targets']['total']:,} params); calibration "
-          f"{c['calib']} x {c['ctx']} tokens; evaluation {c['eval_windows']} x {c['ctx']} = "
-          f"{tokens:,} tokens of each text, perplexity (95% bootstrap interval over windows "
-          "in the JSON); ASVD's alpha: "
-          f"{res.get('asvd_alpha', '-')}; update {c['update_steps']} steps, heal <= "
-          f"{c['heal_steps']} steps. {res['machine']['cpu_count']} CPU cores, jax "
-          f"{res['machine']['jax']}" + (f", {res['wall_seconds'] / 3600:.1f} h of wall time"
-                                       if res.get("wall_seconds") else "") + ".")
-  parts = [head, table(res), targets_table(res)]
-  if res.get("speed"):
-    parts.append(speed_table(res))
-    parts.append("Greedy samples (chat prompt \"Write one sentence about the sea.\", "
-                 f"{c['decode']} tokens):\n\n" + "\n".join(
-                     f"- {r['model']}: {r['sample']!r}" for r in res["speed"]))
-  return "\n\n".join(parts)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,18 @@ pytest.importorskip("gguf", reason="pip install gguf (the `examples` extra)")
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
 
 
+def test_speed_table_compares_speed_ups_with_bytes_and_the_bandwidth_bound():
+  sys.path.insert(0, EXAMPLES)
+  import compress_llm as ex
+  row = lambda m, mb, b1: {"model": m, "weight_mb": mb, "prefill_tok_s": 100.0,  # noqa: E731
+                           "decode_tok_s_b1": b1, "decode_tok_s_b8": 8 * b1, "sample": ""}
+  # dense 0.1 s a token over 500 MB; the floor (100 MB) 0.025 s; half the projection bytes
+  # left (300 MB): bandwidth-bound, 0.025 + 0.075 / 2 = 0.0625 s, 1.6x
+  res = {"speed": [row("dense", 500, 10.0), row("small", 300, 12.5), row(ex.FLOOR, 100, 40.0)]}
+  small = ex.speed_table(res).splitlines()[3]
+  assert "| 1.67x |" in small and "12.5 (1.25x)" in small and small.endswith("| 1.60x |")
+
+
 @pytest.mark.slow
 def test_compress_llm_quick(tmp_path):
   subprocess.run([sys.executable, os.path.join(EXAMPLES, "compress_llm.py"), "--quick",
