@@ -4,8 +4,9 @@
 
     fn = lambda p, ids: model.apply(p, ids)[0]
     cal = jlr.llm.calibrate(fn, params, calib_windows, select=is_projection)
-    f = jlr.llm.factors(params, cal, "svd_llm")             # one weighted SVD per kernel
-    small = jlr.llm.compress(f, jlr.llm.allocate(f.spectra, keep=0.6))
+    small = jlr.llm.factorize(params, cal, keep=0.6)         # SVD-LLM, uniform ranks
+    f = jlr.llm.factors(params, cal, "svd_llm")   # or: one weighted SVD per kernel, then
+    small = jlr.llm.compress(f, jlr.llm.allocate(f.spectra, keep=0.6))  # any ranks
     small = jlr.llm.update(fn, small, calib_windows, steps=100)       # SVD-LLM's update
     small, log = jlr.llm.heal(fn, small, train_windows, val_windows)  # early-stopped
     jlr.llm.perplexity(jlr.llm.nll(fn, small, test_windows))          # with a bootstrap CI
@@ -56,7 +57,7 @@ from jlr.factorized import factorized
 from jlr.lowrank import LowRank, is_lowrank
 from jlr.paths import flatten, path_str, replace
 from jlr.select import selector
-from jlr.transforms import factorize
+from jlr.transforms import factorize as _factorize
 
 METHODS = ("svd", "fwsvd", "asvd", "svd_llm")
 ALLOCATIONS = ("uniform", "loss")
@@ -214,7 +215,7 @@ def factors(params, cal: Calibration | None, method: str = "svd_llm", *, alpha: 
   st = stats_for(cal, method, alpha=alpha)
   paths = set(cal.grams or cal.magnitudes or ())
   chosen = select if select is not None else (lambda p, x=None: p in paths)
-  tree = factorize(params, ranks.full(), select=chosen, layout=cal.layout, stats=st,
+  tree = _factorize(params, ranks.full(), select=chosen, layout=cal.layout, stats=st,
                    damping=DAMPING[method], nested=True)
   spec = {p: (f.layout, np.asarray(jnp.sum(jnp.square(f.v.astype(jnp.float32)), -1), np.float64))
           for p, f in flatten(tree).items() if is_lowrank(f)}
@@ -355,6 +356,18 @@ def compress(f: Factors, rank: Mapping[str, int]):
                    x.layout)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(f.tree, is_leaf=is_lowrank)
   return jax.tree_util.tree_unflatten(treedef, [one(path_str(kp), x) for kp, x in leaves])
+
+
+def factorize(params, cal: Calibration, keep: float, *, method: str = "svd_llm",
+              by: str = "uniform", strength: float = 1.0, alpha: float = 0.5, select=None,
+              min_rank: int = 8):
+  """The recipe's factorize step in one call: :func:`factors` (``method``'s weighted SVD
+  of every calibrated kernel), :func:`allocate` (``keep`` of their parameters, ``by``
+  ``"uniform"`` or ``"loss"`` at ``strength``) and :func:`compress` (balanced factors).
+  ``compress(factors(...), ranks)`` is the same without another SVD per rank pattern, for
+  searches (:func:`choose_strength`, :func:`sensitivity`)."""
+  f = factors(params, cal, method, alpha=alpha, select=select)
+  return compress(f, allocate(f.spectra, keep, by=by, strength=strength, min_rank=min_rank))
 
 
 def merged(params):

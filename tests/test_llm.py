@@ -135,6 +135,23 @@ def test_full_rank_factors_reproduce_the_dense_nll(setup):
   np.testing.assert_allclose(a, b, rtol=1e-4)
 
 
+def test_factorize_in_one_call_is_factors_allocate_compress(setup):
+  params, windows, cal = setup
+  before = jax.tree.map(np.array, params)
+  small = llm.factorize(params, cal, 0.5, by="loss", min_rank=2)
+  f = llm.factors(params, cal, "svd_llm")
+  want = llm.compress(f, llm.allocate(f.spectra, 0.5, by="loss", min_rank=2))
+  got, ref = paths.flatten(small), paths.flatten(want)
+  assert sorted(got) == sorted(ref)
+  for p, x in ref.items():
+    if jlr.is_lowrank(x):
+      assert got[p].rank == x.rank
+      np.testing.assert_allclose(np.asarray(got[p].dense()), np.asarray(x.dense()), atol=1e-5)
+  kept = sum(x.size for p, x in got.items() if is_proj(p))
+  assert kept <= 0.5 * sum(x.size for p, x in paths.flatten(params).items() if is_proj(p))
+  chex.assert_trees_all_equal(params, before)  # the input is not mutated
+
+
 def test_perplexity_bootstrap_interval():
   x = np.random.default_rng(0).normal(3.0, 0.3, 400)
   r = llm.perplexity(x, bootstrap=2000)
