@@ -195,15 +195,19 @@ def main(argv=None) -> dict:
     r = llm.allocate(emb_f.spectra, 1.0 - remove, by="uniform")
     return paths.replace(tree, {emb: paths.flatten(llm.compress(emb_f, r))[emb]})
 
+  last = [time.perf_counter()]  # when the previous cell (or the start) finished
+
   def cell(key, tree, **info):
     kept = sum(int(x.size) for p, x in paths.flatten(tree).items() if target(p))
     whole = int(jlr.summary(tree).total_params)
     cells[key] = {"key": key, "ppl": score(tree), "target_params_kept": kept / target_params,
-                  "model_params_kept": whole / total_params, **info}
+                  "model_params_kept": whole / total_params, **info,
+                  "seconds": time.perf_counter() - last[0]}  # its searches included
     print(f"  {key}: " + ", ".join(f"{t} {cells[key]['ppl'][t]['ppl']:.2f}" for t in TEXTS)
           + f" ({kept / target_params:.0%} of the projections, {whole / total_params:.0%} "
-          "of the model)")
+          f"of the model; {cells[key]['seconds']:.0f} s)", flush=True)
     save()
+    last[0] = time.perf_counter()
 
   if "dense" not in done:
     done["dense"] = {"ppl": score(variables)}
