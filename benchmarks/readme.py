@@ -28,6 +28,7 @@ FIGURES = (
     (4, ("accuracy",), "Accuracy vs compression"),
     (5, ("memory",), "Memory"),
     (6, ("scaling",), "Scaling"),
+    (7, ("llm_decode",), "LLM decode: where the time goes"),
 )
 MAX_ROWS = 40
 

@@ -20,7 +20,7 @@ import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 FIGURES = ("factorize_speed", "inference_speed", "trp_overhead", "lod_overhead", "accuracy",
-           "memory", "scaling")
+           "memory", "scaling", "llm_decode")
 
 
 def main(argv=None) -> dict:

@@ -90,6 +90,26 @@ def test_scaling_tiny(tmp_path):
     assert r[mesh["columns"].index("max rel diff of u@v")] < 1e-3
 
 
+@pytest.mark.slow  # compiles five 2-block Llamas' decode steps
+def test_llm_decode_tiny(tmp_path):
+  import llm_decode
+  result = llm_decode.main(["--tiny", "--batches", "1", "--out-dir", str(tmp_path)])
+  data = json.loads((tmp_path / "llm_decode.json").read_text())
+  assert MACHINE_KEYS <= set(data["machine"]) and data["table"] == json.loads(
+      json.dumps(result["table"]))
+  cols, rows = data["table"]["columns"], data["table"]["rows"]
+  row = {r[1]: dict(zip(cols, r)) for r in rows}
+  assert list(row) == ["dense", "20% removed", "40% removed", "60% removed", "floor (rank 8)"]
+  mb = [row[k]["weights MB"] for k in row]
+  assert mb == sorted(mb, reverse=True)  # fewer bytes at every level, the floor fewest
+  d, f = row["dense"], row["floor (rank 8)"]
+  for k in ("20% removed", "40% removed", "60% removed"):  # the bound, recomputed
+    share = (row[k]["weights MB"] - f["weights MB"]) / (d["weights MB"] - f["weights MB"])
+    t_d, t_f = d["ms / token"], f["ms / token"]
+    assert abs(row[k]["bandwidth-bound speed-up"] - t_d / (t_f + (t_d - t_f) * share)) < 1e-6
+    assert abs(row[k]["bytes ratio"] - d["weights MB"] / row[k]["weights MB"]) < 1e-9
+
+
 def test_readme_block_is_deterministic(tmp_path):
   res = {"name": "factorize_speed", "title": "T1", "png": "factorize_speed.png",
          "machine": {"jax": "0.0", "cpu_count": 2, "device_count": 1, "command": "python x.py"},
