@@ -271,7 +271,9 @@ def main(argv=None) -> dict:
     alloc = min(probe_scores, key=probe_scores.get)
     bases[remove] = (alloc, options[alloc][1], probe_scores)
 
-  # then the trained rows, every level's one-shot rows first (they are the cheap ones)
+  # then the trained rows, every level's one-shot rows first (they are the cheap ones);
+  # healing holds a student, its Adam moments and a teacher: drop the full-rank factors
+  del fac, cal, strs_trees, loss_tree, emb_f
   for remove, (alloc, base, probe_scores) in bases.items():
     key = f"svd_llm/{alloc}/{remove}/update"
     heal_key = key + "/heal"

@@ -533,7 +533,7 @@ def heal(logits_fn: Callable, params, train, val, *, steps: int = 300, lr: float
       if checkpoint:
         tmp = checkpoint + ".tmp"
         with open(tmp, "wb") as f:
-          pickle.dump(jax.device_get(state), f)
+          pickle.dump(state, f)  # leaf by leaf: no second copy of the whole state
         os.replace(tmp, checkpoint)
   if state["bad"] >= patience:
     stopped = f"no validation gain in {patience} evaluations"
