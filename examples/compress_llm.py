@@ -438,5 +438,59 @@ def speed_table(res) -> str:
   return "\n".join(lines)
 
 
+def allocation_check(res) -> str:
+  """Whether each allocation is at most uniform's perplexity on both texts, per level."""
+  cells = {c["key"]: c for c in res["cells"]}
+  out = []
+  for lv in sorted({c["remove"] for c in res["cells"]}):
+    uni = cells.get(f"svd_llm/uniform/{lv}")
+    for alloc, label in (("loss", "truncation-loss allocation"), ("strs", "ASVD's rank search")):
+      c = cells.get(f"svd_llm/{alloc}/{lv}")
+      if uni and c:
+        ok = all(c["ppl"][t]["ppl"] <= uni["ppl"][t]["ppl"] for t in TEXTS)
+        out.append(f"{lv:.0%} {label}: {'yes' if ok else '**no**'} ({_pair(c)} vs {_pair(uni)})")
+  return ("SVD-LLM allocated <= uniform on both texts: " + "; ".join(out) + ".") if out else ""
+
+
+def targets_table(res) -> str:
+  """The best row of each level against the issue's targets, as multiples of dense."""
+  dense = res["dense"]["ppl"]
+  lines = ["| projection params removed | best row | " + " | ".join(
+      f"{t}: x dense" for t in TEXTS) + " | target | met |", "|---" * (4 + len(TEXTS)) + "|"]
+  full = not res["config"].get("blocks")  # the targets are for the whole model
+  for lv in sorted({c["remove"] for c in res["cells"]}):
+    row = [c for c in res["cells"] if c["remove"] == lv]
+    best = min(row, key=lambda c: sum(math.log(c["ppl"][t]["ppl"]) for t in TEXTS))
+    x = [best["ppl"][t]["ppl"] / dense[t]["ppl"] for t in TEXTS]
+    goal = TARGETS.get(lv) if full else None
+    lines.append(f"| {lv:.0%} | `{best['key']}` | " + " | ".join(f"{v:.2f}x" for v in x)
+                 + (f" | {goal}x | {'yes' if max(x) <= goal else 'no'} |" if goal else " | - | - |"))
+  return "\n".join(lines)
+
+
+def readme_block(res) -> str:
+  """README's block for one run, every number from its JSON."""
+  c = res["config"]
+  tokens = c["eval_windows"] * c["ctx"]
+  scope = (f"the first {c['blocks']} of 30 blocks" if c.get("blocks") else "all 30 blocks")
+  head = (f"`{res['command']}`: {res['targets']['kernels']} projections of {scope} "
+          f"({res['targets']['params']:,} of {res['targets']['total']:,} params); calibration "
+          f"{c['calib']} x {c['ctx']} tokens; evaluation {c['eval_windows']} x {c['ctx']} = "
+          f"{tokens:,} tokens of each text, perplexity (95% bootstrap interval over windows "
+          "in the JSON); ASVD's alpha: "
+          f"{res.get('asvd_alpha', '-')}; update {c['update_steps']} steps, heal <= "
+          f"{c['heal_steps']} steps. {res['machine']['cpu_count']} CPU cores, jax "
+          f"{res['machine']['jax']}" + (f", {res['wall_seconds'] / 3600:.1f} h of wall time"
+                                       if res.get("wall_seconds") else "") + ".")
+  parts = [head, table(res), targets_table(res), allocation_check(res)]
+  if res.get("speed"):
+    parts.append(speed_table(res))
+    parts.append("Greedy samples (chat prompt \"Write one sentence about the sea.\", "
+                 f"{c['decode']} tokens):\n\n" + "\n".join(
+                     f"- {r['model']}: {r['sample']!r}" for r in res["speed"]
+                     if r["model"] != FLOOR))
+  return "\n\n".join(p for p in parts if p)
+
+
 if __name__ == "__main__":
   main()

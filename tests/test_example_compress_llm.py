@@ -24,6 +24,19 @@ def test_speed_table_compares_speed_ups_with_bytes_and_the_bandwidth_bound():
   assert "| 1.67x |" in small and "12.5 (1.25x)" in small and small.endswith("| 1.60x |")
 
 
+def test_readme_block_from_the_committed_quick_json():
+  sys.path.insert(0, EXAMPLES)
+  import compress_llm as ex
+  res = json.loads(open(os.path.join(EXAMPLES, "results", "compress_llm_quick.json")).read())
+  block = ex.readme_block(res)
+  cells = {c["key"]: c for c in res["cells"]}
+  assert block.startswith("`python examples/compress_llm.py --quick`")
+  assert f"| SVD-LLM, uniform | {ex._pair(cells['svd_llm/uniform/0.2'])} |" in block
+  assert "| projection params removed | best row |" in block  # the targets table
+  assert "SVD-LLM allocated <= uniform on both texts" in block
+  assert ex.FLOOR not in block.split("Greedy samples")[-1]  # no sample from the floor
+
+
 @pytest.mark.slow
 def test_compress_llm_quick(tmp_path):
   subprocess.run([sys.executable, os.path.join(EXAMPLES, "compress_llm.py"), "--quick",
