@@ -112,8 +112,11 @@ def calibrate(logits_fn: Callable, params, windows: Sequence, *, select=None,
   windows = np.asarray(windows)
   key = _fingerprint(params, windows, select, batch, magnitudes, fisher) if cache else None
   if cache and os.path.exists(cache):
-    with open(cache, "rb") as f:
-      saved_key, saved = pickle.load(f)
+    try:
+      with open(cache, "rb") as f:
+        saved_key, saved = pickle.load(f)
+    except Exception:  # noqa: BLE001 - written by other code or cut short: recompute
+      saved_key = None
     if saved_key == key:
       return saved
   cal = _calibrate(logits_fn, params, windows, select, batch, magnitudes, fisher, progress)

@@ -67,6 +67,10 @@ def test_calibration_cache_loads_the_same_and_recomputes_when_stale(setup, tmp_p
   moved = jax.tree.map(lambda x: x * 1.01, params)
   with pytest.raises(AssertionError, match="recomputed"):  # other weights: stale
     llm.calibrate(unused, moved, windows[:4], **kw)
+  with open(path, "wb") as f:  # a file cut short: recomputed, not a crash
+    f.write(b"\x80\x04truncated")
+  with pytest.raises(AssertionError, match="recomputed"):
+    llm.calibrate(unused, params, windows[:4], **kw)
 
 
 def test_svd_llm_truncation_loss_is_the_whitened_tail(setup):
