@@ -493,7 +493,9 @@ def heal(logits_fn: Callable, params, train, val, *, steps: int = 300, lr: float
   the unhealed model, included: healing never returns a worse validation score).
   ``checkpoint``: a file to resume from and save to at each evaluation."""
   sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, warmup), max(steps, warmup + 1))
-  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=weight_decay))
+  factors_only = lambda p: jax.tree_util.tree_map(is_lowrank, p, is_leaf=is_lowrank)  # noqa: E731
+  tx = optax.chain(optax.clip_by_global_norm(1.0),  # Adam moments for the factors only
+                   optax.masked(optax.adamw(sched, weight_decay=weight_decay), factors_only))
   keep = lambda g: jax.tree_util.tree_map(  # noqa: E731
       lambda x: x if is_lowrank(x) else jnp.zeros_like(x), g, is_leaf=is_lowrank)
 

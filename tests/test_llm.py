@@ -196,6 +196,9 @@ def test_heal_early_stops_and_never_returns_worse_than_it_started(setup, tmp_pat
   got = llm.nll(logits_fn, healed, windows[16:]).mean()
   np.testing.assert_allclose(got, vals[log.best_step], rtol=1e-5)
   assert log.best_step > 0  # it learned the chain
+  for p, x in paths.flatten(small).items():  # only the factors train; the rest is as given
+    if not jlr.is_lowrank(x):
+      np.testing.assert_array_equal(paths.flatten(healed)[p], x, err_msg=p)
   # resumable: a second call resumes from the checkpoint and ends where the first did
   again, log2 = llm.heal(logits_fn, small, windows[:16], windows[16:], steps=20, lr=3e-3,
                          eval_every=5, patience=2, progress=False,
