@@ -218,12 +218,9 @@ class budget(Rule):  # noqa: N801
   spectrum is non-increasing, this greedy is the optimal allocation of total kept
   energy up to one chunk per leaf.
 
-  A leaf never gets factors past its break-even rank ``floor(m n / (m + n))`` (beyond it
-  the factors are larger than the kernel). A leaf the greedy takes to break-even then
-  stays dense -- full rank, exact; :func:`jlr.plan` leaves it dense -- where the budget
-  has the few parameters from ``r (m + n)`` up to its ``m n`` (none for a square kernel),
-  most remaining energy per parameter first. A leaf whose floor alone is past break-even
-  stays dense and is charged ``m n``.
+  A leaf never gets a rank past its break-even ``floor(m n / (m + n))`` (beyond it the
+  factors are larger than the kernel); a leaf whose floor alone is past break-even
+  stays dense (what :func:`jlr.plan` does with it) and is charged its ``m n``.
 
   ``group(path) -> key`` splits the budget: each group of leaves (e.g. every layer's
   query projection) gets the same fraction of its own dense parameters, allocated
@@ -336,15 +333,6 @@ class budget(Rule):  # noqa: N801
           closed.add(i)
           continue
         ranks[i], spent = stop, spent + extra
-      # a leaf the greedy took to break-even stays dense (full rank: exact) where the
-      # budget has the few params from r (m + n) up to m n, most remaining energy first
-      whole = [i for i in members
-               if ranks[i] == tops[i] < len(gains[i]) and floors[i] * costs[i] < sizes[i]]
-      whole.sort(key=lambda i: -gains[i][tops[i]:].sum() / max(sizes[i] - tops[i] * costs[i], 1))
-      for i in whole:
-        extra = sizes[i] - tops[i] * costs[i]
-        if spent + extra <= total:
-          ranks[i], spent = len(gains[i]), spent + extra
     return ranks
 
 

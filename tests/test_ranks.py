@@ -116,25 +116,6 @@ def test_budget_floor_break_even_and_groups():
       [("t", tiny, np.ones(9)), ("a", lay, flat)]) == [8, 8]
 
 
-def test_budget_keeps_a_leaf_at_break_even_whole_and_plan_leaves_it_dense():
-  """A square kernel at break-even rank (r (m + n) = m n) costs what the kernel costs:
-  the budget keeps it dense (exact) instead of as factors, and plan leaves it dense."""
-  lay = Layout("dense", (64, 64))
-  items = [("a", lay, np.full(64, 10.0)), ("b", lay, 0.5 ** np.arange(64))]
-  # 70% of 2 x 4096: floors 2 x 8 x 128, "a" to break-even 32 (all its chunks first),
-  # then dense for free, and "b" the 614 left: 4 more components
-  assert ranks.budget(0.7).allocate(items) == [64, 12]
-  rng = np.random.default_rng(0)
-  q = [np.linalg.qr(rng.normal(size=(64, 64)))[0] for _ in range(4)]
-  params = {"a": {"kernel": np.asarray(q[0] @ np.diag(items[0][2]) @ q[1], np.float32)},
-            "b": {"kernel": np.asarray(q[2] @ np.diag(items[1][2]) @ q[3], np.float32)}}
-  plan = jlr.plan(params, ranks.budget(0.7), select="kernel")
-  assert list(plan) == ["b/kernel"] and plan["b/kernel"].rank == 12
-  small = jlr.factorize(params, plan)
-  assert small["a"]["kernel"] is params["a"]["kernel"]  # untouched, exact
-  assert jlr.summary(small).total_params <= 0.7 * 2 * 64 * 64
-
-
 def test_budget_normalized_gives_every_leaf_a_share():
   params = _tree()
   params["a"]["kernel"] = params["a"]["kernel"] * 100.0  # a huge-scale leaf
