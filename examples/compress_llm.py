@@ -252,9 +252,17 @@ def main(argv=None) -> dict:
     for method in ("asvd", "svd_llm"):
       saved = done.setdefault("sensitivity", {})
       if method not in saved:  # [[path, level, probe perplexity]]: resumable, and shown
-        found = llm.sensitivity(lambda t: probe_ppl(t, a.strs_windows), variables,
-                                fac[method], levels=a.strs_levels, progress=bars)
+        partial = done.setdefault("sensitivity_partial", {})
+
+        def keep_partial(table, method=method, partial=partial):
+          partial[method] = [[p, lv, v] for (p, lv), v in table.items()]
+          save()
+        found = llm.sensitivity(
+            lambda t: probe_ppl(t, a.strs_windows), variables, fac[method],
+            levels=a.strs_levels, progress=bars, on_kernel=keep_partial,
+            known={(p, lv): v for p, lv, v in partial.get(method, [])})
         saved[method] = [[p, lv, v] for (p, lv), v in found.items()]
+        partial.pop(method, None)
         save()
       tables[method] = {(p, lv): v for p, lv, v in saved[method]}
       strs[method] = llm.sensitivity_ranks(tables[method], fac[method], keep)

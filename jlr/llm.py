@@ -275,16 +275,24 @@ def _host_dense(x: LowRank, r: int | None = None):
 
 def sensitivity(score: Callable[[Any], float], params, f: Factors, *,
                 levels: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+                known: Mapping[tuple[str, float], float] | None = None,
+                on_kernel: Callable[[dict], None] | None = None,
                 progress: bool = True) -> dict[tuple[str, float], float]:
   """ASVD's sensitivity table (Yuan et al. 2023, Sec. 3.3): ``{(path, level): score}``,
   the model scored (``score(params)``: a calibration perplexity) with only that kernel
   cut to the fraction ``level`` of its parameters (a prefix of its factors ``f``).
-  Independent of the budget: one table serves every :func:`sensitivity_ranks` call."""
-  table = {}
+  Independent of the budget: one table serves every :func:`sensitivity_ranks` call.
+
+  Resumable: entries in ``known`` (a partial table) are not scored again, and
+  ``on_kernel(table)`` is called after each kernel (to save the table so far)."""
+  table = dict(known or {})
   for path, x in _bar(_lowrank_items(f), "sensitivity", progress):
-    for lv in levels:
+    todo = [lv for lv in levels if (path, lv) not in table]
+    for lv in todo:
       w = _host_dense(x, ranks.ratio(lv, min_rank=1).plain(x.layout))
       table[path, lv] = float(score(replace(params, {path: w})))
+    if todo and on_kernel is not None:
+      on_kernel(table)
   return table
 
 

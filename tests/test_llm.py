@@ -217,6 +217,16 @@ def test_sensitivity_rank_search_meets_the_budget(setup):
   used = sum(min(rk[p] * sum(lay.matrix_shape), lay.size) for p, lay in lays.items())
   assert used <= 0.5 * sum(lay.size for lay in lays.values())  # (past break-even: dense)
   assert len(set(rk.values())) > 1  # kernels differ in sensitivity
+  # resumable: from a partial table (saved after each kernel) only the rest is scored
+  saved, calls = [], []
+  counted = lambda p: calls.append(1) or score(p)  # noqa: E731
+  llm.sensitivity(counted, params, f, levels=(0.25, 0.5, 0.75), progress=False,
+                  on_kernel=lambda t: saved.append(dict(t)))
+  assert len(saved) == 14 and saved[-1] == table
+  calls.clear()
+  again = llm.sensitivity(counted, params, f, levels=(0.25, 0.5, 0.75), progress=False,
+                          known=saved[4])
+  assert again == table and len(calls) == 3 * (14 - 5)
 
 
 def test_unknown_method_and_missing_statistics_are_refused(setup):
