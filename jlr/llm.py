@@ -376,7 +376,8 @@ def factorize(params, cal: Calibration, keep: float, *, method: str = "svd_llm",
   of every calibrated kernel), :func:`allocate` (``keep`` of their parameters, ``by``
   ``"uniform"`` or ``"loss"`` at ``strength``) and :func:`compress` (balanced factors).
   ``compress(factors(...), ranks)`` is the same without another SVD per rank pattern, for
-  searches (:func:`choose_strength`, :func:`sensitivity`)."""
+  searches (:func:`choose_strength`, :func:`sensitivity`). Uniform by default: the
+  loss allocation only models the LM loss, so choose its strength on held-out text."""
   f = factors(params, cal, method, alpha=alpha, select=select)
   return compress(f, allocate(f.spectra, keep, by=by, strength=strength, min_rank=min_rank))
 
