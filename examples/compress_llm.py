@@ -128,8 +128,9 @@ def main(argv=None) -> dict:
       raise SystemExit(f"no results at {out_path}: run without --readme first")
     sys.path.insert(0, os.path.join(ROOT, "results"))
     from report import update_readme
-    update_readme(a.readme, "llm-quick" if a.quick else "llm", readme_block(done))
-    print(readme_block(done))
+    block = readme_block(done)
+    update_readme(a.readme, "llm-quick" if a.quick else "llm", block)
+    print(block)
     return done
   cells = {c["key"]: c for c in done.get("cells", [])}
 
