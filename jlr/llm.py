@@ -107,10 +107,13 @@ def calibrate(logits_fn: Callable, params, windows: Sequence, *, select=None,
   first ``k`` windows one at a time (FWSVD).
 
   ``cache``: a file the result is saved to and, on a later call with the same windows,
-  parameters and settings (a fingerprint of all of them; ``logits_fn`` is taken to be the
-  same), loaded from instead of recomputed; a stale file is recomputed and overwritten."""
+  parameters, settings and program (a fingerprint of all of them: ``logits_fn`` enters as
+  its traced jaxpr and constants, so an edited model function is not served stale
+  statistics), loaded from instead of recomputed; a stale file is recomputed and
+  overwritten."""
   windows = np.asarray(windows)
-  key = _fingerprint(params, windows, select, batch, magnitudes, fisher) if cache else None
+  key = (_fingerprint(params, windows, select, batch, magnitudes, fisher)
+         + _program_digest(logits_fn, params, windows[:batch, :-1])) if cache else None
   if cache and os.path.exists(cache):
     try:
       with open(cache, "rb") as f:
@@ -140,6 +143,18 @@ def _fingerprint(params, windows, select, batch, magnitudes, fisher) -> str:
     h.update(f"{p}{x.shape}{x.dtype}{chosen is None or chosen(p, x)}".encode())
     h.update(np.ascontiguousarray(x).tobytes())
   h.update(repr((batch, magnitudes, fisher)).encode())
+  return h.hexdigest()
+
+
+def _program_digest(logits_fn, params, ids) -> str:
+  """A digest of what ``logits_fn`` computes: its jaxpr traced on ``ids`` (printed without
+  object addresses) and the bytes of the constants it closes over."""
+  import hashlib
+  import re
+  closed = jax.make_jaxpr(logits_fn)(params, jnp.asarray(ids))
+  h = hashlib.sha256(re.sub(r"0x[0-9a-fA-F]+", "", str(closed.jaxpr)).encode())
+  for c in closed.consts:
+    h.update(np.ascontiguousarray(np.asarray(c)).tobytes())
   return h.hexdigest()
 
 

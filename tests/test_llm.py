@@ -49,28 +49,45 @@ def test_calibration_collects_every_projection(setup):
   assert m.count == 8 * 16 and np.all(m.mean > 0)
 
 
-def test_calibration_cache_loads_the_same_and_recomputes_when_stale(setup, tmp_path):
+def test_calibration_cache_loads_the_same_and_recomputes_when_stale(setup, tmp_path,
+                                                                   monkeypatch):
   params, windows, _ = setup
   path = str(tmp_path / "cal.pkl")
   kw = dict(select=is_proj, magnitudes=False, cache=path, progress=False)
   first = llm.calibrate(logits_fn, params, windows[:4], **kw)
+  recompute = llm._calibrate
 
-  def unused(p, ids):
+  def refuse(*a, **k):
     raise AssertionError("recomputed")
 
-  again = llm.calibrate(unused, params, windows[:4], **kw)  # loaded: the model never runs
+  monkeypatch.setattr(llm, "_calibrate", refuse)
+  again = llm.calibrate(logits_fn, params, windows[:4], **kw)  # loaded: not recomputed
   g = "params/blocks_1/mlp/down/kernel"
   np.testing.assert_array_equal(again.grams[g].matrix, first.grams[g].matrix)
   assert again.layout[g] == first.layout[g]
   with pytest.raises(AssertionError, match="recomputed"):  # other windows: stale
-    llm.calibrate(unused, params, windows[4:8], **kw)
+    llm.calibrate(logits_fn, params, windows[4:8], **kw)
   moved = jax.tree.map(lambda x: x * 1.01, params)
   with pytest.raises(AssertionError, match="recomputed"):  # other weights: stale
-    llm.calibrate(unused, moved, windows[:4], **kw)
+    llm.calibrate(logits_fn, moved, windows[:4], **kw)
+  # another model function on the same weights (here: a different norm epsilon) is stale
+  other = llama.Llama(llama.LlamaConfig(**{**CFG.__dict__, "eps": 1e-3}))
+  with pytest.raises(AssertionError, match="recomputed"):
+    llm.calibrate(lambda p, ids: other.apply(p, ids)[0], params, windows[:4], **kw)
+  # ... and so is the same program closing over a constant of other values
+  def shifted(bias):
+    return lambda p, ids: logits_fn(p, ids) + bias
+  monkeypatch.setattr(llm, "_calibrate", recompute)
+  llm.calibrate(shifted(jnp.zeros(CFG.vocab)), params, windows[:4], **kw)
+  monkeypatch.setattr(llm, "_calibrate", refuse)
+  llm.calibrate(shifted(jnp.zeros(CFG.vocab)), params, windows[:4], **kw)  # loaded
+  with pytest.raises(AssertionError, match="recomputed"):
+    llm.calibrate(shifted(jnp.ones(CFG.vocab)), params, windows[:4], **kw)
   with open(path, "wb") as f:  # a file cut short: recomputed, not a crash
     f.write(b"\x80\x04truncated")
   with pytest.raises(AssertionError, match="recomputed"):
-    llm.calibrate(unused, params, windows[:4], **kw)
+    llm.calibrate(logits_fn, params, windows[:4], **kw)
+  monkeypatch.setattr(llm, "_calibrate", recompute)
 
 
 def test_svd_llm_truncation_loss_is_the_whitened_tail(setup):
