@@ -14,7 +14,7 @@ on -- the SVD-LLM paper's Table 1, measured side by side on a model that runs on
   a 95% bootstrap interval over windows.
 * Targets: the 7 projections of every block (210 kernels); ``--remove`` fractions of
   their parameters are removed (SVD-LLM's "compression ratio"); the whole-model fraction
-  is stated beside it (the tied embedding / LM head stays dense).
+  is stated beside it (the tied embedding / LM head stays dense unless ``--embed``).
 
 Rows: SVD, FWSVD, ASVD (alpha searched, its sensitivity rank search), SVD-LLM (uniform
 ranks, the truncation-loss allocation, and ASVD's rank search on its factors), SVD-LLM +
@@ -74,8 +74,9 @@ def parse_args(argv=None):
   p.add_argument("--quick", action="store_true", help="small settings (minutes)")
   p.add_argument("--targets", default="attn,mlp", help="projection groups to factorize")
   p.add_argument("--embed", action="store_true",
-                 help="also factorize the tied embedding / LM head (plain SVD: it is looked "
-                      "up, so it has no input statistics) at each level's ratio")
+                 help="also factorize the tied embedding / LM head, weighted by the LM "
+                      "head's inputs (its column statistics), its rank from the same "
+                      "allocation (its own kind)")
   p.add_argument("--lr-update", type=float, default=1e-5)
   p.add_argument("--lr-heal", type=float, default=5e-5)
   p.add_argument("--out-dir", default=RESULTS)
@@ -184,17 +185,9 @@ def main(argv=None) -> dict:
     os.replace(out_path + ".tmp", out_path)
     return res
 
-  emb = "params/embed/embedding"
-  emb_f = llm.factors(variables, None, "svd", select=lambda p, x=None: p == emb) \
-      if a.embed else None
-
-  def with_embed(tree, remove):
-    """The embedding / LM head cut to the level's ratio: its own kind, so the
-    truncation-loss allocation gives it its share too (the same rank as uniform)."""
-    if emb_f is None:
-      return tree
-    r = llm.allocate(emb_f.spectra, 1.0 - remove, by="uniform")
-    return paths.replace(tree, {emb: paths.flatten(llm.compress(emb_f, r))[emb]})
+  emb = "params/embed/embedding"  # --embed: the tied embedding / LM head is a target too,
+  chosen = (lambda p, x=None: target(p) or p == emb) if a.embed else target  # whitened
+  # by the LM head's inputs (its column statistics), its own kind in every allocation
 
   last = [time.perf_counter()]  # when the previous cell (or the start) finished
 
@@ -217,7 +210,7 @@ def main(argv=None) -> dict:
 
   t0 = time.perf_counter()
   cache = os.path.join(a.out_dir, ".cache", name)  # resumable state (not committed)
-  cal = llm.calibrate(fn, variables, calib, select=target, fisher=a.fisher, progress=bars,
+  cal = llm.calibrate(fn, variables, calib, select=chosen, fisher=a.fisher, progress=bars,
                       cache=os.path.join(cache, "calibration.pkl"))
   fac = {m: llm.factors(variables, cal, m) for m in ("svd", "fwsvd", "svd_llm")}
   done.setdefault("calibration_seconds", time.perf_counter() - t0)  # not a cache hit's
@@ -225,19 +218,16 @@ def main(argv=None) -> dict:
   for remove in a.remove:
     keep = 1.0 - remove
 
-    def shrink(f, rk, remove=remove):  # every model of this level, searched or scored
-      return with_embed(llm.compress(f, rk), remove)
-
     uniform = llm.allocate(fac["svd"].spectra, keep, by="uniform")
     for method in ("svd", "fwsvd", "svd_llm"):
       key = f"{method}/uniform/{remove}"
       if key not in cells:
-        cell(key, shrink(fac[method], uniform), method=method, alloc="uniform", remove=remove)
+        cell(key, llm.compress(fac[method], uniform), method=method, alloc="uniform", remove=remove)
     key = f"svd_llm/loss/{remove}"
     strength, tried = llm.choose_strength(
-        lambda rk: probe_ppl(shrink(fac["svd_llm"], rk)), fac["svd_llm"].spectra, keep)
+        lambda rk: probe_ppl(llm.compress(fac["svd_llm"], rk)), fac["svd_llm"].spectra, keep)
     loss_ranks = llm.allocate(fac["svd_llm"].spectra, keep, by="loss", strength=strength)
-    loss_tree = shrink(fac["svd_llm"], loss_ranks)
+    loss_tree = llm.compress(fac["svd_llm"], loss_ranks)
     if key not in cells:
       cell(key, loss_tree, method="svd_llm", alloc="loss", remove=remove, ranks=loss_ranks,
            strength=strength, strength_scores=tried)
@@ -267,7 +257,7 @@ def main(argv=None) -> dict:
         save()
       tables[method] = {(p, lv): v for p, lv, v in saved[method]}
       strs[method] = llm.sensitivity_ranks(tables[method], fac[method], keep)
-      strs_trees[method] = shrink(fac[method], strs[method])
+      strs_trees[method] = llm.compress(fac[method], strs[method])
       key = f"{method}/strs/{remove}"
       if key not in cells:
         cell(key, strs_trees[method], method=method, alloc="strs", remove=remove,
@@ -282,7 +272,7 @@ def main(argv=None) -> dict:
 
   # then the trained rows, every level's one-shot rows first (they are the cheap ones);
   # healing holds a student, its Adam moments and a teacher: drop the full-rank factors
-  del fac, cal, strs_trees, loss_tree, emb_f
+  del fac, cal, strs_trees, loss_tree
   for remove, (alloc, base, probe_scores) in bases.items():
     key = f"svd_llm/{alloc}/{remove}/update"
     heal_key = key + "/heal"

@@ -528,18 +528,29 @@ def run_dot_general(eqn, ins):
   return _cast(y, eqn)
 
 
+COLUMNS = "^T"
+"""Suffix of a :class:`Recorder` key holding the inputs a kernel met on its column side
+(``x @ W^T``: a tied LM head contracts its input with the embedding's feature axis),
+recorded in the kernel's column order: the row statistics of ``W^T``."""
+
+
 def _record_dot(rec: Recorder, x, xc, xb, f: Factored, fc, fb) -> None:
-  """Record ``x``'s rows for ``f`` when ``x`` is contracted with exactly ``f``'s rows."""
+  """Record ``x``'s rows for ``f`` when ``x`` is contracted with exactly ``f``'s rows, or
+  under ``f.path + COLUMNS`` when with exactly its columns."""
+  contracted = {f.axes[j] for j in fc}
   rows_c = set(range(f.nb, f.nb + f.na))
-  if {f.axes[j] for j in fc} != rows_c or {f.axes[j] for j in fb} != set(range(f.nb)):
-    rec.miss(f.path, "an input contracted with axes that are not the kernel's rows")
+  cols_c = set(range(f.nb + f.na, f.ndim))
+  key = f.path if contracted == rows_c else f.path + COLUMNS if contracted == cols_c else None
+  if key is None or {f.axes[j] for j in fb} != set(range(f.nb)):
+    rec.miss(f.path, "an input contracted with axes that are neither the kernel's rows "
+             "nor its columns")
     return
-  by_c = sorted(zip(xc, fc), key=lambda p: f.axes[p[1]])  # kernel row order
+  by_c = sorted(zip(xc, fc), key=lambda p: f.axes[p[1]])  # kernel row (column) order
   by_b = sorted(zip(xb, fb), key=lambda p: f.axes[p[1]])  # stacked layers first
   free = [i for i in range(jnp.ndim(x)) if i not in xc and i not in xb]
   t = jnp.transpose(x, [i for i, _ in by_b] + free + [i for i, _ in by_c])
   nb = len(by_b)
-  rec.add(f.path, t.reshape(t.shape[:nb + len(free)] + (-1,)), stacked=nb)
+  rec.add(key, t.reshape(t.shape[:nb + len(free)] + (-1,)), stacked=nb)
 
 
 def _masked(t, t_lab, f: Factored, keep_lab):

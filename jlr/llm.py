@@ -188,7 +188,7 @@ def stats_for(cal: Calibration, method: str, *, alpha: float = 0.5) -> Mapping |
     return _need(cal.fisher, "fisher", method)
   if method == "asvd":  # R = diag(sqrt(w)) = diag(mean|x|^alpha)
     mags = _need(cal.magnitudes, "magnitudes", method)
-    return {p: stats_lib.RowWeights(np.maximum(m.mean, 1e-12) ** (2 * alpha), m.count)
+    return {p: stats_lib.RowWeights(np.maximum(m.mean, 1e-12) ** (2 * alpha), m.count, m.side)
             for p, m in mags.items()}
   raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
@@ -235,8 +235,12 @@ def factors(params, cal: Calibration | None, method: str = "svd_llm", *, alpha: 
   chosen = select if select is not None else (lambda p, x=None: p in paths)
   tree = _factorize(params, ranks.full(), select=chosen, layout=cal.layout, stats=st,
                    damping=DAMPING[method], nested=True)
-  spec = {p: (f.layout, np.asarray(jnp.sum(jnp.square(f.v.astype(jnp.float32)), -1), np.float64))
-          for p, f in flatten(tree).items() if is_lowrank(f)}
+  def spectrum(p, f):  # the orthonormal side's squared norms: the weighted s_j
+    cols = st is not None and getattr(st.get(p), "side", "rows") == "cols"  # v = S^1/2 Q^T,
+    side = f.u if cols else f.v  # or, whitened over the columns, u = Q S^1/2
+    return np.asarray(jnp.sum(jnp.square(side.astype(jnp.float32)), -2 if cols else -1),
+                      np.float64)
+  spec = {p: (f.layout, spectrum(p, f)) for p, f in flatten(tree).items() if is_lowrank(f)}
   return Factors(tree, method, alpha, spec)
 
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlr import usage
-from jlr.factorized import DensifiedWarning, Recorder, factorized, recording
+from jlr.factorized import COLUMNS, DensifiedWarning, Recorder, factorized, recording
 from jlr.layouts import Layout
 from jlr.lowrank import LowRank, is_lowrank
 from jlr.paths import path_str
@@ -39,13 +39,24 @@ class MissingStatisticsWarning(UserWarning):
 
 @dataclasses.dataclass(frozen=True)
 class Gram:
-  """``matrix = sum_i x_i x_i^T`` over ``count`` input rows ``x_i`` (length ``m``)."""
+  """``matrix = sum_i x_i x_i^T`` over ``count`` input rows ``x_i`` (length ``m``).
+
+  ``side="cols"``: the inputs met the kernel's columns (``y = x W^T``, a tied LM head
+  reading the embedding), so ``x_i`` has the length ``n`` of a column and the data-aware
+  factorization whitens ``W^T`` (:func:`jlr.factorize`)."""
 
   matrix: np.ndarray
   count: int
+  side: str = "rows"
 
   def __add__(self, other: "Gram") -> "Gram":
-    return Gram(self.matrix + other.matrix, self.count + other.count)
+    _same_side(self, other)
+    return Gram(self.matrix + other.matrix, self.count + other.count, self.side)
+
+
+def _same_side(a, b) -> None:
+  if a.side != b.side:
+    raise ValueError(f"cannot add statistics of a kernel's {a.side} to those of its {b.side}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,24 +66,29 @@ class Magnitudes:
 
   sums: np.ndarray
   count: int
+  side: str = "rows"  # as Gram's
 
   @property
   def mean(self) -> np.ndarray:
     return self.sums / max(self.count, 1)
 
   def __add__(self, other: "Magnitudes") -> "Magnitudes":
-    return Magnitudes(self.sums + other.sums, self.count + other.count)
+    _same_side(self, other)
+    return Magnitudes(self.sums + other.sums, self.count + other.count, self.side)
 
 
 @dataclasses.dataclass(frozen=True)
 class RowWeights:
-  """FWSVD row importance ``w_i = sum_j E[(dL/dW_ij)^2]`` (length ``m``)."""
+  """FWSVD row importance ``w_i = sum_j E[(dL/dW_ij)^2]`` (length ``m``); ``side="cols"``:
+  weights of the columns instead (as :class:`Gram`'s)."""
 
   weights: np.ndarray
   count: int
+  side: str = "rows"
 
   def __add__(self, other: "RowWeights") -> "RowWeights":
-    return RowWeights(self.weights + other.weights, self.count + other.count)
+    _same_side(self, other)
+    return RowWeights(self.weights + other.weights, self.count + other.count, self.side)
 
 
 def fisher(grad_fn: Callable[[Any, Any], Any], params, batches: Iterable, *, layout=None,
@@ -105,8 +121,8 @@ def fisher(grad_fn: Callable[[Any, Any], Any], params, batches: Iterable, *, lay
 class Statistics(dict):
   """``{path: Gram}`` from :func:`activations`, with ``missing = {path: reason}`` for
   every kernel the pass was asked for but could not record (an embedding that is only
-  looked up, a kernel contracted over its columns such as a tied LM head, a kernel used
-  inside control flow without a factorized rule)."""
+  looked up, a kernel used inside control flow without a factorized rule). A kernel met
+  only on its column side (a tied LM head's embedding) has a ``Gram(side="cols")``."""
 
   def __init__(self, grams=(), missing=None):
     super().__init__(grams)
@@ -174,11 +190,14 @@ def _targets(params, layout, select):
 
 
 def record(fn: Callable, params, batch, *, mode: str = "gram", mask=None, select=None,
-           layout=None) -> tuple[dict, dict]:
+           layout=None, columns: bool = False) -> tuple[dict, dict]:
   """One calibration pass: ``({path: record}, {path: why missing})`` for the kernels of
   ``params`` as ``fn(params, *batch)`` uses them (see :func:`activations`). ``mode``:
   ``"gram"`` -> ``(X^T W X, sum w)``; ``"abs"`` -> ``(sum w |X|, sum w)``; ``"rows"`` -> ``(X, w)`` (each ``(*stacked, tokens,
-  m)`` / ``(*stacked, tokens)``). Jit it; ``params`` may hold ``LowRank`` leaves."""
+  m)`` / ``(*stacked, tokens)``). Jit it; ``params`` may hold ``LowRank`` leaves. With
+  ``columns``, the inputs a kernel met on its column side are returned too, under
+  ``path + jlr.factorized.COLUMNS``; without, such a kernel is ``missing`` unless it
+  also met inputs on its rows."""
   args = _args(batch)
   if layout is None:
     layout = read_layouts(fn, params, args)
@@ -191,9 +210,15 @@ def record(fn: Callable, params, batch, *, mode: str = "gram", mask=None, select
   missing = dict(rec.missing)
   for path in paths:
     if path not in rec.records and path not in missing:
-      missing[path] = ("no contraction or conv consumed it in this call (an embedding "
+      missing[path] = (TRANSPOSED_USE if path + COLUMNS in rec.records else
+                       "no contraction or conv consumed it in this call (an embedding "
                        "that is only looked up has no input statistics)")
-  return rec.records, missing
+  if columns:
+    return rec.records, missing
+  return {p: r for p, r in rec.records.items() if not p.endswith(COLUMNS)}, missing
+
+
+TRANSPOSED_USE = "contracted over its columns (x @ W^T, a tied LM head)"
 
 
 def activations(fn: Callable, params, batches: Iterable, *, mask: Callable | None = None,
@@ -208,7 +233,10 @@ def activations(fn: Callable, params, batches: Iterable, *, mask: Callable | Non
   -- flattened in the kernel's row order (the rows of its layout's matrix; im2col
   patches for a conv) -- whatever the model code does around it (keyword calls, custom
   modules, ``nn.scan`` / ``nnx.scan`` stacks: one Gram per stacked layer, shape
-  ``(*stacked, m, m)``). Layouts are read from ``fn`` (:func:`jlr.usage.read`) unless
+  ``(*stacked, m, m)``). A kernel met only on its columns (``h @ E^T``, a tied LM head)
+  gets the Gram of those inputs with ``side="cols"``; one met on both sides keeps its
+  row Gram and a :class:`MissingStatisticsWarning` names the column use it leaves out.
+  Layouts are read from ``fn`` (:func:`jlr.usage.read`) unless
   given as ``layout=`` (a :class:`jlr.ModelLayouts`). ``LowRank`` leaves run factorized
   and are recorded too: the statistics of a partly compressed model's inputs (SVD-LLM's
   sequential calibration).
@@ -235,14 +263,26 @@ def activations(fn: Callable, params, batches: Iterable, *, mask: Callable | Non
   @jax.jit
   def grams(params, batch):
     records, info["missing"] = record(fn, params, batch, mask=None if mask is None else mask(batch),
-                                      select=select, layout=layout, mode=mode)
+                                      select=select, layout=layout, mode=mode, columns=True)
     return records
 
   out: dict[str, Gram] = {}
   for batch in (first, *batches):
-    for path, (g, c) in jax.device_get(grams(params, batch)).items():
-      gram = kind(np.asarray(g, np.float64), int(round(float(np.max(c)))))
-      out[path] = out[path] + gram if path in out else gram
+    for key, (g, c) in jax.device_get(grams(params, batch)).items():
+      gram = kind(np.asarray(g, np.float64), int(round(float(np.max(c)))),
+                  "cols" if key.endswith(COLUMNS) else "rows")
+      out[key] = out[key] + gram if key in out else gram
+  both = []  # used on both sides: the row statistics stand, the column uses are named
+  for key in [k for k in out if k.endswith(COLUMNS)]:
+    path, cols = key[: -len(COLUMNS)], out.pop(key)
+    if path in out:
+      both.append(path)
+    else:
+      out[path] = cols
+  if both:
+    warnings.warn("statistics of " + ", ".join(both) + " cover the inputs of their rows "
+                  f"only: they are also {TRANSPOSED_USE}, whose inputs are not in them",
+                  MissingStatisticsWarning, stacklevel=2)
   missing = {p: why for p, why in info["missing"].items() if p not in out}
   loud = {p: why for p, why in missing.items() if "only looked up" not in why
           or layout.lookup(p) is None or not layout.lookup(p).spec.lookup}

@@ -157,11 +157,16 @@ def _resolve(items, what: str, lenient: bool = False) -> list[int | None]:
 
 
 def _whitening(stats, path: str, layout: Layout, batch: tuple[int, ...], damping: float):
-  """``(R, R^{-1})`` for a leaf with calibration statistics, else ``(None, None)``."""
+  """``(R, R^{-1}, transposed)`` for a leaf with calibration statistics, else ``(None,
+  None, False)``. ``transposed``: the statistics are of the kernel's columns
+  (``side="cols"``), so ``R`` whitens the rows of the matrix's transpose."""
   st = None if stats is None else stats.get(path)
   if st is None:
-    return None, None
-  m = layout.matrix_shape[0]
+    return None, None, False
+  side = getattr(st, "side", "rows")
+  if side not in ("rows", "cols"):
+    raise ValueError(f"{path}: statistics side must be 'rows' or 'cols', got {side!r}")
+  m = layout.matrix_shape[0 if side == "rows" else 1]
   if isinstance(st, Gram):
     arr, want = np.asarray(st.matrix), batch + (m, m)
     r = svd_lib.whitener(gram=arr, damping=damping) if arr.shape == want else None
@@ -173,11 +178,16 @@ def _whitening(stats, path: str, layout: Layout, batch: tuple[int, ...], damping
   if r is None:
     raise ValueError(
         f"{path}: calibration statistics of shape {arr.shape} do not fit this kernel's "
-        f"{layout.kind} matrix with {m} rows (expected {want}); the rows of the matrix must "
-        "be the layer's inputs")
+        f"{layout.kind} matrix with {m} {'rows' if side == 'rows' else 'columns'} (expected "
+        f"{want}); the {side} of the matrix must be where the layer's inputs meet it")
   if not bool(np.isfinite(arr).all()):
     raise ValueError(f"{path}: calibration statistics contain NaN or Inf")
-  return r
+  return (*r, side == "cols")
+
+
+def _oriented(mat, transposed: bool):
+  """The matrix whose rows the statistics weigh: ``mat`` or its transpose."""
+  return jnp.swapaxes(mat, -1, -2) if transposed else mat
 
 
 # ----------------------------------------------------------------------------- plan
@@ -224,10 +234,10 @@ def plan(params: PyTree, rank: ranks_lib.RankArg, *, select: SelectArg = None,
       raise ValueError(f"{path}: cannot factorize an empty kernel of shape {jnp.shape(leaf)}")
     _check_dtype(path, leaf)
     checked.append((path, leaf))
-    r_w, _ = _whitening(stats, path, lay, tuple(jnp.shape(leaf))[:b], damping)
+    r_w, _, tr = _whitening(stats, path, lay, tuple(jnp.shape(leaf))[:b], damping)
 
-    def spectrum(leaf=leaf, lay=lay, r_w=r_w):
-      mat = lay.to_matrix(leaf)
+    def spectrum(leaf=leaf, lay=lay, r_w=r_w, tr=tr):
+      mat = _oriented(lay.to_matrix(leaf), tr)
       return svd_lib.svdvals(mat if r_w is None else r_w @ mat.astype(jnp.float32))
 
     items.append((path, lay, rule, spectrum))
@@ -294,12 +304,14 @@ def _compiled(**jit_kwargs):
 
 
 @_compiled(static_argnames=("layout", "rank", "method", "split", "oversample", "n_iter",
-                            "nested"))
+                            "nested", "transposed"))
 def _factor(w, key, r_w, r_inv, *, layout, rank, method, split, oversample, n_iter,
-            nested=False):
+            nested=False, transposed=False):
   mat = layout.to_matrix(w)
   if r_w is not None:
-    u, s, vt = svd_lib.weighted(mat, rank, r_w, r_inv, nested=nested)
+    u, s, vt = svd_lib.weighted(_oriented(mat, transposed), rank, r_w, r_inv, nested=nested)
+    if transposed:  # W^T ~ u s vt  =>  W ~ vt^T s u^T (nested: every prefix still optimal)
+      u, vt = _oriented(vt, True), _oriented(u, True)
   else:
     kw = dict(oversample=oversample, n_iter=n_iter) if method == "randomized" else {}
     u, s, vt = svd_lib.truncated(mat, rank, method=method, key=key, **kw)
@@ -368,7 +380,8 @@ def factorize(params: PyTree, rank: ranks_lib.RankArg | Plan | None = None, *,
       ``sqrt(s)`` on each side; ``"left"``; ``"right"``).
     stats, damping: data-aware factorization (see :func:`plan` and :mod:`jlr.stats`):
       listed kernels minimize ``||R (W - W')||_F`` -- activation-whitened (SVD-LLM) for
-      a ``Gram``, Fisher-weighted (FWSVD) for ``RowWeights`` -- with an exact SVD.
+      a ``Gram``, Fisher-weighted (FWSVD) for ``RowWeights`` -- with an exact SVD; with
+      ``side="cols"`` statistics, ``||R (W - W')^T||_F`` (a tied LM head's embedding).
     nested: with ``stats``, keep the data-aware components themselves (``u = R^-1 P
       S^1/2``, ``v = S^1/2 V^T`` with ``R W = P S V^T``) instead of the SVD of the
       result: ``u`` is not orthonormal, but every rank prefix of the factors is then the
@@ -399,11 +412,12 @@ def factorize(params: PyTree, rank: ranks_lib.RankArg | Plan | None = None, *,
     entry = the_plan.get(path)
     if entry is None or is_lowrank(leaf):
       continue
-    r_w, r_inv = _whitening({path: entry.stats}, path, entry.layout, entry.batch_shape,
-                            entry.damping)
+    r_w, r_inv, tr = _whitening({path: entry.stats}, path, entry.layout, entry.batch_shape,
+                                entry.damping)
     if r_w is not None:  # data-aware: its own whitener, its own call
       out[i] = prev = _factor(svd_lib.sequenced(leaf, prev), None, r_w, r_inv,
-                              layout=entry.layout, rank=entry.rank, nested=nested, **opts)
+                              layout=entry.layout, rank=entry.rank, nested=nested,
+                              transposed=tr, **opts)
       continue
     group = (entry.layout, entry.rank, tuple(jnp.shape(leaf)), jnp.result_type(leaf))
     if _spans_cpu_devices(leaf):

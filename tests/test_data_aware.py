@@ -337,21 +337,56 @@ def test_statistics_are_the_real_inputs_whatever_the_model_code_does():
   assert g.count == 10
 
 
-def test_a_kernel_contracted_over_its_columns_is_named_missing():
+def test_a_tied_head_gets_column_statistics_and_a_transposed_whitened_svd():
+  """A tied LM head (``h @ E^T``) meets the embedding's columns: its inputs become a
+  ``Gram(side="cols")`` equal to numpy's ``H^T H``, and factorize then minimizes the head's
+  output error ``||H (E - E')^T||_F``: ``E'^T = R^-1 (R E^T)_r``, ``R = (H^T H)^{1/2}``."""
   class TiedHead(nn.Module):
     @nn.compact
     def __call__(self, ids):
-      emb = nn.Embed(20, 8, name="emb")
+      emb = nn.Embed(40, 8, name="emb")
       return emb.attend(nn.Dense(8, name="mid")(emb(ids)))
 
-  model, ids = TiedHead(), jnp.arange(6).reshape(2, 3)
+  model, ids = TiedHead(), jnp.arange(36).reshape(3, 12) % 40
   v = model.init(jax.random.key(0), ids)
-  with pytest.warns(stats.MissingStatisticsWarning, match="params/emb/embedding.*not the kernel's rows"):
+  # make the head's inputs strongly anisotropic, so whitening matters
+  v["params"]["mid"]["kernel"] = v["params"]["mid"]["kernel"] * jnp.array([5.0, 3, 1, .5, .2, .1, .05, .01])
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # nothing is missing: the lookup needs no statistics
     st = calibrate.activations(model, v, [ids])
-  assert set(st) == {"params/mid/kernel"} and "params/emb/embedding" in st.missing
-  # factorize with these statistics says which selected kernel has none
-  with pytest.warns(stats.MissingStatisticsWarning, match="params/emb/embedding"):
-    jlr.factorize(v, 4, stats=st)
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), v["params"])
+  e = p["emb"]["embedding"]
+  h = e[np.asarray(ids).reshape(-1)] @ p["mid"]["kernel"] + p["mid"]["bias"]
+  g = st["params/emb/embedding"]
+  assert g.side == "cols" and g.count == 36
+  np.testing.assert_allclose(g.matrix, h.T @ h, rtol=1e-5, atol=1e-6)
+  small = jlr.factorize(v, 3, select="emb", stats=st, damping=0.0)
+  got = np.asarray(small["params"]["emb"]["embedding"].dense(), np.float64)
+  w, q = np.linalg.eigh(h.T @ h)
+  r = q @ np.diag(np.sqrt(w)) @ q.T
+  pu, s, qt = np.linalg.svd(r @ e.T)
+  want = (np.linalg.inv(r) @ (pu[:, :3] * s[:3]) @ qt[:3]).T
+  np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-4)
+  plain = np.asarray(jlr.factorize(v, 3, select="emb")["params"]["emb"]["embedding"].dense())
+  err = lambda x: np.linalg.norm(h @ (e - x).T)  # the head's logit error
+  assert err(got) < 0.9 * err(plain)
+
+
+def test_a_kernel_used_on_both_sides_is_named():
+  """``x @ W`` then ``y @ W^T`` (a tied autoencoder): the row statistics stand and the
+  column use is named -- never folded in silently."""
+  class Tied(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      w = self.param("w", nn.initializers.normal(1.0), (6, 4))
+      return jnp.tanh(x @ w) @ w.T
+
+  model, x = Tied(), jnp.ones((5, 6))
+  v = model.init(jax.random.key(0), x)
+  with pytest.warns(stats.MissingStatisticsWarning, match="params/w cover the inputs of their rows"):
+    st = calibrate.activations(model, v, [x])
+  assert st["params/w"].side == "rows"
+  np.testing.assert_allclose(st["params/w"].matrix, 5 * np.ones((6, 6)), rtol=1e-6)
 
 
 def test_a_plan_carries_its_statistics():

@@ -554,8 +554,8 @@ def test_one_adam_step_on_the_factors_lowers_the_loss(name, cls):
 def test_calibration_covers_every_factorized_kernel(name, cls):
   """(e) jlr.stats.activations records the real input of every factorized kernel; the only
   kernels without statistics are the ones with no input to record (an embedding that is
-  only looked up) or used transposed (a tied LM head contracted over its columns), each
-  named in ``.missing`` with that reason -- never silently absent."""
+  only looked up), each named in ``.missing`` with that reason -- never silently absent;
+  a tied LM head's embedding, met on its columns, has column statistics."""
   b = built(name, cls)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", jlr.stats.MissingStatisticsWarning)
@@ -563,9 +563,9 @@ def test_calibration_covers_every_factorized_kernel(name, cls):
   for path in _lowrank_paths(b.small):
     if path in st:
       g = st[path]
-      m = b.layouts[path].matrix_shape[0]
+      m = b.layouts[path].matrix_shape[0 if g.side == "rows" else 1]
       assert g.matrix.shape[-2:] == (m, m) and g.count > 0, path
       assert np.isfinite(g.matrix).all() and (np.diagonal(g.matrix, axis1=-2, axis2=-1) >= 0).all()
     else:
       why = st.missing.get(path, "")
-      assert "only looked up" in why or "not the kernel's rows" in why, (path, why)
+      assert "only looked up" in why, (path, why)
