@@ -51,6 +51,7 @@ def main(argv=None) -> dict:
   import jlr
   import jlr.flax
   from jlr.models import llama
+  from jlr.report import bandwidth_bound
 
   cfg = llama.LlamaConfig(vocab=a.vocab, d=576, layers=a.layers, heads=9, kv_heads=3,
                           ffn=1536, rope_base=1e5)
@@ -89,8 +90,7 @@ def main(argv=None) -> dict:
     t_d, t_f = t["dense"], t["floor (rank 8)"]
     for k in variants:
       speed = plots.ratio(times["dense"], times[k])
-      share = (mb[k] - mb["floor (rank 8)"]) / (mb["dense"] - mb["floor (rank 8)"])
-      bound = t_d / (t_f + (t_d - t_f) * share)
+      bound = bandwidth_bound(t_d, t_f, mb[k], mb["floor (rank 8)"], mb["dense"])
       gbs = ((mb[k] - mb["floor (rank 8)"]) / 1024 / (t[k] - t_f)
              if k != "floor (rank 8)" and t[k] > t_f else None)
       rows.append([batch, k, mb[k], mb["dense"] / mb[k], 1e3 * t[k], speed,

@@ -48,6 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jlr  # noqa: E402
 from jlr import llm, paths  # noqa: E402
 from jlr.models import llama  # noqa: E402
+from jlr.report import bandwidth_bound  # noqa: E402
 from text import STDLIB_CALIB, kjv_verses, shakespeare_sentences, stdlib_docstrings  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -427,9 +428,8 @@ def speed_table(res) -> str:
     ratio = dense["weight_mb"] / r["weight_mb"]
     bound = "-"
     if floor and r is not floor and r is not dense:
-      t_d, t_f = 1 / dense["decode_tok_s_b1"], 1 / floor["decode_tok_s_b1"]
-      share = (r["weight_mb"] - floor["weight_mb"]) / (dense["weight_mb"] - floor["weight_mb"])
-      bound = f"{t_d / (t_f + (t_d - t_f) * share):.2f}x"
+      bound = f"""{bandwidth_bound(1 / dense["decode_tok_s_b1"], 1 / floor["decode_tok_s_b1"],
+                                   r["weight_mb"], floor["weight_mb"], dense["weight_mb"]):.2f}x"""
     lines.append(f"| {r['model']} | {r['weight_mb']:.0f} | {ratio:.2f}x | {r['prefill_tok_s']:.0f} | "
                  f"{r['decode_tok_s_b1']:.1f} ({r['decode_tok_s_b1'] / dense['decode_tok_s_b1']:.2f}x) | "
                  f"{r['decode_tok_s_b8']:.1f} ({r['decode_tok_s_b8'] / dense['decode_tok_s_b8']:.2f}x) | "

@@ -162,3 +162,18 @@ def summary(params: PyTree, rank: ranks_lib.RankArg | Plan | None = None,
     dense_total += row.dense_params
     rows.append(row)
   return Report(tuple(rows), total, dense_total)
+
+
+def bandwidth_bound(t_dense: float, t_floor: float, size: float, size_floor: float,
+                    size_dense: float) -> float:
+  """The decode speed-up over dense of a model reading ``size`` bytes of weights per
+  token, if every step were bound by reading them: a step costs the floor's time
+  ``t_floor`` (what a token costs besides the compressible weights, measured on a model
+  with those weights cut to almost nothing, of ``size_floor`` bytes) plus the dense
+  remainder scaled by the bytes left,
+
+      t = t_floor + (t_dense - t_floor) (size - size_floor) / (size_dense - size_floor),
+
+  and the bound is ``t_dense / t``."""
+  share = (size - size_floor) / (size_dense - size_floor)
+  return t_dense / (t_floor + (t_dense - t_floor) * share)

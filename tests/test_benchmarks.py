@@ -159,3 +159,12 @@ def test_inference_goal_separates_met_missed_and_the_floor_limit():
   assert g(32, 0.1, 0.127, 0.34, 0.265, 0.032) == "limit (floor)"
   # floor 0.265 below 1.5 x 0.272, but floor + kernels at their FLOPs is 0.447 > 0.408
   assert g(32, 0.25, 0.272, 0.43, 0.265, 0.032) == "limit (floor)"
+
+
+def test_bandwidth_bound_closed_form():
+  """t = t_floor + (t_dense - t_floor) * bytes share: 1x at the dense size, t_dense /
+  t_floor at the floor's, and the time halfway in between at half the bytes."""
+  from jlr.report import bandwidth_bound
+  assert bandwidth_bound(10.0, 2.0, 100, 20, 100) == pytest.approx(1.0)
+  assert bandwidth_bound(10.0, 2.0, 20, 20, 100) == pytest.approx(5.0)
+  assert bandwidth_bound(10.0, 2.0, 60, 20, 100) == pytest.approx(10.0 / 6.0)
