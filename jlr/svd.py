@@ -355,7 +355,9 @@ def whitener(gram: jax.Array | None = None, row_weights: jax.Array | None = None
     ``damping * mean(diag G)`` is added and the square root comes from an
     eigendecomposition with eigenvalues clipped at that floor -- no Cholesky failure.
   * Fisher-weighted (FWSVD, Hsu et al. 2022): ``row_weights`` are per-row sums of squared
-    loss gradients; ``R = diag(sqrt(w))`` after the same relative damping.
+    loss gradients; ``R = diag(sqrt(w))`` after the same relative damping, returned as
+    the diagonal vectors (a vocabulary-sized embedding would need an ``m x m`` matrix:
+    49,152 rows are 9.7 GB); :func:`whiten` applies either form.
   """
   if (gram is None) == (row_weights is None):
     raise ValueError("whitener needs exactly one of gram= or row_weights=")
@@ -372,7 +374,13 @@ def whitener(gram: jax.Array | None = None, row_weights: jax.Array | None = None
   w = jnp.asarray(row_weights, jnp.float32)
   w = jnp.maximum(w, 0.0) + jnp.maximum(damping * jnp.mean(w, -1, keepdims=True), 1e-12)
   s = jnp.sqrt(w)
-  return s[..., :, None] * jnp.eye(w.shape[-1]), (1.0 / s)[..., :, None] * jnp.eye(w.shape[-1])
+  return s, 1.0 / s
+
+
+def whiten(r: jax.Array, a: jax.Array) -> jax.Array:
+  """``R @ a`` for a whitener of :func:`whitener`: a matrix, or a diagonal held as its
+  vector (one axis fewer than ``a``)."""
+  return r[..., :, None] * a if jnp.ndim(r) == jnp.ndim(a) - 1 else r @ a
 
 
 def _unwhiten(r_inv, p, s, vt):
@@ -381,7 +389,7 @@ def _unwhiten(r_inv, p, s, vt):
   ``W' = (Q P') S' (W^T V^T)``. Cost O(m r^2). Without it the "balanced" split would put
   the whole scale of ``R^{-1}`` (huge where activations are small) into ``u``: the
   product is the same but gradient steps on such factors are badly conditioned."""
-  q, t = jnp.linalg.qr(r_inv @ p)
+  q, t = jnp.linalg.qr(whiten(r_inv, p))
   p2, s2, wt = jnp.linalg.svd(t * s[..., None, :], full_matrices=False)
   return q @ p2, s2, wt @ vt
 
@@ -396,9 +404,9 @@ def weighted(a: jax.Array, rank: int, r: jax.Array, r_inv: jax.Array, *, nested:
   (the SVD of ``W'`` at full rank is the plain SVD of ``W``, whose prefixes are not).
   """
   a = a.astype(compute_dtype(a.dtype))
-  p, s, vt = jnp.linalg.svd(r @ a, full_matrices=False)
+  p, s, vt = jnp.linalg.svd(whiten(r, a), full_matrices=False)
   p, s, vt = p[..., :rank], s[..., :rank], vt[..., :rank, :]
-  return (r_inv @ p, s, vt) if nested else _unwhiten(r_inv, p, s, vt)
+  return (whiten(r_inv, p), s, vt) if nested else _unwhiten(r_inv, p, s, vt)
 
 
 def regression(a: jax.Array, rank: int, gram: jax.Array, cross: jax.Array, *,

@@ -238,7 +238,7 @@ def plan(params: PyTree, rank: ranks_lib.RankArg, *, select: SelectArg = None,
 
     def spectrum(leaf=leaf, lay=lay, r_w=r_w, tr=tr):
       mat = _oriented(lay.to_matrix(leaf), tr)
-      return svd_lib.svdvals(mat if r_w is None else r_w @ mat.astype(jnp.float32))
+      return svd_lib.svdvals(mat if r_w is None else svd_lib.whiten(r_w, mat.astype(jnp.float32)))
 
     items.append((path, lay, rule, spectrum))
     meta.append((lay, tuple(jnp.shape(leaf))[:b], rule))
