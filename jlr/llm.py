@@ -436,6 +436,11 @@ def _only(phase):
   return lambda grads: jax.tree_util.tree_map(one, grads, is_leaf=is_lowrank)
 
 
+def _factors_only(params):
+  """``optax.masked``'s mask: True at every ``LowRank`` leaf."""
+  return jax.tree_util.tree_map(is_lowrank, params, is_leaf=is_lowrank)
+
+
 def _windows_batches(windows, batch: int, steps: int, seed: int):
   rng = np.random.default_rng(seed)
   windows = np.asarray(windows)
@@ -447,8 +452,9 @@ def update(logits_fn: Callable, params, windows, *, steps: int = 100, lr: float 
            batch: int = 4, seed: int = 0, progress: bool = True):
   """SVD-LLM's parameter update with sequential low-rank approximation: Adam on the LM
   loss over calibration ``windows``, first the ``u`` factors with ``v`` frozen for
-  ``steps``, then ``v`` with ``u`` frozen for ``steps`` (everything else frozen)."""
-  tx = optax.adam(lr)
+  ``steps``, then ``v`` with ``u`` frozen for ``steps`` (everything else frozen; Adam
+  moments are kept for the factors only)."""
+  tx = optax.masked(optax.adam(lr), _factors_only)  # the rest gets zero updates (_only)
 
   @jax.jit
   def step(p, s, w, phase):
@@ -521,9 +527,8 @@ def heal(logits_fn: Callable, params, train, val, *, steps: int = 300, lr: float
   the unhealed model, included: healing never returns a worse validation score).
   ``checkpoint``: a file to resume from and save to at each evaluation."""
   sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, warmup), max(steps, warmup + 1))
-  factors_only = lambda p: jax.tree_util.tree_map(is_lowrank, p, is_leaf=is_lowrank)  # noqa: E731
   tx = optax.chain(optax.clip_by_global_norm(1.0),  # Adam moments for the factors only
-                   optax.masked(optax.adamw(sched, weight_decay=weight_decay), factors_only))
+                   optax.masked(optax.adamw(sched, weight_decay=weight_decay), _factors_only))
   keep = lambda g: jax.tree_util.tree_map(  # noqa: E731
       lambda x: x if is_lowrank(x) else jnp.zeros_like(x), g, is_leaf=is_lowrank)
 
