@@ -57,16 +57,17 @@ README = os.path.join(ROOT, "README.md")
 TARGETS = {0.2: 1.5, 0.4: 3.0, 0.6: 8.0}  # issue 30: best recipe within this x dense perplexity
 PROJ = {"attn": ("q", "k", "v", "o"), "mlp": ("gate", "up", "down")}
 TEXTS = ("kjv", "docstrings")
+PROBE_SLOTS = 16  # windows after the calibration ones kept for the probe; healing's follow
 # SVD-LLM (Wang et al. 2024, arXiv 2403.07378) Table 1: LLaMA-7B, WikiText-2 perplexity
 PAPER = {"model": "LLaMA-7B, WikiText-2 (SVD-LLM Table 1)", "dense": 5.68,
          "0.2": {"svd": 20061, "fwsvd": 1727, "asvd": 11.14, "svd_llm": 7.94}}
-SIZES = {"quick": dict(blocks=4, calib=8, ctx=128, eval_windows=8, fisher=2, remove=(0.2, 0.4),
-                       strs_levels=(0.5, 0.9), strs_windows=1, alphas=(0.5, 1.0),
-                       update_steps=4, heal_steps=6, heal_every=3, decode=8, heal_windows=16),
+SIZES = {"quick": dict(blocks=4, calib=8, ctx=128, eval_windows=4, fisher=2, remove=(0.2, 0.4),
+                       strs_levels=(0.5,), strs_windows=1, alphas=(0.5, 1.0), probe_windows=4,
+                       update_steps=4, heal_steps=4, heal_every=2, decode=8, heal_windows=16),
          "full": dict(blocks=0, calib=64, ctx=256, eval_windows=128, fisher=16, remove=(0.2, 0.4, 0.6),
                       strs_levels=(0.3, 0.5, 0.7, 0.9), strs_windows=2,
-                      alphas=(0.25, 0.5, 0.75, 1.0), update_steps=50, heal_steps=300,
-                      heal_every=25, decode=32, heal_windows=160)}
+                      alphas=(0.25, 0.5, 0.75, 1.0), probe_windows=8, update_steps=50,
+                      heal_steps=300, heal_every=25, decode=32, heal_windows=160)}
 
 
 def parse_args(argv=None):
@@ -93,6 +94,9 @@ def parse_args(argv=None):
   for k, v in SIZES["quick" if a.quick else "full"].items():
     if getattr(a, k) is None:
       setattr(a, k, v)
+  if not 0 < a.probe_windows <= PROBE_SLOTS:
+    p.error(f"--probe-windows must be in 1..{PROBE_SLOTS} (the slots between the "
+            "calibration and the healing windows)")
   return a
 
 
@@ -117,6 +121,16 @@ def windows(tok, texts, ctx: int, n: int, skip: int = 0) -> np.ndarray:
   return np.asarray(ids[skip * (ctx + 1): need], np.int32).reshape(n, ctx + 1)
 
 
+RESUME_FREE = ("no_progress", "readme", "remove")  # a resume may differ in these (cells
+# are keyed by level); a setting the saved JSON predates is taken to be its old behaviour
+
+
+def settings(a) -> dict:
+  """The run's settings as saved in its JSON."""
+  return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(a).items()
+          if k != "out_dir"}
+
+
 def main(argv=None) -> dict:
   a = parse_args(argv)
   t_start = time.perf_counter()
@@ -134,6 +148,12 @@ def main(argv=None) -> dict:
     update_readme(a.readme, "llm-quick" if a.quick else "llm", block)
     print(block)
     return done
+  config = settings(a)
+  clash = {k: (v, config[k]) for k, v in done.get("config", {}).items()
+           if k in config and k not in RESUME_FREE and v != config[k]}
+  if clash:  # resuming would put cells of two settings in one table
+    raise SystemExit(f"{out_path} holds results of other settings (saved, now: {clash}); "
+                     "move it away or pass --out-dir")
   cells = {c["key"]: c for c in done.get("cells", [])}
 
   model, variables, tok = llama.load_gguf()
@@ -149,8 +169,8 @@ def main(argv=None) -> dict:
     return out
 
   calib = mixed(a.calib)
-  probe = mixed(8, skip=a.calib)  # ASVD's searches, allocation strength
-  heal_w = mixed(a.heal_windows, skip=a.calib + 16)
+  probe = mixed(a.probe_windows, skip=a.calib)  # ASVD's searches, allocation strength
+  heal_w = mixed(a.heal_windows, skip=a.calib + PROBE_SLOTS)
   heal_train, heal_val = heal_w[: -a.heal_windows // 8], heal_w[-a.heal_windows // 8:]
   seen = set(sources[1])
   evals = {"kjv": windows(tok, kjv_verses()[20000:], a.ctx, a.eval_windows),
@@ -173,8 +193,7 @@ def main(argv=None) -> dict:
     return math.exp(float(llm.nll(fn, llm.merged(tree), probe[:n]).mean()))
 
   def save():
-    res = {"name": name, "config": {k: (list(v) if isinstance(v, tuple) else v)
-                                    for k, v in vars(a).items() if k != "out_dir"},
+    res = {"name": name, "config": config,
            "command": "python examples/compress_llm.py" + (" --quick" if a.quick else ""),
            "machine": {"jax": jax.__version__, "device": jax.devices()[0].device_kind,
                        "cpu_count": os.cpu_count()},

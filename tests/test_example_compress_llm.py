@@ -37,6 +37,18 @@ def test_readme_block_from_the_committed_quick_json():
   assert ex.FLOOR not in block.split("Greedy samples")[-1]  # no sample from the floor
 
 
+def test_a_resume_with_other_settings_is_refused(tmp_path):
+  """Cells are skipped by key on a rerun, so a JSON of other settings would mix two
+  configurations in one table: refused, naming the setting (a level subset is fine)."""
+  sys.path.insert(0, EXAMPLES)
+  import compress_llm as ex
+  saved = ex.settings(ex.parse_args(["--quick"]))
+  with open(tmp_path / "compress_llm_quick.json", "w") as f:
+    json.dump({"config": {**saved, "eval_windows": 99}, "cells": []}, f)
+  with pytest.raises(SystemExit, match="eval_windows"):
+    ex.main(["--quick", "--no-progress", "--out-dir", str(tmp_path)])
+
+
 @pytest.mark.slow
 def test_compress_llm_quick(tmp_path):
   subprocess.run([sys.executable, os.path.join(EXAMPLES, "compress_llm.py"), "--quick",
