@@ -45,6 +45,7 @@ import functools
 import math
 import os
 import pickle
+import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -351,6 +352,14 @@ def sensitivity_ranks(table: Mapping[tuple[str, float], float], f: Factors,
   choice = pick(scores[lo])
   if cost(choice) > target:
     choice = {p: min(levels) for p in lows}
+  kept = cost(choice) / sum(sizes.values())
+  if kept < keep - 0.02:  # one threshold for all: cutting one kernel cuts all that score less
+    worst = max(lows, key=lambda p: min(table[p, lv] for lv in levels))
+    warnings.warn(
+        f"sensitivity_ranks: kept {kept:.1%} of the kernels' parameters for a target of "
+        f"{keep:.1%}: with levels {levels} no threshold lands nearer (the least sensitive "
+        f"cut of {worst} is needed to fit, and every kernel scoring below it is cut too); "
+        "use finer levels", stacklevel=2)
   return {p: ranks.ratio(c, min_rank=1).plain(lows[p].layout) if c < 1.0
           else lows[p].layout.max_rank for p, c in choice.items()}
 

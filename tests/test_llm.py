@@ -246,6 +246,19 @@ def test_sensitivity_rank_search_meets_the_budget(setup):
   assert again == table and len(calls) == 3 * (14 - 5)
 
 
+def test_sensitivity_rank_search_says_when_one_threshold_overshoots(setup):
+  """STRS cuts every kernel scoring under one threshold: when the budget needs a cut that
+  scores as high as most kernels (here: all tie), it lands far under the budget -- said,
+  with the kernel parameters it kept, not silently."""
+  params, _, cal = setup
+  f = llm.factors(params, cal, "asvd")
+  table = {(p, 0.5): 1.0 for p in f.spectra}
+  with pytest.warns(UserWarning, match=r"sensitivity_ranks: kept 50\.0%.*target of 95\.0%"):
+    rk = llm.sensitivity_ranks(table, f, 0.95)
+  lays = {p: lay for p, (lay, _) in f.spectra.items()}
+  assert all(rk[p] == llm.ranks.ratio(0.5, min_rank=1).plain(lays[p]) for p in lays)
+
+
 def test_unknown_method_and_missing_statistics_are_refused(setup):
   params, _, cal = setup
   with pytest.raises(ValueError, match="method must be one of"):
