@@ -354,12 +354,11 @@ def sensitivity_ranks(table: Mapping[tuple[str, float], float], f: Factors,
     choice = {p: min(levels) for p in lows}
   kept = cost(choice) / sum(sizes.values())
   if kept < keep - 0.02:  # one threshold for all: cutting one kernel cuts all that score less
-    worst = max(lows, key=lambda p: min(table[p, lv] for lv in levels))
     warnings.warn(
         f"sensitivity_ranks: kept {kept:.1%} of the kernels' parameters for a target of "
-        f"{keep:.1%}: with levels {levels} no threshold lands nearer (the least sensitive "
-        f"cut of {worst} is needed to fit, and every kernel scoring below it is cut too); "
-        "use finer levels", stacklevel=2)
+        f"{keep:.1%}: with levels {levels} no threshold lands nearer (one threshold for "
+        "every kernel: the cut that makes the budget fit also cuts every kernel scoring "
+        "below it); use finer levels", stacklevel=2)
   return {p: ranks.ratio(c, min_rank=1).plain(lows[p].layout) if c < 1.0
           else lows[p].layout.max_rank for p, c in choice.items()}
 
