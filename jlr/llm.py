@@ -28,6 +28,10 @@ Methods (each a truncated SVD of a differently weighted kernel, :func:`stats_for
   X)^{1/2}`` (SVD-LLM, Wang et al., ICLR 2025, arXiv 2403.07378): truncating the
   whitened singular value ``s_j`` costs exactly ``s_j^2`` of ``||X W - X W'||_F^2``.
 
+A tied embedding selected as a target is calibrated on its LM-head use, ``logits = h
+E^T`` (its columns meet ``h``: :class:`jlr.stats.Gram` with ``side="cols"``), so each
+method weighs the head's error: SVD-LLM minimizes ``||H (E - E')^T||_F``.
+
 Allocation (:func:`allocate`): ``"uniform"`` (every kernel keeps the same fraction of its
 parameters) or ``"loss"`` -- SVD-LLM V2's idea (Wang et al., NAACL 2025, arXiv
 2503.12340) that each matrix's ratio should follow its theoretical truncation loss: the
