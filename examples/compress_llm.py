@@ -62,7 +62,7 @@ PROBE_SLOTS = 16  # windows after the calibration ones kept for the probe; heali
 PAPER = {"model": "LLaMA-7B, WikiText-2 (SVD-LLM Table 1)", "dense": 5.68,
          "0.2": {"svd": 20061, "fwsvd": 1727, "asvd": 11.14, "svd_llm": 7.94}}
 SIZES = {"quick": dict(blocks=4, calib=8, ctx=128, eval_windows=4, fisher=2, remove=(0.2, 0.4),
-                       strs_levels=(0.5,), strs_windows=1, alphas=(0.5, 1.0), probe_windows=4,
+                       strs_levels=(0.5, 0.9), strs_windows=1, alphas=(0.5, 1.0), probe_windows=4,
                        update_steps=4, heal_steps=4, heal_every=2, decode=8, heal_windows=16),
          "full": dict(blocks=0, calib=64, ctx=256, eval_windows=128, fisher=16, remove=(0.2, 0.4, 0.6),
                       strs_levels=(0.3, 0.5, 0.7, 0.9), strs_windows=2,
