@@ -204,7 +204,7 @@ def spectra(variables, st, *, damping: float) -> dict[str, np.ndarray]:
       g = st[path]
       r, _ = (svd.whitener(gram=g.matrix, damping=damping) if isinstance(g, stats.Gram)
               else svd.whitener(row_weights=g.weights, damping=damping))
-      w = r @ w
+      w = svd.whiten(r, w)  # a Gram's matrix or the row weights' diagonal vector
     out[path] = np.asarray(svd.svdvals(w), np.float64)
   return out
 
