@@ -356,8 +356,8 @@ def whitener(gram: jax.Array | None = None, row_weights: jax.Array | None = None
     eigendecomposition with eigenvalues clipped at that floor -- no Cholesky failure.
   * Fisher-weighted (FWSVD, Hsu et al. 2022): ``row_weights`` are per-row sums of squared
     loss gradients; ``R = diag(sqrt(w))`` after the same relative damping, returned as
-    the diagonal vectors (a vocabulary-sized embedding would need an ``m x m`` matrix:
-    49,152 rows are 9.7 GB); :func:`whiten` applies either form.
+    its diagonal, an ``(..., m, 1)`` column (a vocabulary-sized embedding would need an
+    ``m x m`` matrix: 49,152 rows are 9.7 GB); :func:`whiten` applies either form.
   """
   if (gram is None) == (row_weights is None):
     raise ValueError("whitener needs exactly one of gram= or row_weights=")
@@ -373,14 +373,15 @@ def whitener(gram: jax.Array | None = None, row_weights: jax.Array | None = None
     return r, r_inv
   w = jnp.asarray(row_weights, jnp.float32)
   w = jnp.maximum(w, 0.0) + jnp.maximum(damping * jnp.mean(w, -1, keepdims=True), 1e-12)
-  s = jnp.sqrt(w)
+  s = jnp.sqrt(w)[..., :, None]
   return s, 1.0 / s
 
 
 def whiten(r: jax.Array, a: jax.Array) -> jax.Array:
-  """``R @ a`` for a whitener of :func:`whitener`: a matrix, or a diagonal held as its
-  vector (one axis fewer than ``a``)."""
-  return r[..., :, None] * a if jnp.ndim(r) == jnp.ndim(a) - 1 else r @ a
+  """``R @ a`` for a whitener of :func:`whitener`: an ``(..., m, m)`` matrix, or a
+  diagonal held as an ``(..., m, 1)`` column (the two agree at ``m = 1``), broadcast
+  against ``a``'s leading axes either way."""
+  return r * a if jnp.shape(r)[-1] == 1 else r @ a
 
 
 def _unwhiten(r_inv, p, s, vt):

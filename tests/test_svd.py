@@ -88,19 +88,30 @@ def test_regression_reduces_to_weighted_and_solves_shifted_least_squares():
 
 
 def test_row_weights_whiten_as_a_diagonal_vector():
-  """FWSVD's R = diag(sqrt(w)) is held as its vector (an m x m matrix for a 49k-row
-  embedding is 9.7 GB); weighted() with it equals numpy's best rank-r of diag(s) W."""
+  """FWSVD's R = diag(sqrt(w)) is held as its diagonal column (an m x m matrix for a
+  49k-row embedding is 9.7 GB); weighted() with it equals numpy's best rank-r of diag(s)
+  W, per layer and with one weighting shared by a stack; whiten() tells it from a
+  matrix by shape alone (an m x m Gram whitener beside an m-layer stack included)."""
   rng = np.random.default_rng(3)
   w = rng.normal(size=(2, 40, 12))  # stacked: one weighting per layer
   wts = rng.uniform(0.01, 5.0, size=(2, 40))
   r, r_inv = svd.whitener(row_weights=wts, damping=0.0)
-  chex.assert_shape([r, r_inv], (2, 40))
+  chex.assert_shape([r, r_inv], (2, 40, 1))
   u, s, vt = svd.weighted(jnp.asarray(w, jnp.float32), 3, r, r_inv)
+  shared = svd.weighted(jnp.asarray(w, jnp.float32), 3, r[0], r_inv[0])
   for i in range(2):
     d = np.sqrt(wts[i])
     p, sv, qt = np.linalg.svd(d[:, None] * w[i])
     want = (p[:, :3] * sv[:3]) @ qt[:3] / d[:, None]
     np.testing.assert_allclose((u[i] * s[i]) @ vt[i], want, rtol=1e-4, atol=1e-4)
+    d0 = np.sqrt(wts[0])
+    p, sv, qt = np.linalg.svd(d0[:, None] * w[i])
+    want = (p[:, :3] * sv[:3]) @ qt[:3] / d0[:, None]
+    np.testing.assert_allclose((shared[0][i] * shared[1][i]) @ shared[2][i], want,
+                               rtol=1e-4, atol=1e-4)
+  g = rng.normal(size=(4, 4))  # a matrix whitener beside a 4-layer stack of 4-row kernels
+  a = rng.normal(size=(4, 4, 3))
+  np.testing.assert_allclose(svd.whiten(jnp.asarray(g), jnp.asarray(a)), g @ a, rtol=1e-5)
 
 
 @pytest.mark.parametrize("cond", [1.0, 1e3, 1e5])
