@@ -298,3 +298,61 @@ def test_an_embedding_without_statistics_gets_plain_svd_factors(setup):
   np.testing.assert_allclose(np.asarray(e.dense()), (p[:, :5] * s[:5]) @ qt[:5], atol=2e-5)
   with pytest.raises(ValueError, match="plain SVD"):
     llm.factors(params, None, "svd_llm", select=lambda p, x=None: p == emb)
+
+
+def test_the_recipe_runs_an_nnx_lm_with_multi_head_attention_kernels():
+  """The same calls on an NNX model given as ``nnx.merge(graphdef, state)(ids)``: its
+  ``MultiHeadAttention`` kernels are 3-D (``(d, heads, head_dim)``, ``(heads, head_dim,
+  d)``); the factorized state's logits equal the NNX model run on dense kernels rebuilt
+  from the factors in numpy, and healing trains the factors only."""
+  nnx = pytest.importorskip("flax.nnx")
+
+  class Block(nnx.Module):
+    def __init__(self, d, rngs):
+      self.attn = nnx.MultiHeadAttention(num_heads=4, in_features=d, qkv_features=d,
+                                         decode=False, rngs=rngs)
+      self.up, self.down = nnx.Linear(d, 3 * d, rngs=rngs), nnx.Linear(3 * d, d, rngs=rngs)
+      self.norm = nnx.LayerNorm(d, rngs=rngs)
+
+    def __call__(self, x):
+      x = x + self.attn(self.norm(x), mask=nnx.make_causal_mask(jnp.ones(x.shape[:2])))
+      return x + self.down(jax.nn.gelu(self.up(x)))
+
+  class LM(nnx.Module):
+    def __init__(self, rngs):
+      self.emb = nnx.Embed(CFG.vocab, 32, rngs=rngs)
+      self.blocks = nnx.List([Block(32, rngs)])
+      self.head = nnx.Linear(32, CFG.vocab, rngs=rngs)
+
+    def __call__(self, ids):
+      x = self.emb(ids)
+      for b in self.blocks:
+        x = b(x)
+      return self.head(x)
+
+  graphdef, state = nnx.split(LM(nnx.Rngs(0)))
+  fn = lambda s, ids: nnx.merge(graphdef, s)(ids)  # noqa: E731
+  windows = np.random.default_rng(1).integers(0, CFG.vocab, (12, 17)).astype(np.int32)
+  sel = lambda path, leaf=None: path.startswith("blocks/") and path.endswith("kernel")  # noqa: E731
+  cal = llm.calibrate(fn, state, windows[:8], select=sel, progress=False)
+  before = jax.tree.map(np.array, state)
+  small = llm.factorize(state, cal, 0.5)
+  chex.assert_trees_all_equal(state, before)  # the input is not mutated
+  flat, dense = paths.flatten(small), paths.flatten(state)
+  factored = [p for p, x in flat.items() if jlr.is_lowrank(x)]
+  assert sorted(factored) == sorted(p for p in dense if sel(p)) and len(factored) == 6
+  assert flat["blocks/0/attn/query/kernel"].rank < 16  # 3-D kernels cut too
+  rebuilt = paths.replace(state, {p: (np.asarray(flat[p].u) @ np.asarray(flat[p].v)).reshape(
+      dense[p].shape) for p in factored})
+  ids = windows[8:, :-1]
+  np.testing.assert_allclose(np.asarray(jax.jit(jlr.factorized(fn))(small, ids)),
+                             np.asarray(jax.jit(fn)(rebuilt, ids)), rtol=1e-4, atol=1e-5)
+  healed, log = llm.heal(fn, small, windows[:8], windows[8:], steps=2, lr=1e-3,
+                         eval_every=1, progress=False)
+  assert dict(log.val)[log.best_step] <= dict(log.val)[0]
+  for p, x in flat.items():
+    y = paths.flatten(healed)[p]
+    if jlr.is_lowrank(x):
+      chex.assert_equal_shape([x.u, y.u])
+    else:
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=p)
