@@ -374,7 +374,9 @@ def compress(f: Factors, rank: Mapping[str, int]):
   """The model with each kernel of ``rank`` cut to that rank of ``f``'s factorization
   (its optimal truncation), re-split into balanced factors ``u = P' S'^1/2``, ``v = S'^1/2
   Q'^T`` of the truncated kernel itself (well conditioned for gradient steps, no ``m x
-  n`` product formed); a kernel whose rank is past break-even comes back dense, and
+  n`` product formed). A kernel whose factors would hold at least its own parameters
+  (``r (m + n) >= m n``: at or past break-even) comes back as its exact dense kernel (the
+  full-rank product, not the rank-``r`` truncation: the same parameters, no error), and
   kernels not in ``rank`` dense as they were."""
   def one(path, x):
     if not is_lowrank(x):
@@ -385,7 +387,7 @@ def compress(f: Factors, rank: Mapping[str, int]):
     if r > x.rank:
       raise ValueError(f"{path}: rank {r} is above the kernel's full rank {x.rank}")
     if r * sum(x.layout.matrix_shape) >= x.layout.size:
-      return _host_dense(x, r)
+      return _host_dense(x)
     # the SVD of u v from QRs of both factors and the r x r core (jlr.svd.of_product), on
     # the host: searches try hundreds of rank patterns, and XLA would compile every shape
     u, v = np.asarray(x.u[..., :r], np.float64), np.asarray(x.v[..., :r, :], np.float64)

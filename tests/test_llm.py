@@ -173,6 +173,22 @@ def test_factorize_in_one_call_is_factors_allocate_compress(setup):
   chex.assert_trees_all_equal(params, before)  # the input is not mutated
 
 
+def test_a_kernel_at_break_even_comes_back_as_its_exact_dense_kernel(setup):
+  """A rank whose factors hold the kernel's own parameter count gains nothing from being
+  cut: ``compress`` returns the kernel itself, not its truncation at that rank."""
+  params, _, cal = setup
+  f = llm.factors(params, cal, "svd_llm")
+  q = "params/blocks_0/attn/q/kernel"
+  w = np.asarray(paths.flatten(params)[q])
+  m, n = w.shape
+  even = m * n // (m + n)
+  assert even * (m + n) == m * n  # 32 x 32: rank 16 is break-even
+  out = paths.flatten(llm.compress(f, {q: even, "params/blocks_0/attn/k/kernel": 4}))
+  assert not jlr.is_lowrank(out[q])
+  np.testing.assert_allclose(np.asarray(out[q]), w, rtol=1e-4, atol=1e-5)
+  assert jlr.is_lowrank(out["params/blocks_0/attn/k/kernel"])
+
+
 def test_perplexity_bootstrap_interval():
   x = np.random.default_rng(0).normal(3.0, 0.3, 400)
   r = llm.perplexity(x, bootstrap=2000)
