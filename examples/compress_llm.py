@@ -19,7 +19,8 @@ on -- the SVD-LLM paper's Table 1, measured side by side on a model that runs on
 Rows: SVD, FWSVD, ASVD (alpha searched, its sensitivity rank search), SVD-LLM (uniform
 ranks, the truncation-loss allocation, and ASVD's rank search on its factors), SVD-LLM +
 its sequential update from the allocation that scores best on the probe, then that model
-healed. ``--quick`` compresses the first 4 blocks only. Then decode speed with the KV cache (batch 1 and 8) and prefill,
+healed (at each of ``--train-levels``). ``--quick`` compresses the first 4 blocks only and
+trains at its last level only. Then decode speed with the KV cache (batch 1 and 8) and prefill,
 dense vs compressed, with the bytes of weights each reads per token.
 
 Results are resumable (each finished cell is in the JSON; a rerun skips it)::
@@ -63,11 +64,13 @@ PAPER = {"model": "LLaMA-7B, WikiText-2 (SVD-LLM Table 1)", "dense": 5.68,
          "0.2": {"svd": 20061, "fwsvd": 1727, "asvd": 11.14, "svd_llm": 7.94}}
 SIZES = {"quick": dict(blocks=4, calib=8, ctx=128, eval_windows=4, fisher=2, remove=(0.2, 0.4),
                        strs_levels=(0.5, 0.9), strs_windows=1, alphas=(0.5, 1.0), probe_windows=4,
-                       update_steps=4, heal_steps=4, heal_every=2, decode=8, heal_windows=16),
+                       update_steps=4, heal_steps=4, heal_every=2, decode=8, heal_windows=16,
+                       train_levels=(0.4,)),
          "full": dict(blocks=0, calib=64, ctx=256, eval_windows=128, fisher=16, remove=(0.2, 0.4, 0.6),
                       strs_levels=(0.3, 0.5, 0.7, 0.9), strs_windows=2,
                       alphas=(0.25, 0.5, 0.75, 1.0), probe_windows=8, update_steps=50,
-                      heal_steps=300, heal_every=25, decode=32, heal_windows=160)}
+                      heal_steps=300, heal_every=25, decode=32, heal_windows=160,
+                      train_levels=(0.2, 0.4, 0.6))}
 
 
 def parse_args(argv=None):
@@ -94,6 +97,8 @@ def parse_args(argv=None):
   for k, v in SIZES["quick" if a.quick else "full"].items():
     if getattr(a, k) is None:
       setattr(a, k, v)
+  if not set(a.train_levels) <= set(a.remove):
+    p.error(f"--train-levels {a.train_levels} must be among --remove {a.remove}")
   if not 0 < a.probe_windows <= PROBE_SLOTS:
     p.error(f"--probe-windows must be in 1..{PROBE_SLOTS} (the slots between the "
             "calibration and the healing windows)")
@@ -294,6 +299,9 @@ def main(argv=None) -> dict:
   # healing holds a student, its Adam moments and a teacher: drop the full-rank factors
   del fac, cal, strs_trees, loss_tree
   for remove, (alloc, base, probe_scores) in bases.items():
+    best_by_level[remove] = (alloc, base)
+    if remove not in a.train_levels:  # quick: one level runs the trained code paths
+      continue
     key = f"svd_llm/{alloc}/{remove}/update"
     heal_key = key + "/heal"
     ckpt = os.path.join(cache, heal_key.replace("/", "_") + ".pkl")

@@ -49,6 +49,15 @@ def test_a_resume_with_other_settings_is_refused(tmp_path):
     ex.main(["--quick", "--no-progress", "--out-dir", str(tmp_path)])
 
 
+def test_train_levels_must_be_compression_levels():
+  sys.path.insert(0, EXAMPLES)
+  import compress_llm as ex
+  assert ex.parse_args(["--quick"]).train_levels == (0.4,)
+  assert ex.parse_args([]).train_levels == (0.2, 0.4, 0.6)
+  with pytest.raises(SystemExit):
+    ex.parse_args(["--quick", "--train-levels", "0.3"])
+
+
 @pytest.mark.slow
 def test_compress_llm_quick(tmp_path):
   subprocess.run([sys.executable, os.path.join(EXAMPLES, "compress_llm.py"), "--quick",
@@ -66,8 +75,9 @@ def test_compress_llm_quick(tmp_path):
   for c in res["cells"]:
     for text, p in c["ppl"].items():
       assert p["low"] <= p["ppl"] <= p["high"] and p["ppl"] > dense[text]["ppl"]
-  heals = [c for k, c in cells.items() if k.endswith("/heal")]
-  assert len(heals) == 2 and all(c["heal_best_step"] >= 0 for c in heals)
+  trained = sorted(k for k in cells if k.endswith(("/update", "/heal")))
+  assert [k.split("/")[2] for k in trained] == ["0.4", "0.4"]  # quick trains its last level
+  assert cells[trained[1]]["heal_best_step"] >= 0 and trained[1].endswith("/heal")
   assert {r["model"] for r in res["speed"]} >= {"dense"}
   assert all(r["decode_tok_s_b8"] > 0 for r in res["speed"])
   # the README block is written from the JSON alone, between its markers
