@@ -308,7 +308,8 @@ def main(argv=None) -> dict:
     if key in cells and os.path.exists(ckpt):
       upd = base  # healing resumes from its checkpoint: the update's result is not read
     else:
-      upd = llm.update(fn, base, calib, steps=a.update_steps, lr=a.lr_update, progress=bars)
+      upd = llm.update(fn, base, calib, steps=a.update_steps, lr=a.lr_update, progress=bars,
+                       checkpoint=os.path.join(cache, key.replace("/", "_") + ".pkl"))
     if key not in cells:
       cell(key, upd, method="svd_llm", alloc=alloc, remove=remove, update_steps=a.update_steps,
            probe_ppl=probe_scores)

@@ -463,11 +463,40 @@ def _windows_batches(windows, batch: int, steps: int, seed: int):
 
 
 def update(logits_fn: Callable, params, windows, *, steps: int = 100, lr: float = 1e-4,
-           batch: int = 4, seed: int = 0, progress: bool = True):
+           batch: int = 4, seed: int = 0, checkpoint: str | None = None,
+           save_every: int = 10, progress: bool = True):
   """SVD-LLM's parameter update with sequential low-rank approximation: Adam on the LM
   loss over calibration ``windows``, first the ``u`` factors with ``v`` frozen for
   ``steps``, then ``v`` with ``u`` frozen for ``steps`` (everything else frozen; Adam
-  moments are kept for the factors only)."""
+  moments are kept for the factors only).
+
+  ``checkpoint``: a file the state is saved to every ``save_every`` steps and at the end,
+  and resumed from by a later call with the same settings, windows and factor shapes (a
+  file of another call is refused, naming it)."""
+  tx, step = _update_step(logits_fn, lr)
+  key = _run_fingerprint("update", params, windows,
+                         dict(steps=steps, lr=lr, batch=batch, seed=seed))
+  state = _resume(checkpoint, key) or {"phase": 0, "step": 0, "params": params, "opt": None}
+  for phase, part in enumerate(("u", "v")):
+    if phase < state["phase"]:
+      continue
+    if state["opt"] is None:
+      state["opt"] = tx.init(state["params"])  # a fresh Adam for each factor
+    batches = list(_windows_batches(windows, batch, steps, seed + phase))
+    for i in _bar(range(state["step"], steps), f"update {part}", progress,
+                  total=steps - state["step"]):
+      p, s, _ = step(state["params"], state["opt"], batches[i], jnp.float32(phase))
+      state.update(params=p, opt=s, step=i + 1)
+      if (i + 1) % save_every == 0 and i + 1 < steps:
+        _save(checkpoint, key, state)
+    state.update(phase=phase + 1, step=0, opt=None)
+    _save(checkpoint, key, state)
+  return state["params"]
+
+
+@functools.lru_cache(maxsize=8)
+def _update_step(logits_fn, lr: float):
+  """``(tx, step)`` of :func:`update`, one compiled step per model function and lr."""
   tx = optax.masked(optax.adam(lr), _factors_only)  # the rest gets zero updates (_only)
 
   @jax.jit
@@ -475,13 +504,49 @@ def update(logits_fn: Callable, params, windows, *, steps: int = 100, lr: float 
     loss, g = jax.value_and_grad(lambda p: token_nll(logits_fn, p, w))(p)
     u, s = tx.update(_only(phase)(g), s, p)
     return optax.apply_updates(p, u), s, loss
+  return tx, step
 
-  for phase, part in enumerate(("u", "v")):
-    state = tx.init(params)  # a fresh Adam for each factor
-    for w in _bar(_windows_batches(windows, batch, steps, seed + phase), f"update {part}",
-                  progress, total=steps):
-      params, state, _ = step(params, state, w, jnp.float32(phase))
-  return params
+
+def _run_fingerprint(what: str, params, windows, settings: dict) -> str:
+  """What a training checkpoint belongs to: the call, its settings, the bytes of its
+  windows and the tree's structure (paths, shapes, dtypes, which leaves are factors).
+  Parameter values are not in it: a resume may pass the starting tree without
+  recomputing it (e.g. healing resumed without rerunning the update before it)."""
+  import hashlib
+  h = hashlib.sha256(f"{what}{sorted(settings.items())!r}".encode())
+  for w in windows if isinstance(windows, tuple) else (windows,):
+    h.update(np.ascontiguousarray(np.asarray(w)).tobytes())
+  for kp, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lowrank)[0]:
+    shapes = (x.u.shape, x.v.shape) if is_lowrank(x) else jnp.shape(x)
+    h.update(f"{path_str(kp)}{shapes}{jnp.result_type(x.u if is_lowrank(x) else x)}".encode())
+  return h.hexdigest()
+
+
+def _resume(checkpoint: str | None, key: str) -> dict | None:
+  """The state saved at ``checkpoint`` if it is this run's (same fingerprint), None if
+  there is none; a checkpoint of another run is refused, never resumed from."""
+  if not checkpoint or not os.path.exists(checkpoint):
+    return None
+  with open(checkpoint, "rb") as f:
+    state = pickle.load(f)
+  saved = state.pop("fingerprint", None)
+  if saved is None:
+    warnings.warn(f"{checkpoint}: a checkpoint without a fingerprint (written by an older "
+                  "jlr); resuming from it unchecked", stacklevel=3)
+  elif saved != key:
+    raise ValueError(
+        f"{checkpoint} holds the state of another run (other settings, windows or factor "
+        "shapes); remove it or pass another checkpoint path")
+  return state
+
+
+def _save(checkpoint: str | None, key: str, state: dict) -> None:
+  if not checkpoint:
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(checkpoint)), exist_ok=True)
+  with open(checkpoint + ".tmp", "wb") as f:
+    pickle.dump({**state, "fingerprint": key}, f)  # leaf by leaf: no copy of the state
+  os.replace(checkpoint + ".tmp", checkpoint)
 
 
 def nll(logits_fn: Callable, params, windows, *, batch: int = 4,
@@ -539,7 +604,8 @@ def heal(logits_fn: Callable, params, train, val, *, steps: int = 300, lr: float
   validation NLL on ``val`` windows every ``eval_every`` steps; stops after ``patience``
   evaluations without improvement and returns the best ``(params, HealLog)`` (step 0,
   the unhealed model, included: healing never returns a worse validation score).
-  ``checkpoint``: a file to resume from and save to at each evaluation."""
+  ``checkpoint``: a file to resume from and save to at each evaluation (a file of a call
+  with other settings, windows or factor shapes is refused, naming it)."""
   sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, warmup), max(steps, warmup + 1))
   tx = optax.chain(optax.clip_by_global_norm(1.0),  # Adam moments for the factors only
                    optax.masked(optax.adamw(sched, weight_decay=weight_decay), _factors_only))
@@ -561,10 +627,11 @@ def heal(logits_fn: Callable, params, train, val, *, steps: int = 300, lr: float
     return optax.apply_updates(p, u), s, loss
 
   score = lambda p: float(nll(logits_fn, p, val, batch=batch).mean())  # noqa: E731
-  if checkpoint and os.path.exists(checkpoint):
-    with open(checkpoint, "rb") as f:
-      state = pickle.load(f)
-  else:
+  key = _run_fingerprint("heal", params, (train, val), dict(
+      steps=steps, lr=lr, batch=batch, eval_every=eval_every, patience=patience,
+      warmup=warmup, weight_decay=weight_decay, seed=seed, teacher=teacher is not None))
+  state = _resume(checkpoint, key)
+  if state is None:
     state = {"params": params, "opt": tx.init(params), "step": 0, "val": [(0, score(params))],
              "best": (0, params), "bad": 0}
   batches = list(_windows_batches(train, batch, steps, seed))
@@ -582,11 +649,7 @@ def heal(logits_fn: Callable, params, train, val, *, steps: int = 300, lr: float
         state.update(best=(i + 1, p), bad=0)
       else:
         state["bad"] += 1
-      if checkpoint:
-        tmp = checkpoint + ".tmp"
-        with open(tmp, "wb") as f:
-          pickle.dump(state, f)  # leaf by leaf: no second copy of the whole state
-        os.replace(tmp, checkpoint)
+      _save(checkpoint, key, state)
   if state["bad"] >= patience:
     stopped = f"no validation gain in {patience} evaluations"
   best_step, best = state["best"]

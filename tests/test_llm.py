@@ -217,6 +217,35 @@ def test_update_moves_u_then_v_only_and_lowers_the_calibration_loss(setup):
   assert not np.allclose(q0.u, q1.u) and not np.allclose(q0.v, q1.v)  # both phases ran
 
 
+def test_update_resumes_from_its_checkpoint_to_the_same_result(setup, tmp_path, monkeypatch):
+  """Cut short after its second save (mid-``u``), a rerun with the same checkpoint ends
+  exactly where an uninterrupted update does; another run's checkpoint is refused."""
+  params, windows, cal = setup
+  f = llm.factors(params, cal, "svd_llm")
+  small = llm.compress(f, llm.allocate(f.spectra, 0.3, min_rank=3))
+  kw = dict(steps=4, lr=3e-3, save_every=1, progress=False)
+  want = llm.update(logits_fn, small, windows[:8], **kw)
+  ckpt, real, calls = str(tmp_path / "update.pkl"), llm._save, []
+
+  def interrupted(*args):
+    real(*args)
+    calls.append(1)
+    if len(calls) == 2:
+      raise KeyboardInterrupt
+  monkeypatch.setattr(llm, "_save", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    llm.update(logits_fn, small, windows[:8], checkpoint=ckpt, **kw)
+  monkeypatch.setattr(llm, "_save", real)
+  got = llm.update(logits_fn, small, windows[:8], checkpoint=ckpt, **kw)
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+  with pytest.raises(ValueError, match="another run"):  # other settings, same file
+    llm.update(logits_fn, small, windows[:8], checkpoint=ckpt, **{**kw, "lr": 1e-3})
+  with pytest.raises(ValueError, match="another run"):  # another call's file
+    llm.heal(logits_fn, small, windows[:8], windows[8:], steps=2, checkpoint=ckpt,
+             progress=False)
+
+
 def test_heal_early_stops_and_never_returns_worse_than_it_started(setup, tmp_path):
   params, windows, cal = setup
   f = llm.factors(params, cal, "svd_llm")
