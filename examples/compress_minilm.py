@@ -245,6 +245,13 @@ def sensitivity_budget(kept: float, spec, alpha, layouts) -> dict[str, int]:
   return dict(zip(alpha, ranks.budget(kept, sensitivity=alpha).allocate(items)))
 
 
+def dense_at(layout, rank: int) -> bool:
+  """Factors of ``rank`` would hold at least the kernel's own parameters (a 384 x 384
+  kernel at its break-even rank 192): keep it dense, exact for the parameters the budget
+  charged (``ranks.budget`` in :func:`jlr.plan` does the same)."""
+  return layout.factor_size(rank) >= layout.size
+
+
 def layer_groups(tree) -> list[list[str]]:
   """The factorized kernels in the order the data flows: per block ``[q, k, v]``
   (same input), ``[attention output]``, ``[intermediate]``, ``[output]``."""
@@ -496,7 +503,8 @@ def main(argv=None) -> dict:
           rank = ranks.ratio(kept)
         elif args.budget_score == "sensitivity":
           chosen = sensitivity_budget(kept, spec, alpha, layouts)
-          rank = lambda path, leaf, chosen=chosen: ranks.fixed(chosen[path])  # noqa: E731
+          rank = lambda path, leaf, chosen=chosen: (  # noqa: E731
+              None if dense_at(layouts[path], chosen[path]) else ranks.fixed(chosen[path]))
         else:
           rank = ranks.budget(kept, normalize=args.budget_score == "normalized")
         small = jlr.factorize(variables, rank, select=is_target, layout=read, stats=st,

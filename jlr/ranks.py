@@ -219,8 +219,10 @@ class budget(Rule):  # noqa: N801
   energy up to one chunk per leaf.
 
   A leaf never gets a rank past its break-even ``floor(m n / (m + n))`` (beyond it the
-  factors are larger than the kernel); a leaf whose floor alone is past break-even
-  stays dense (what :func:`jlr.plan` does with it) and is charged its ``m n``.
+  factors are larger than the kernel); a leaf whose rank's factors hold at least its
+  ``m n`` parameters (its floor alone past break-even, or a square kernel at break-even,
+  where ``r (m + n) = m n``) stays dense in :func:`jlr.plan` -- the exact kernel for the
+  same parameters -- and is charged its ``m n``.
 
   ``group(path) -> key`` splits the budget: each group of leaves (e.g. every layer's
   query projection) gets the same fraction of its own dense parameters, allocated

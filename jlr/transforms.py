@@ -205,7 +205,9 @@ def plan(params: PyTree, rank: ranks_lib.RankArg, *, select: SelectArg = None,
     select: which leaves to consider: a callable ``(path, leaf) -> bool``, a path
       pattern or a list of them. Default: float ``kernel``/``embedding`` leaves with
       >= 2 axes, kept only where the resolved rank saves parameters
-      (``r (m + n) < m n``). An explicit ``select`` is obeyed even past break-even.
+      (``r (m + n) < m n``). An explicit ``select`` is obeyed even past break-even,
+      except by a global :class:`jlr.ranks.budget`, which charges such a leaf its dense
+      size: it stays dense.
     layout: matricization: ``None`` (infer, see :func:`jlr.layouts.infer`), a kind
       such as ``"conv_spatial"``, a :class:`jlr.layouts.Spec`, a mapping
       ``{path pattern: kind | Spec}`` or a callable ``(path, leaf) -> kind | Spec``.
@@ -256,8 +258,8 @@ def plan(params: PyTree, rank: ranks_lib.RankArg, *, select: SelectArg = None,
   lenient = select is None and isinstance(rank, (int, ranks_lib.Rule))
   result = Plan()
   for (path, *_), (lay, batch, rule), r in zip(items, meta, _resolve(items, "factorize", lenient)):
-    if r is None or (select is None and lay.factor_size(r) >= lay.size):
-      continue  # break-even: factorizing would not save parameters
+    if r is None or ((select is None or rule.is_global) and lay.factor_size(r) >= lay.size):
+      continue  # break-even: factorizing would not save parameters (a budget charged it dense)
     desc = rule.describe()
     if isinstance(rule, ranks_lib.ratio) and r > rule.plain(lay):
       desc += f" (raised to min rank {r})"

@@ -116,6 +116,24 @@ def test_budget_floor_break_even_and_groups():
       [("t", tiny, np.ones(9)), ("a", lay, flat)]) == [8, 8]
 
 
+def test_a_budget_keeps_a_leaf_dense_where_its_factors_would_not_save_parameters():
+  """With an explicit select, a leaf the budget gives its break-even rank (a square
+  kernel: r (m + n) = m n) or its floor past break-even stays the exact dense kernel, as
+  the budget charged it; a fixed rank there is still obeyed (it is what the user asked)."""
+  rng = np.random.default_rng(0)
+  params = {"sq": {"kernel": rng.normal(size=(32, 32)).astype(np.float32)},  # flat spectrum
+            "tiny": {"kernel": rng.normal(size=(9, 32)).astype(np.float32)},  # even 7 < 8
+            "big": {"kernel": _tree()["a"]["kernel"]}}  # 64 x 64, steep
+  rule = ranks.budget(params=32 * 32 + 9 * 32 + 8 * 128)
+  chosen = jlr.plan(params, rule, select="kernel")
+  assert sorted(chosen) == ["big/kernel"]
+  out = jlr.factorize(params, rule, select="kernel")
+  np.testing.assert_array_equal(out["sq"]["kernel"], params["sq"]["kernel"])
+  np.testing.assert_array_equal(out["tiny"]["kernel"], params["tiny"]["kernel"])
+  assert jlr.summary(out).total_params <= rule.params
+  assert sorted(jlr.plan(params, 8, select="kernel")) == ["big/kernel", "sq/kernel", "tiny/kernel"]
+
+
 def test_budget_normalized_gives_every_leaf_a_share():
   params = _tree()
   params["a"]["kernel"] = params["a"]["kernel"] * 100.0  # a huge-scale leaf
