@@ -345,11 +345,10 @@ def test_an_embedding_without_statistics_gets_plain_svd_factors(setup):
     llm.factors(params, None, "svd_llm", select=lambda p, x=None: p == emb)
 
 
-def test_the_recipe_runs_an_nnx_lm_with_multi_head_attention_kernels():
-  """The same calls on an NNX model given as ``nnx.merge(graphdef, state)(ids)``: its
-  ``MultiHeadAttention`` kernels are 3-D (``(d, heads, head_dim)``, ``(heads, head_dim,
-  d)``); the factorized state's logits equal the NNX model run on dense kernels rebuilt
-  from the factors in numpy, and healing trains the factors only."""
+@pytest.fixture(scope="module")
+def nnx_lm():
+  """A tiny NNX LM given as ``nnx.merge(graphdef, state)(ids)``, its state calibrated and
+  half its block kernels' parameters removed."""
   nnx = pytest.importorskip("flax.nnx")
 
   class Block(nnx.Module):
@@ -383,6 +382,14 @@ def test_the_recipe_runs_an_nnx_lm_with_multi_head_attention_kernels():
   before = jax.tree.map(np.array, state)
   small = llm.factorize(state, cal, 0.5)
   chex.assert_trees_all_equal(state, before)  # the input is not mutated
+  return fn, state, windows, sel, small
+
+
+def test_the_recipe_factorizes_an_nnx_lm_with_multi_head_attention_kernels(nnx_lm):
+  """``MultiHeadAttention``'s kernels are 3-D (``(d, heads, head_dim)``, ``(heads,
+  head_dim, d)``): the factorized state's logits equal the NNX model run on dense kernels
+  rebuilt from the factors in numpy."""
+  fn, state, windows, sel, small = nnx_lm
   flat, dense = paths.flatten(small), paths.flatten(state)
   factored = [p for p, x in flat.items() if jlr.is_lowrank(x)]
   assert sorted(factored) == sorted(p for p in dense if sel(p)) and len(factored) == 6
@@ -392,12 +399,19 @@ def test_the_recipe_runs_an_nnx_lm_with_multi_head_attention_kernels():
   ids = windows[8:, :-1]
   np.testing.assert_allclose(np.asarray(jax.jit(jlr.factorized(fn))(small, ids)),
                              np.asarray(jax.jit(fn)(rebuilt, ids)), rtol=1e-4, atol=1e-5)
-  healed, log = llm.heal(fn, small, windows[:8], windows[8:], steps=2, lr=1e-3,
+
+
+@pytest.mark.slow
+def test_update_and_heal_train_an_nnx_lm_s_factors_only(nnx_lm):
+  fn, _, windows, _, small = nnx_lm
+  updated = llm.update(fn, small, windows[:8], steps=2, lr=1e-3, progress=False)
+  healed, log = llm.heal(fn, updated, windows[:8], windows[8:], steps=2, lr=1e-3,
                          eval_every=1, progress=False)
   assert dict(log.val)[log.best_step] <= dict(log.val)[0]
-  for p, x in flat.items():
+  for p, x in paths.flatten(small).items():
     y = paths.flatten(healed)[p]
     if jlr.is_lowrank(x):
       chex.assert_equal_shape([x.u, y.u])
+      assert not np.allclose(np.asarray(x.u), np.asarray(y.u)), p
     else:
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=p)
