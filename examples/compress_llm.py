@@ -37,6 +37,7 @@ import math
 import os
 import sys
 import time
+import warnings
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # JAX's CPU eigh/SVD vs XLA threads
 
@@ -249,9 +250,15 @@ def main(argv=None) -> dict:
       if key not in cells:
         cell(key, llm.compress(fac[method], uniform), method=method, alloc="uniform", remove=remove)
     key = f"svd_llm/loss/{remove}"
-    strength, tried = llm.choose_strength(
-        lambda rk: probe_ppl(llm.compress(fac["svd_llm"], rk)), fac["svd_llm"].spectra, keep)
-    loss_ranks = llm.allocate(fac["svd_llm"].spectra, keep, by="loss", strength=strength)
+    if key in cells:  # resumed: the strength the search chose, and the ranks it measured
+      strength = cells[key]["strength"]
+      tried = {float(t): v for t, v in cells[key]["strength_scores"].items()}
+      loss_ranks = recorded_ranks(cells[key], llm.allocate(
+          fac["svd_llm"].spectra, keep, by="loss", strength=strength))
+    else:
+      strength, tried = llm.choose_strength(
+          lambda rk: probe_ppl(llm.compress(fac["svd_llm"], rk)), fac["svd_llm"].spectra, keep)
+      loss_ranks = llm.allocate(fac["svd_llm"].spectra, keep, by="loss", strength=strength)
     loss_tree = llm.compress(fac["svd_llm"], loss_ranks)
     if key not in cells:
       cell(key, loss_tree, method="svd_llm", alloc="loss", remove=remove, ranks=loss_ranks,
@@ -281,9 +288,11 @@ def main(argv=None) -> dict:
         partial.pop(method, None)
         save()
       tables[method] = {(p, lv): v for p, lv, v in saved[method]}
-      strs[method] = llm.sensitivity_ranks(tables[method], fac[method], keep)
-      strs_trees[method] = llm.compress(fac[method], strs[method])
       key = f"{method}/strs/{remove}"
+      strs[method] = llm.sensitivity_ranks(tables[method], fac[method], keep)
+      if key in cells:
+        strs[method] = recorded_ranks(cells[key], strs[method])
+      strs_trees[method] = llm.compress(fac[method], strs[method])
       if key not in cells:
         cell(key, strs_trees[method], method=method, alloc="strs", remove=remove,
              alpha=fac[method].alpha if method == "asvd" else None, ranks=strs[method])
@@ -335,6 +344,19 @@ def main(argv=None) -> dict:
   print(table(res))
   print(speed_table(res))
   return res
+
+
+def recorded_ranks(cell: dict, computed: dict) -> dict:
+  """A resumed cell's ranks: the ones it recorded, so the update and healing extend the
+  very model its row measured. Ranks this code computes differently (the code changed
+  between sessions) are named in a warning, and the recorded ones are kept."""
+  rec = {p: int(r) for p, r in cell["ranks"].items()}
+  moved = sorted(p for p in rec.keys() | computed.keys() if rec.get(p) != computed.get(p))
+  if moved:
+    warnings.warn(f"{cell['key']}: this code computes other ranks than the recorded row at "
+                  f"{len(moved)} kernels (e.g. {moved[0]}: {rec.get(moved[0])} recorded, "
+                  f"{computed.get(moved[0])} now); the recorded ranks are used", stacklevel=2)
+  return rec
 
 
 def weight_bytes(tree) -> int:

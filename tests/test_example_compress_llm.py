@@ -49,6 +49,15 @@ def test_a_resume_with_other_settings_is_refused(tmp_path):
     ex.main(["--quick", "--no-progress", "--out-dir", str(tmp_path)])
 
 
+def test_a_resumed_row_keeps_its_recorded_ranks_and_names_a_change():
+  sys.path.insert(0, EXAMPLES)
+  import compress_llm as ex
+  cell = {"key": "svd_llm/strs/0.2", "ranks": {"a": 8, "b": 16}}
+  assert ex.recorded_ranks(cell, {"a": 8, "b": 16}) == {"a": 8, "b": 16}
+  with pytest.warns(UserWarning, match=r"at 1 kernels \(e.g. b: 16 recorded, 24 now\)"):
+    assert ex.recorded_ranks(cell, {"a": 8, "b": 24}) == {"a": 8, "b": 16}
+
+
 def test_train_levels_must_be_compression_levels():
   sys.path.insert(0, EXAMPLES)
   import compress_llm as ex
