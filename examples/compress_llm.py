@@ -314,11 +314,12 @@ def main(argv=None) -> dict:
     key = f"svd_llm/{alloc}/{remove}/update"
     heal_key = key + "/heal"
     ckpt = os.path.join(cache, heal_key.replace("/", "_") + ".pkl")
-    if key in cells and os.path.exists(ckpt):
-      upd = base  # healing resumes from its checkpoint: the update's result is not read
-    else:
+    update_ckpt = os.path.join(cache, key.replace("/", "_") + ".pkl")
+    if key in cells and os.path.exists(ckpt) and not os.path.exists(update_ckpt):
+      upd = base  # a heal checkpoint older than update checkpoints (no fingerprint to match)
+    else:  # a finished update's checkpoint returns its result at once: healing's start
       upd = llm.update(fn, base, calib, steps=a.update_steps, lr=a.lr_update, progress=bars,
-                       checkpoint=os.path.join(cache, key.replace("/", "_") + ".pkl"))
+                       checkpoint=update_ckpt)
     if key not in cells:
       cell(key, upd, method="svd_llm", alloc=alloc, remove=remove, update_steps=a.update_steps,
            probe_ppl=probe_scores)

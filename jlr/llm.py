@@ -471,7 +471,7 @@ def update(logits_fn: Callable, params, windows, *, steps: int = 100, lr: float 
   moments are kept for the factors only).
 
   ``checkpoint``: a file the state is saved to every ``save_every`` steps and at the end,
-  and resumed from by a later call with the same settings, windows and factor shapes (a
+  and resumed from by a later call with the same settings, windows and starting tree (a
   file of another call is refused, naming it)."""
   tx, step = _update_step(logits_fn, lr)
   key = _run_fingerprint("update", params, windows,
@@ -509,16 +509,17 @@ def _update_step(logits_fn, lr: float):
 
 def _run_fingerprint(what: str, params, windows, settings: dict) -> str:
   """What a training checkpoint belongs to: the call, its settings, the bytes of its
-  windows and the tree's structure (paths, shapes, dtypes, which leaves are factors).
-  Parameter values are not in it: a resume may pass the starting tree without
-  recomputing it (e.g. healing resumed without rerunning the update before it)."""
+  windows and of its starting tree (paths, shapes, dtypes, which leaves are factors, and
+  their values: a checkpoint of another model of the same shapes is not resumed)."""
   import hashlib
   h = hashlib.sha256(f"{what}{sorted(settings.items())!r}".encode())
   for w in windows if isinstance(windows, tuple) else (windows,):
     h.update(np.ascontiguousarray(np.asarray(w)).tobytes())
   for kp, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lowrank)[0]:
-    shapes = (x.u.shape, x.v.shape) if is_lowrank(x) else jnp.shape(x)
-    h.update(f"{path_str(kp)}{shapes}{jnp.result_type(x.u if is_lowrank(x) else x)}".encode())
+    for part in (x.u, x.v) if is_lowrank(x) else (x,):
+      a = np.asarray(part)
+      h.update(f"{path_str(kp)}{a.shape}{a.dtype}{is_lowrank(x)}".encode())
+      h.update(np.ascontiguousarray(a).tobytes())
   return h.hexdigest()
 
 
@@ -535,8 +536,8 @@ def _resume(checkpoint: str | None, key: str) -> dict | None:
                   "jlr); resuming from it unchecked", stacklevel=3)
   elif saved != key:
     raise ValueError(
-        f"{checkpoint} holds the state of another run (other settings, windows or factor "
-        "shapes); remove it or pass another checkpoint path")
+        f"{checkpoint} holds the state of another run (other settings, windows or starting "
+        "parameters); remove it or pass another checkpoint path")
   return state
 
 
@@ -605,7 +606,7 @@ def heal(logits_fn: Callable, params, train, val, *, steps: int = 300, lr: float
   evaluations without improvement and returns the best ``(params, HealLog)`` (step 0,
   the unhealed model, included: healing never returns a worse validation score).
   ``checkpoint``: a file to resume from and save to at each evaluation (a file of a call
-  with other settings, windows or factor shapes is refused, naming it)."""
+  with other settings, windows or starting tree is refused, naming it)."""
   sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, warmup), max(steps, warmup + 1))
   tx = optax.chain(optax.clip_by_global_norm(1.0),  # Adam moments for the factors only
                    optax.masked(optax.adamw(sched, weight_decay=weight_decay), _factors_only))

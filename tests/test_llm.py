@@ -241,6 +241,9 @@ def test_update_resumes_from_its_checkpoint_to_the_same_result(setup, tmp_path, 
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
   with pytest.raises(ValueError, match="another run"):  # other settings, same file
     llm.update(logits_fn, small, windows[:8], checkpoint=ckpt, **{**kw, "lr": 1e-3})
+  other = jax.tree.map(lambda x: x * 1.01, small)  # another model of the same shapes
+  with pytest.raises(ValueError, match="another run"):
+    llm.update(logits_fn, other, windows[:8], checkpoint=ckpt, **kw)
   with pytest.raises(ValueError, match="another run"):  # another call's file
     llm.heal(logits_fn, small, windows[:8], windows[8:], steps=2, checkpoint=ckpt,
              progress=False)
@@ -249,7 +252,9 @@ def test_update_resumes_from_its_checkpoint_to_the_same_result(setup, tmp_path, 
 def test_heal_early_stops_and_never_returns_worse_than_it_started(setup, tmp_path):
   params, windows, cal = setup
   f = llm.factors(params, cal, "svd_llm")
-  small = llm.compress(f, llm.allocate(f.spectra, 0.3, min_rank=3))
+  upd = dict(steps=1, lr=3e-3, progress=False, checkpoint=str(tmp_path / "update.pkl"))
+  small = llm.update(logits_fn, llm.compress(f, llm.allocate(f.spectra, 0.3, min_rank=3)),
+                     windows[:8], **upd)
   healed, log = llm.heal(logits_fn, small, windows[:16], windows[16:], steps=20, lr=3e-3,
                          eval_every=5, patience=2, progress=False,
                          checkpoint=str(tmp_path / "heal.pkl"))
@@ -261,7 +266,10 @@ def test_heal_early_stops_and_never_returns_worse_than_it_started(setup, tmp_pat
   for p, x in paths.flatten(small).items():  # only the factors train; the rest is as given
     if not jlr.is_lowrank(x):
       np.testing.assert_array_equal(paths.flatten(healed)[p], x, err_msg=p)
-  # resumable: a second call resumes from the checkpoint and ends where the first did
+  # resumable, as a pipeline: the update's checkpoint gives back its result bit for bit,
+  # which is healing's starting tree, so its checkpoint resumes and ends where it did
+  small = llm.update(logits_fn, llm.compress(f, llm.allocate(f.spectra, 0.3, min_rank=3)),
+                     windows[:8], **upd)
   again, log2 = llm.heal(logits_fn, small, windows[:16], windows[16:], steps=20, lr=3e-3,
                          eval_every=5, patience=2, progress=False,
                          checkpoint=str(tmp_path / "heal.pkl"))
