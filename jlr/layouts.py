@@ -216,7 +216,7 @@ class Layout:
     order = self.row_axes + self.col_axes  # conv_spatial: (kh, cin, kw, cout)
     if order != tuple(range(len(order))):
       b = len(lead)
-      w = jnp.transpose(w, tuple(range(b)) + tuple(b + i for i in order))
+      w = w.transpose(tuple(range(b)) + tuple(b + i for i in order))
     return w.reshape(lead + self.matrix_shape)
 
   def from_matrix(self, mat):
@@ -227,7 +227,7 @@ class Layout:
     if order != tuple(range(len(order))):
       b = len(lead)
       inv = [order.index(i) for i in range(len(order))]
-      w = jnp.transpose(w, tuple(range(b)) + tuple(b + i for i in inv))
+      w = w.transpose(tuple(range(b)) + tuple(b + i for i in inv))  # numpy stays numpy
     return w
 
   def u_kernel(self, u):

@@ -294,7 +294,7 @@ def _host_dense(x: LowRank, r: int | None = None):
   u, v = np.asarray(x.u, np.float32), np.asarray(x.v, np.float32)
   if r is not None:
     u, v = u[..., :r], v[..., :r, :]
-  return jnp.asarray(x.layout.from_matrix(u @ v), x.dtype)
+  return jax.device_put(np.asarray(x.layout.from_matrix(u @ v)).astype(np.dtype(x.dtype)))
 
 
 def sensitivity(score: Callable[[Any], float], params, f: Factors, *,
@@ -390,13 +390,15 @@ def compress(f: Factors, rank: Mapping[str, int]):
       return _host_dense(x)
     # the SVD of u v from QRs of both factors and the r x r core (jlr.svd.of_product), on
     # the host: searches try hundreds of rank patterns, and XLA would compile every shape
-    u, v = np.asarray(x.u[..., :r], np.float64), np.asarray(x.v[..., :r, :], np.float64)
+    u = np.asarray(x.u, np.float64)[..., :r]  # sliced and cast on the host: a jax slice or
+    v = np.asarray(x.v, np.float64)[..., :r, :]  # cast compiles once per new rank
     qu, ru = np.linalg.qr(u)
     qv, rv = np.linalg.qr(np.swapaxes(v, -1, -2))
     p, s, wt = np.linalg.svd(ru @ np.swapaxes(rv, -1, -2))
     root = np.sqrt(s)
-    return LowRank(jnp.asarray((qu @ p) * root[..., None, :], x.dtype),
-                   jnp.asarray(root[..., :, None] * (wt @ np.swapaxes(qv, -1, -2)), x.dtype),
+    dtype = np.dtype(x.dtype)  # device_put: jnp.asarray compiles a transfer per new shape
+    return LowRank(jax.device_put(((qu @ p) * root[..., None, :]).astype(dtype)),
+                   jax.device_put((root[..., :, None] * (wt @ np.swapaxes(qv, -1, -2))).astype(dtype)),
                    x.layout)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(f.tree, is_leaf=is_lowrank)
   return jax.tree_util.tree_unflatten(treedef, [one(path_str(kp), x) for kp, x in leaves])
