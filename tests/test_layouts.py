@@ -28,6 +28,10 @@ def test_to_from_matrix_roundtrip(layout):
   mat = layout.to_matrix(w)
   assert mat.shape == (2,) + layout.matrix_shape
   np.testing.assert_array_equal(layout.from_matrix(mat), w)
+  host = np.asarray(w)  # numpy stays numpy (host-side searches compile nothing)
+  assert isinstance(layout.to_matrix(host), np.ndarray)
+  assert isinstance(layout.from_matrix(layout.to_matrix(host)), np.ndarray)
+  np.testing.assert_array_equal(layout.from_matrix(layout.to_matrix(host)), host)
 
 
 def test_conv_spatial_matrix_entries():
