@@ -423,3 +423,14 @@ def test_update_and_heal_train_an_nnx_lm_s_factors_only(nnx_lm):
       assert not np.allclose(np.asarray(x.u), np.asarray(y.u)), p
     else:
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=p)
+
+
+def test_rank_searches_compile_nothing_per_rank_pattern(setup, caplog):
+  """``compress`` and ``merged`` slice, cast and transfer on the host: a new rank pattern
+  compiles no XLA program (``jnp.asarray`` of a new shape would, in this JAX)."""
+  params, _, cal = setup
+  f = llm.factors(params, cal, "svd_llm")
+  with jax.log_compiles(True), caplog.at_level("WARNING"):
+    for keep in (0.21, 0.33, 0.47):
+      llm.merged(llm.compress(f, llm.allocate(f.spectra, keep, min_rank=1)))
+  assert not [r for r in caplog.records if "Finished XLA compilation" in r.getMessage()]
