@@ -386,7 +386,7 @@ def compress(f: Factors, rank: Mapping[str, int]):
       return _host_dense(x)
     if r > x.rank:
       raise ValueError(f"{path}: rank {r} is above the kernel's full rank {x.rank}")
-    if r * sum(x.layout.matrix_shape) >= x.layout.size:
+    if x.layout.factor_size(r) >= x.layout.size:  # the break-even test jlr.plan applies
       return _host_dense(x)
     # the SVD of u v from QRs of both factors and the r x r core (jlr.svd.of_product), on
     # the host: searches try hundreds of rank patterns, and XLA would compile every shape
