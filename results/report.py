@@ -187,6 +187,37 @@ def ablation_table(data, metric: Metric) -> str:
   return "\n".join(lines) + f"\n\nBest on validation (seed 0): {found}."
 
 
+def search_table(data, metric: Metric, grid: dict[str, list[str]]) -> str:
+  """The converged suite's validation searches (seed 0): every setting's validation score,
+  the one the method's cells take in bold -- named only once the whole grid has run (a
+  partial search has no winner: its cells wait for the rest, ``cells.chosen``)."""
+  name = "val acc" if metric.higher else "val loss"
+  sign, k, d = (1 if metric.higher else -1), metric.scale, metric.digits
+  lines = [f"| method | setting | {name} |", "|---|---|---|"]
+  notes = []
+  for method, cells in grid.items():
+    vals = {}
+    for cell in cells:
+      (rec,) = [r for r in data.get(cell, []) if r["seed"] == 0] or [None]
+      if rec is not None:
+        vals[cell] = rec["score"][metric.val]
+    best = max(vals, key=lambda c: sign * vals[c]) if len(vals) == len(cells) else None
+    for cell in cells:
+      v = f"{k * vals[cell]:.{d}f}" if cell in vals else "-"
+      setting = cell.partition("~")[2]
+      lines.append(f"| {method} | {setting} | {f'**{v}**' if cell == best else v} |")
+    notes.append(f"{method}: {best.partition('~')[2]} ({k * vals[best]:.{d}f})" if best else
+                 f"{method}: {len(vals)} of {len(cells)} settings run (its cells wait for the rest)")
+    grid_cells = set(cells)
+    for cell in sorted(c for c in data if c.startswith(f"{method}@") and "~" in c
+                       and c not in grid_cells):  # an ablation beside the search (TRP, no Nu)
+      (rec,) = [r for r in data[cell] if r["seed"] == 0] or [None]
+      if rec is not None:
+        lines.append(f"| {method} | {cell.partition('~')[2]} (ablation, not a candidate) | "
+                     f"{k * rec['score'][metric.val]:.{d}f} |")
+  return "\n".join(lines) + f"\n\nChosen on validation (seed 0): {'; '.join(notes)}."
+
+
 def winners(cols, budgets, metric: Metric) -> str:
   out = []
   for b in budgets:
@@ -397,8 +428,13 @@ def render(size: str, runs: str, task: str = "resnet20", allow_mixed: bool = Fal
             "TRP + nuclear norm at its energy-threshold operating point (decoupled):\n\n"
             + trp_table(data, metric, [("TRP + Nu", "trp_nu")]))
     held = f"{st.val_tokens:,} characters of other held-out plays"
-  abl = ablation_table(data, metric)
-  if abl:
+  if st.converged:  # a search picks the setting: there is no default to ablate against
+    import cells
+    search = search_table(data, metric, cells.search(st))
+    if search:
+      text += ("\n\nThe validation search TRP's and LoD's cells take their settings from "
+               f"(seed 0, the first budget; {held}, never the test split):\n\n" + search)
+  elif abl := ablation_table(data, metric):
     text += ("\n\nAblation (one seed, the middle budget; chosen on the validation split, "
              f"{held}, never the test split):\n\n" + abl)
   return text, {"data": data, "budgets": budgets, "cols": cols, "dataset": dataset,

@@ -79,6 +79,23 @@ def test_report_lower_is_better_for_the_language_model(tmp_path):
   assert "Best on validation (seed 0): lod@0.25: lam=0 (1.850)" in block
 
 
+def test_converged_search_names_a_choice_only_when_its_grid_has_run():
+  """A converged method takes its search's best validation setting (``cells.chosen``): the
+  report marks it once every setting ran, and a partial search names no winner."""
+  metric = report.METRICS["charlm"]  # lower is better
+  grid = {"trp_nu": ["trp_nu@0.25~nuclear=1e-05,period=10", "trp_nu@0.25~nuclear=0.0001,period=10"]}
+  rec = lambda v, seed=0: {"seed": seed, "score": {"val_loss": v}}  # noqa: E731
+  data = {grid["trp_nu"][0]: [rec(1.80)], "trp_nu@0.25~nuclear=0,period=10": [rec(1.90)]}
+  part = report.search_table(data, metric, grid)
+  assert "| trp_nu | nuclear=0.0001,period=10 | - |" in part and "**" not in part
+  assert "trp_nu: 1 of 2 settings run" in part
+  assert "| trp_nu | nuclear=0,period=10 (ablation, not a candidate) | 1.900 |" in part
+  data[grid["trp_nu"][1]] = [rec(1.75), rec(1.5, seed=1)]  # only seed 0 is the search's
+  full = report.search_table(data, metric, grid)
+  assert "| trp_nu | nuclear=0.0001,period=10 | **1.750** |" in full
+  assert "Chosen on validation (seed 0): trp_nu: nuclear=0.0001,period=10 (1.750)." in full
+
+
 @pytest.mark.slow
 def test_quick_suite_end_to_end(tmp_path):
   """``make results-quick``: every cell of the quick size trains, writes its JSON and the
@@ -160,6 +177,7 @@ def test_converged_quick_suite_end_to_end(tmp_path):
     assert spec["score"]["ranks"] == data["trp_nu"][0]["score"]["ranks"]
     block, _ = report.render("converged-quick", out, mod.TASK)
     assert "One code version" in block and "Dense convergence" in block
+    assert "Chosen on validation (seed 0): trp_nu: nuclear=" in block and "; lod: lam=" in block
   # the report end to end: tables, the dense curve, quality vs latency at each cell's ranks
   blocks = report.main(["--size", "converged-quick", "--runs", out, "--out", out, "--no-readme"])
   assert all("![quality vs latency]" in b for b in blocks.values())
