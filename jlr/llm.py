@@ -554,11 +554,16 @@ def _save(checkpoint: str | None, key: str, state: dict) -> None:
 
 def nll(logits_fn: Callable, params, windows, *, batch: int = 4,
         progress: bool = False) -> np.ndarray:
-  """Per-window mean NLL (nats/token) of ``windows`` (``(n, T + 1)``), as a numpy array."""
+  """Per-window mean NLL (nats/token) of ``windows`` (``(n, T + 1)``), as a numpy array.
+  Every call runs batches of one shape, ``min(batch, n)`` windows (the last one padded
+  with repeats, their scores dropped): one compiled forward per window count, not two."""
   windows = np.asarray(windows)
-  per = _per_window_fn(logits_fn)
-  out = [np.asarray(per(params, jnp.asarray(windows[i: i + batch])))
-         for i in _bar(range(0, len(windows), batch), "eval", progress)]
+  per, b = _per_window_fn(logits_fn), min(batch, len(windows))
+  out = []
+  for i in _bar(range(0, len(windows), b), "eval", progress):
+    w = windows[i: i + b]
+    pad = np.concatenate([w, np.repeat(w[:1], b - len(w), 0)]) if len(w) < b else w
+    out.append(np.asarray(per(params, jax.device_put(pad)))[: len(w)])
   return np.concatenate(out)
 
 

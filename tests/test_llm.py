@@ -434,3 +434,22 @@ def test_rank_searches_compile_nothing_per_rank_pattern(setup, caplog):
     for keep in (0.21, 0.33, 0.47):
       llm.merged(llm.compress(f, llm.allocate(f.spectra, keep, min_rank=1)))
   assert not [r for r in caplog.records if "Finished XLA compilation" in r.getMessage()]
+
+
+def test_nll_is_numpy_cross_entropy_with_one_program_per_window_count(setup, caplog):
+  """``nll`` of 7 windows in batches of 4 equals numpy's per-window cross-entropy of the
+  model's logits, and runs one shape (the last batch padded): a second call with another
+  count compiles a forward at most once more."""
+  params, windows, _ = setup
+  w = windows[:7]
+  logits = np.asarray(logits_fn(params, jnp.asarray(w[:, :-1])), np.float64)
+  lp = logits - logits.max(-1, keepdims=True)
+  lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
+  truth = -np.take_along_axis(lp, w[:, 1:, None], -1)[..., 0].mean(-1)
+  llm.nll(logits_fn, params, windows[8:12])  # the batch-4 program, compiled once here
+  with jax.log_compiles(True), caplog.at_level("WARNING"):
+    got = llm.nll(logits_fn, params, w, batch=4)
+  chex.assert_shape(got, (7,))
+  np.testing.assert_allclose(got, truth, rtol=1e-5)
+  compiled = [r.getMessage() for r in caplog.records if "Finished XLA compilation" in r.getMessage()]
+  assert not [m for m in compiled if "_per_window" in m or "lambda" in m], compiled
