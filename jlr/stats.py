@@ -174,7 +174,7 @@ def read_layouts(fn, params, args) -> "usage.ModelLayouts":
 
 def _targets(params, layout, select):
   """``(tree for the pass, recorded paths)``: dense kernels with a layout become
-  :func:`recording_standin`\ s; ``LowRank`` leaves are recorded as they are."""
+  recording stand-ins (:func:`recording_standin`); ``LowRank`` leaves are recorded as they are."""
   flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lowrank)
   out, paths = [], []
   for kp, leaf in flat:

@@ -4,7 +4,7 @@
 factors and computes through them. The input model is not touched.
 
 Each chosen module becomes a :class:`Factorized` twin: the factors are two
-``nnx.Param``\ s, ``u (..., m, r)`` and ``v (..., r, n)`` (the idiomatic NNX form, so the
+``nnx.Param`` variables, ``u (..., m, r)`` and ``v (..., r, n)`` (the idiomatic NNX form, so the
 stock ``nnx.Optimizer``, ``nnx.state`` filters and checkpointing treat them as any other
 parameter), and the original module -- without its kernel -- runs its own ``__call__``
 (or ``attend``, or any other method) under :func:`jlr.factorized`. Whatever the module's
@@ -55,7 +55,7 @@ class Factorized(nnx.Module):
   Attributes:
     inner: the original module with its kernel attribute removed (its bias, adapters,
       RNG streams and other state stay in it and are updated as the module updates them).
-    u, v: ``nnx.Param``\ s with the factors ``(..., m, r)`` and ``(..., r, n)``.
+    u, v: ``nnx.Param`` variables with the factors ``(..., m, r)`` and ``(..., r, n)``.
     layout: the static :class:`jlr.Layout` of one kernel (stacked-layer axes are the
       leading axes of ``u`` and ``v``, so ``nnx.scan`` slices them like any parameter).
     kernel_name: the attribute the kernel had (``"kernel"`` or ``"embedding"``).
