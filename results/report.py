@@ -112,22 +112,23 @@ def ties(cells: dict, higher: bool = True):
   return {k: (k == best, k != best and sign * (bm - v[0]) <= bs + v[1]) for k, v in have.items()}
 
 
-def rows(data, budgets) -> list[tuple[str, str, str]]:
-  """The :data:`CURVE` rows this size ran (the early ``cpu`` suite had no spectral cells)."""
-  return [r for r in CURVE if any(r[1].format(b=f"{b:g}") in data for b in budgets)]
+def rows(data, budgets, every: bool = False) -> list[tuple[str, str, str]]:
+  """The :data:`CURVE` rows this size ran (the early ``cpu`` suite had no spectral
+  cells), or ``every`` one (a suite still running: its missing cells show ``-``)."""
+  return [r for r in CURVE if every or any(r[1].format(b=f"{b:g}") in data for b in budgets)]
 
 
-def curve_table(data, budgets, metric: Metric) -> tuple[str, dict]:
+def curve_table(data, budgets, metric: Metric, every: bool = False) -> tuple[str, dict]:
   dense = stat(data.get("dense"), "score", metric.test)
   cols = {}
   for b in budgets:
     cols[b] = {label: stat(data.get(cell.format(b=f"{b:g}")), key.format(b=f"{b:g}"), metric.test)
-               for label, cell, key in rows(data, budgets)}
+               for label, cell, key in rows(data, budgets, every)}
   marks = {b: ties(cols[b], metric.higher) for b in budgets}
   head = ["method (T steps each)"] + [f"{b:.0%} of kernel params" for b in budgets]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   lines.append("| dense (100%) | " + " | ".join(fmt(dense, metric) for _ in budgets) + " |")
-  for label, _, _ in rows(data, budgets):
+  for label, _, _ in rows(data, budgets, every):
     row = [fmt(cols[b][label], metric, bold=marks[b].get(label, (0, 0))[0],
                tie=marks[b].get(label, (0, 0))[1]) for b in budgets]
     lines.append(f"| {label} | " + " | ".join(row) + " |")
@@ -218,7 +219,13 @@ def search_table(data, metric: Metric, grid: dict[str, list[str]]) -> str:
   return "\n".join(lines) + f"\n\nChosen on validation (seed 0): {'; '.join(notes)}."
 
 
-def winners(cols, budgets, metric: Metric) -> str:
+def winners(cols, budgets, metric: Metric, every: bool = False) -> str:
+  """The best cell of each budget column (and those tied with it). With ``every`` (a
+  table of every method: the converged suite) no verdict while any cell is missing."""
+  missing = sum(v is None for b in budgets for v in cols[b].values())
+  if every and missing:
+    have = sum(v is not None for b in budgets for v in cols[b].values())
+    return f"not yet: {have} of {have + missing} cells of the table have results"
   out = []
   for b in budgets:
     m = ties(cols[b], metric.higher)
@@ -388,7 +395,7 @@ def render(size: str, runs: str, task: str = "resnet20", allow_mixed: bool = Fal
     raise SystemExit(f"no results under {os.path.join(runs, size, task)}: run results/suite.py")
   st, metric = mod.SIZES[size], METRICS[task]
   budgets = st.budgets
-  curve, cols = curve_table(data, budgets, metric)
+  curve, cols = curve_table(data, budgets, metric, every=st.converged)
   recs = [r for rs in data.values() for r in rs]
   dataset = recs[0]["dataset"]
   legend = LEGEND.format(seeds=", ".join(map(str, st.seeds))) + " " + code_versions(
@@ -400,7 +407,7 @@ def render(size: str, runs: str, task: str = "resnet20", allow_mixed: bool = Fal
     text = (f"{net} on {dataset}, size `{size}`: every run {st.steps} steps of {unit} "
             f"(fine-tunes: the last {st.ft}), {metric.label} on the test split, {legend} "
             f"{_runs_line(recs, size, task)} {convergence(data, metric)}\n\n{curve}\n\n"
-            f"Winners: {winners(cols, budgets, metric)}.\n\n"
+            f"Winners: {winners(cols, budgets, metric, every=True)}.\n\n"
             "TRP + nuclear norm (every step) at its energy-threshold operating point, "
             "decoupled, beside the dense model's SVD and Khodak's from-scratch training at "
             "the same per-layer ranks:\n\n"

@@ -220,3 +220,15 @@ def test_cell_names_parse_typed_settings_and_the_search_grid():
   deps = dict(charlm.cells(size))
   assert set(deps["lod@0.1"]) == {f"{c}|s0" for c in grid["lod"]}
   assert cells.search(charlm.SIZES["cpu"]) == {}  # the early suite chose by hand
+
+
+def test_a_converged_table_names_no_winner_while_cells_are_missing():
+  """The converged table lists every method (missing cells show ``-``) and names a winner
+  only once all have results; the early tables judge the cells they have."""
+  metric = report.METRICS["resnet20"]
+  cols = {0.25: {"SVD + fine-tune": (0.86, 0.01, 3, [0.85, 0.86, 0.87]), "LoD": None}}
+  assert report.winners(cols, [0.25], metric, every=True) == \
+      "not yet: 1 of 2 cells of the table have results"
+  assert report.winners(cols, [0.25], metric) == "at 25%: best SVD + fine-tune"
+  table, _ = report.curve_table({}, [0.25], metric, every=True)
+  assert len(table.splitlines()) == 3 + len(report.CURVE) + len(report.SEPARATE)
