@@ -162,6 +162,11 @@ def trp_table(data, metric: Metric, rows, paper: dict | None = None) -> str:
   return "\n".join(lines)
 
 
+def seed0(data, cell: str) -> dict | None:
+  """A cell's seed-0 run (the one searches and ablations read), or None."""
+  return next((r for r in data.get(cell, []) if r["seed"] == 0), None)
+
+
 def ablation_table(data, metric: Metric) -> str:
   """Seed-0 validation score of every ``cell~setting`` next to its default ``cell``."""
   name = "val acc" if metric.higher else "val loss"
@@ -170,12 +175,11 @@ def ablation_table(data, metric: Metric) -> str:
   best = {}
   for cell in sorted(c for c in data if "~" in c and not c.startswith("spectral_same")):
     base, _, setting = cell.partition("~")
-    (rec,) = [r for r in data[cell] if r["seed"] == 0] or [None]
-    ref = [r for r in data.get(base, []) if r["seed"] == 0]
+    rec, ref = seed0(data, cell), seed0(data, base)
     if rec is None:
       continue
     v = rec["score"][metric.val]
-    r0 = ref[0]["score"][metric.val] if ref else None
+    r0 = ref["score"][metric.val] if ref else None
     diff = f"{k * (v - r0):+.{d}f}" if r0 is not None else "-"
     lines.append(f"| {base} | {setting} | {k * v:.{d}f} | "
                  f"{'-' if r0 is None else f'{k * r0:.{d}f}'} | {diff} |")
@@ -197,11 +201,7 @@ def search_table(data, metric: Metric, grid: dict[str, list[str]]) -> str:
   lines = [f"| method | setting | {name} |", "|---|---|---|"]
   notes = []
   for method, cells in grid.items():
-    vals = {}
-    for cell in cells:
-      (rec,) = [r for r in data.get(cell, []) if r["seed"] == 0] or [None]
-      if rec is not None:
-        vals[cell] = rec["score"][metric.val]
+    vals = {c: seed0(data, c)["score"][metric.val] for c in cells if seed0(data, c)}
     best = max(vals, key=lambda c: sign * vals[c]) if len(vals) == len(cells) else None
     for cell in cells:
       v = f"{k * vals[cell]:.{d}f}" if cell in vals else "-"
@@ -212,8 +212,7 @@ def search_table(data, metric: Metric, grid: dict[str, list[str]]) -> str:
     grid_cells = set(cells)
     for cell in sorted(c for c in data if c.startswith(f"{method}@") and "~" in c
                        and c not in grid_cells):  # an ablation beside the search (TRP, no Nu)
-      (rec,) = [r for r in data[cell] if r["seed"] == 0] or [None]
-      if rec is not None:
+      if rec := seed0(data, cell):
         lines.append(f"| {method} | {cell.partition('~')[2]} (ablation, not a candidate) | "
                      f"{k * rec['score'][metric.val]:.{d}f} |")
   return "\n".join(lines) + f"\n\nChosen on validation (seed 0): {'; '.join(notes)}."
