@@ -10,9 +10,9 @@ the embeddings and LayerNorms stay dense. ``select=`` names those kernels explic
 
 Three ways to choose the factors, each with a uniform ``ranks.ratio(x)`` (every kernel
 keeps a fraction ``x`` of its parameters) and one global budget (the same total, spread
-by :func:`sensitivity_budget`: the estimated drop of *embedding* distortion per
-parameter, ``alpha_l s_j^2 / sum_i s_i^2``, with ``alpha_l`` measured per kernel on 64
-calibration sentences. The raw energy score of ``ranks.budget`` -- whitened energies are
+by ``ranks.budget(kept, sensitivity=alpha)``: the estimated drop of *embedding*
+distortion per parameter, ``alpha_l s_j^2 / sum_i s_i^2``, with ``alpha_l`` measured per
+kernel on 64 calibration sentences (:func:`sensitivities`). The raw energy score of ``ranks.budget`` -- whitened energies are
 in each layer's activation units -- and its ``normalize=True`` (relative output error)
 both lost to the uniform ratio; ``--budget-score`` selects them for comparison):
 
@@ -214,7 +214,14 @@ def sensitivities(embed, variables, probe_tree, spec, probe) -> dict[str, float]
   ``probe`` batches when only kernel ``l`` is replaced by its factors in ``probe_tree``,
   per unit of that kernel's relative (data-aware) truncation error
   ``e_l = sum_{j>r} s_j^2 / sum_j s_j^2``. Kernels are swapped in merged (dense), so one
-  compiled forward serves all probes."""
+  compiled forward serves all probes.
+
+  ``ranks.budget(kept, sensitivity=alpha)`` then spends one global budget greedily by
+  ``alpha_l s_j^2 / sum_i s_i^2 / (m + n)``, a first-order model of ``D ~ sum_l alpha_l
+  e_l(r_l)``: relative output errors are not comparable across layers (on MiniLM an FFN
+  output projection with 0.2% relative error moves the embedding as much as a value
+  projection with 8%; alpha differs ~100x), and raw whitened energies are in each
+  layer's activation units. Kernels at break-even stay dense (``jlr.plan``)."""
   e0 = embed_all(embed, variables, probe)
   out = {}
   for path, f in paths.flatten(probe_tree).items():
@@ -224,32 +231,6 @@ def sensitivities(embed, variables, probe_tree, spec, probe) -> dict[str, float]
     s2 = spec[path] ** 2
     out[path] = max(d, 1e-9) / max(s2[f.rank:].sum() / s2.sum(), 1e-12)
   return out
-
-
-def sensitivity_budget(kept: float, spec, alpha, layouts) -> dict[str, int]:
-  """Ranks for one global budget of ``kept`` x the dense kernel params, allocated
-  greedily by estimated reduction of the *embedding* distortion per parameter.
-
-  Score of component ``j`` of kernel ``l``: ``alpha_l s_j^2 / sum_i s_i^2 / (m + n)``.
-  First-order model of the end-to-end distortion, ``D ~ sum_l alpha_l e_l(r_l)``: the
-  data-aware spectrum says how a layer's *own* output error falls with rank
-  (``s_j^2 / sum s^2`` is the drop of its relative error ``e_l``), but relative output
-  errors are not comparable across layers -- on MiniLM an FFN output projection with 0.2%
-  relative error moves the embedding as much as a value projection with 8% (alpha
-  differs ~100x) -- and raw whitened energies are in each layer's activation units.
-  ``alpha_l`` (:func:`sensitivities`) converts each layer's relative error into
-  embedding distortion, so the greedy (``ranks.budget(...).allocate`` on the rescaled
-  spectra) minimizes the modelled distortion up to one component per leaf.
-  """
-  items = [(p, layouts[p], spec[p]) for p in alpha]
-  return dict(zip(alpha, ranks.budget(kept, sensitivity=alpha).allocate(items)))
-
-
-def dense_at(layout, rank: int) -> bool:
-  """Factors of ``rank`` would hold at least the kernel's own parameters (a 384 x 384
-  kernel at its break-even rank 192): keep it dense, exact for the parameters the budget
-  charged (``ranks.budget`` in :func:`jlr.plan` does the same)."""
-  return layout.factor_size(rank) >= layout.size
 
 
 def layer_groups(tree) -> list[list[str]]:
@@ -400,7 +381,7 @@ def parse_args(argv):
   p.add_argument("--budget-score", choices=("sensitivity", "energy", "normalized"),
                  default="sensitivity",
                  help="global budget score: alpha_l s_j^2 / sum s^2 (default, see "
-                      "sensitivity_budget), raw s_j^2 (ranks.budget), or s_j^2 / sum s^2 "
+                      "sensitivities), raw s_j^2 (ranks.budget), or s_j^2 / sum s^2 "
                       "(ranks.budget(normalize=True))")
   p.add_argument("--probe", type=int, default=64,
                  help="calibration sentences for the per-kernel sensitivities")
@@ -469,7 +450,6 @@ def main(argv=None) -> dict:
   dense_params = jlr.summary(variables).total_params
   rows, trees, timings = [], {}, {}
   probe = fixed_batches(tok, calib[: args.probe], 32, 32)
-  layouts = {}
   t0 = time.perf_counter()
 
   def record(method, rule, kept, small):
@@ -495,16 +475,13 @@ def main(argv=None) -> dict:
       spec = spectra(variables, st, damping=args.damping)
       ref = jlr.factorize(variables, ranks.ratio(0.5), select=is_target, layout=read,
                           stats=st, damping=args.damping)
-      layouts.update({p: f.layout for p, f in paths.flatten(ref).items() if jlr.is_lowrank(f)})
       alpha = alphas[method] = sensitivities(embed, variables, ref, spec, probe)
     for kept in args.fractions:
       for rule in RULES:
         if rule == "ratio":
           rank = ranks.ratio(kept)
-        elif args.budget_score == "sensitivity":
-          chosen = sensitivity_budget(kept, spec, alpha, layouts)
-          rank = lambda path, leaf, chosen=chosen: (  # noqa: E731
-              None if dense_at(layouts[path], chosen[path]) else ranks.fixed(chosen[path]))
+        elif args.budget_score == "sensitivity":  # see sensitivities()
+          rank = ranks.budget(kept, sensitivity=alpha)
         else:
           rank = ranks.budget(kept, normalize=args.budget_score == "normalized")
         small = jlr.factorize(variables, rank, select=is_target, layout=read, stats=st,
