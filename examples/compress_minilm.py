@@ -12,9 +12,10 @@ Three ways to choose the factors, each with a uniform ``ranks.ratio(x)`` (every 
 keeps a fraction ``x`` of its parameters) and one global budget (the same total, spread
 by ``ranks.budget(kept, sensitivity=alpha)``: the estimated drop of *embedding*
 distortion per parameter, ``alpha_l s_j^2 / sum_i s_i^2``, with ``alpha_l`` measured per
-kernel on 64 calibration sentences (:func:`sensitivities`). The raw energy score of ``ranks.budget`` -- whitened energies are
-in each layer's activation units -- and its ``normalize=True`` (relative output error)
-both lost to the uniform ratio; ``--budget-score`` selects them for comparison):
+kernel on 64 calibration sentences (:func:`sensitivities`). The raw energy score of
+``ranks.budget`` -- whitened energies are in each layer's activation units -- and its
+``normalize=True`` (relative output error) both lost to the uniform ratio;
+``--budget-score`` selects them for comparison):
 
 * ``svd``      -- plain truncated SVD of each kernel (``||W - W'||_F``).
 * ``whitened`` -- activation-whitened SVD (SVD-LLM / ASVD): ``||X (W - W')||_F`` with
