@@ -103,7 +103,7 @@ def test_quick_suite_end_to_end(tmp_path):
   out = str(tmp_path)
   env = dict(os.environ, PYTHONPATH=ROOT)
   subprocess.run([sys.executable, os.path.join(ROOT, "results", "suite.py"), "--size", "quick",
-                  "--jobs", "2", "--out", out], check=True, env=env, timeout=1500)
+                  "--jobs", "2", "--out", out], check=True, env=env, timeout=2400)
   import resnet20
 
   size = resnet20.SIZES["quick"]
