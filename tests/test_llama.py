@@ -75,6 +75,83 @@ def numpy_forward(cfg, t, seqs):
   return [one(np.asarray(ids)) for ids in seqs]
 
 
+def test_gguf_header_parse_equals_the_writer(tmp_path):
+  """jlr's GGUF parser on a file written by ``gguf.GGUFWriter`` (every value kind, a
+  nested array, a custom alignment, f32 / f16 / Q8_0 tensors): the values written, and
+  the tensors' bytes dequantize to what was written (Q8_0 to within its step)."""
+  import gguf
+
+  path = str(tmp_path / "tiny.gguf")
+  w = gguf.GGUFWriter(path, "llama")
+  w.add_custom_alignment(64)
+  w.add_uint32("u32", 7)
+  w.add_int64("i64", -3)
+  w.add_float32("f32", 0.5)
+  w.add_float64("f64", 1e-300)
+  w.add_bool("yes", True)
+  w.add_string("name", "naïve")
+  w.add_array("ints", [1, 2, 3])
+  w.add_array("strs", ["a", "bé", ""])
+  w.add_array("nested", [[1, 2], [3]])
+  rng = np.random.default_rng(0)
+  a32 = rng.standard_normal((3, 5)).astype(np.float32)
+  a16 = rng.standard_normal((2, 4)).astype(np.float16)
+  q8 = rng.standard_normal((2, 64)).astype(np.float32)
+  w.add_tensor("a32", a32)
+  w.add_tensor("a16", a16)
+  w.add_tensor("q8", gguf.quants.quantize(q8, gguf.GGMLQuantizationType.Q8_0),
+               raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+
+  f = llama._parse_gguf(path)
+  want = {"u32": 7, "i64": -3, "f32": 0.5, "f64": 1e-300, "yes": True, "name": "naïve",
+          "ints": [1, 2, 3], "strs": ["a", "bé", ""], "nested": [[1, 2], [3]],
+          "general.alignment": 64, "general.architecture": "llama"}
+  assert {k: f.fields[k] for k in want} == want
+  got = {n: (shape, gguf.quants.dequantize(np.asarray(d), gguf.GGMLQuantizationType(k)))
+         for n, shape, k, d in f.tensors}
+  assert [n for n, *_ in f.tensors] == ["a32", "a16", "q8"]
+  np.testing.assert_array_equal(got["a32"][1].reshape(got["a32"][0]), a32)
+  np.testing.assert_array_equal(got["a16"][1].reshape(got["a16"][0]), a16.astype(np.float32))
+  assert got["q8"][0] == (2, 64)
+  np.testing.assert_allclose(got["q8"][1].reshape(2, 64), q8, atol=np.abs(q8).max() / 100)
+
+  with open(path, "rb") as fh:  # bad input: a cut header, another format
+    head = fh.read(200)
+  (tmp_path / "cut.gguf").write_bytes(head)
+  with pytest.raises(ValueError, match="cut.gguf: truncated GGUF header"):
+    llama._parse_gguf(str(tmp_path / "cut.gguf"))
+  (tmp_path / "not.gguf").write_bytes(b"PK\x03\x04" + bytes(60))
+  with pytest.raises(ValueError, match="not a GGUF"):
+    llama._parse_gguf(str(tmp_path / "not.gguf"))
+
+
+@pytest.mark.slow  # gguf.GGUFReader takes seconds on the 49k-token vocabulary
+def test_gguf_parse_equals_gguf_reader_on_smollm2():
+  import gguf
+
+  f, r = llama._parse_gguf(PATH), gguf.GGUFReader(PATH)
+
+  def value(field):
+    if field.types[0] == gguf.GGUFValueType.ARRAY:
+      if field.types[-1] == gguf.GGUFValueType.STRING:
+        return [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
+      return [field.parts[i].tolist()[0] for i in field.data]
+    if field.types[0] == gguf.GGUFValueType.STRING:
+      return bytes(field.parts[field.data[0]]).decode()
+    return field.parts[field.data[0]].tolist()[0]
+
+  assert f.fields == {k: value(v) for k, v in r.fields.items() if not k.startswith("GGUF.")}
+  assert len(f.tensors) == len(r.tensors) == 272
+  for t, (name, shape, kind, data) in zip(r.tensors, f.tensors):
+    assert (name, shape, kind) == (t.name, tuple(int(d) for d in reversed(t.shape)),
+                                   int(t.tensor_type))
+    np.testing.assert_array_equal(np.asarray(data), np.asarray(t.data).reshape(-1).view(np.uint8))
+
+
 def test_config_read_from_the_file(smol):
   _, _, _, cfg, tensors = smol
   assert (cfg.layers, cfg.d, cfg.heads, cfg.kv_heads, cfg.ffn, cfg.vocab) == (30, 576, 9, 3, 1536, 49152)
