@@ -308,13 +308,19 @@ def main(argv=None) -> dict:
   # healing holds a student, its Adam moments and a teacher: drop the full-rank factors
   del fac, cal, strs_trees, loss_tree
   for remove, (alloc, base, probe_scores) in bases.items():
-    best_by_level[remove] = (alloc, base)
+    best_by_level[remove] = (alloc, base, "one-shot")
     if remove not in a.train_levels:  # quick: one level runs the trained code paths
       continue
     key = f"svd_llm/{alloc}/{remove}/update"
     heal_key = key + "/heal"
     ckpt = os.path.join(cache, heal_key.replace("/", "_") + ".pkl")
     update_ckpt = os.path.join(cache, key.replace("/", "_") + ".pkl")
+    if heal_key in cells and not os.path.exists(ckpt):
+      # both rows recorded, their trained weights not on this machine (the cache is not
+      # committed: hundreds of MB): speed needs only the ranks, which the one-shot model
+      # shares; the sample would not be the healed model's, so speed records none
+      best_by_level[remove] = (alloc, base, "one-shot (the healed weights are not here)")
+      continue
     if key in cells and os.path.exists(ckpt) and not os.path.exists(update_ckpt):
       upd = base  # a heal checkpoint older than update checkpoints (no fingerprint to match)
     else:  # a finished update's checkpoint returns its result at once: healing's start
@@ -323,18 +329,15 @@ def main(argv=None) -> dict:
     if key not in cells:
       cell(key, upd, method="svd_llm", alloc=alloc, remove=remove, update_steps=a.update_steps,
            probe_ppl=probe_scores)
-    key = heal_key
-    final = upd  # the level's model for speed and samples: healed when we have it
-    if key not in cells or os.path.exists(ckpt):  # a finished checkpoint returns at once
-      t0 = time.perf_counter()
-      final, log = llm.heal(fn, upd, heal_train, heal_val, steps=a.heal_steps, lr=a.lr_heal,
-                            eval_every=a.heal_every, teacher=variables, progress=bars,
-                            checkpoint=ckpt)
-      if key not in cells:
-        cell(key, final, method="svd_llm", alloc=alloc, remove=remove, heal_val=log.val,
-             heal_best_step=log.best_step, heal_stopped=log.stopped,
-             heal_seconds=time.perf_counter() - t0)
-    best_by_level[remove] = (alloc, final)
+    t0 = time.perf_counter()  # a finished heal's checkpoint returns its result at once
+    final, log = llm.heal(fn, upd, heal_train, heal_val, steps=a.heal_steps, lr=a.lr_heal,
+                          eval_every=a.heal_every, teacher=variables, progress=bars,
+                          checkpoint=ckpt)
+    if heal_key not in cells:
+      cell(heal_key, final, method="svd_llm", alloc=alloc, remove=remove, heal_val=log.val,
+           heal_best_step=log.best_step, heal_stopped=log.stopped,
+           heal_seconds=time.perf_counter() - t0)
+    best_by_level[remove] = (alloc, final, "healed")
 
   if "speed" not in done:
     levels = best_by_level if not a.quick else dict(list(best_by_level.items())[-1:])
@@ -373,20 +376,21 @@ def speed(model, dense, models: dict, tok, a, bars) -> list[dict]:
   step = jax.jit(lambda v, ids, pos, cache: jlr.flax.apply(model, v, ids, pos, cache))
   pre = jax.jit(lambda v, x: jlr.flax.apply(model, v, x)[0])
   x = jnp.zeros((1, a.ctx), jnp.int32)
-  runs = [("dense", dense)] + [(f"svd_llm {r:.0%} removed", m[1]) for r, m in models.items()]
+  runs = [("dense", dense, "dense")] + [(f"svd_llm {r:.0%} removed", tree, weights)
+                                        for r, (_, tree, weights) in models.items()]
   # the profile's floor: every projection at rank 8, so its time is what a token costs
   # besides reading projection weights (LM head, attention over the cache, norms, dispatch)
   last = runs[-1][1]
   runs.append((FLOOR, jlr.truncate(last, {p: 8 for p, x in paths.flatten(last).items()
-                                          if jlr.is_lowrank(x) and "/embed/" not in p})))
-  for label, tree in runs:
+                                          if jlr.is_lowrank(x) and "/embed/" not in p}), "-"))
+  for label, tree, weights in runs:
     jax.block_until_ready(pre(tree, x))
     ts = []
     for _ in range(3):
       t = time.perf_counter()
       jax.block_until_ready(pre(tree, x))
       ts.append(time.perf_counter() - t)
-    row = {"model": label, "prefill_tok_s": a.ctx / float(np.median(ts)),
+    row = {"model": label, "weights": weights, "prefill_tok_s": a.ctx / float(np.median(ts)),
            "weight_mb": weight_bytes(tree) / 2 ** 20}
     for batch in (1, 8):
       ids = jnp.asarray([prompt] * batch, jnp.int32)
@@ -407,11 +411,11 @@ def speed(model, dense, models: dict, tok, a, bars) -> list[dict]:
       run()  # compile
       dt, out = run()
       row[f"decode_tok_s_b{batch}"] = batch * a.decode / dt
-      if batch == 1:
+      if batch == 1 and not weights.startswith("one-shot ("):  # the level's own model
         row["sample"] = tok.decode(out[0].tolist())
-    print(f"  {label}: prefill {row['prefill_tok_s']:.0f} tok/s, decode b1 "
+    print(f"  {label} ({weights}): prefill {row['prefill_tok_s']:.0f} tok/s, decode b1 "
           f"{row['decode_tok_s_b1']:.1f} / b8 {row['decode_tok_s_b8']:.1f} tok/s, weights "
-          f"{row['weight_mb']:.0f} MB: {row['sample']!r}")
+          f"{row['weight_mb']:.0f} MB: {row.get('sample')!r}")
     rows.append(row)
   return rows
 
@@ -537,8 +541,8 @@ def readme_block(res) -> str:
     parts.append(speed_table(res))
     parts.append("Greedy samples (chat prompt \"Write one sentence about the sea.\", "
                  f"{c['decode']} tokens):\n\n" + "\n".join(
-                     f"- {r['model']}: {r['sample']!r}" for r in res["speed"]
-                     if r["model"] != FLOOR))
+                     f"- {r['model']} ({r.get('weights', '-')}): {r['sample']!r}"
+                     for r in res["speed"] if r["model"] != FLOOR and r.get("sample") is not None))
   return "\n\n".join(p for p in parts if p)
 
 

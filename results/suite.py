@@ -81,6 +81,43 @@ def commit() -> str | None:
     return None
 
 
+def carry(out: str, size: str, direction: str) -> list[str]:
+  """The cache across machines. A cell's trained models (``dense``, ``dense_pre``,
+  ``lod_nested``: later cells start from them) and its in-flight checkpoints (every
+  ``cells.CHECKPOINT_S``, under its code digest) live in ``<out>/.cache/<size>/``, which
+  git ignores; a session's machine does not outlive it, so a cell longer than what is
+  left of a session, or one starting from a model trained last session, would start over.
+  ``direction="park"`` mirrors the cache's pickles to ``<out>/carry/<size>/`` (committed
+  at the end of a session; pickles the cache no longer holds, a finished cell's
+  checkpoint, are removed); ``"restore"`` copies those the cache lacks back. Returns the
+  files copied; a restored checkpoint resumes its cell where it was parked
+  (``Task.train(resume=)``)."""
+  import shutil
+
+  cache, kept = os.path.join(out, ".cache", size), os.path.join(out, "carry", size)
+  src, dst = (cache, kept) if direction == "park" else (kept, cache)
+  have = {os.path.relpath(os.path.join(d, f), src) for d, _, fs in os.walk(src) for f in fs
+          if f.endswith(".pkl")}
+  copied = []
+  for rel in sorted(have):
+    a, b = os.path.join(src, rel), os.path.join(dst, rel)
+    if direction == "restore" and os.path.exists(b):
+      continue  # this machine's copy is as new or newer
+    if direction == "park" and os.path.exists(b) and os.path.getmtime(b) >= os.path.getmtime(a):
+      continue
+    os.makedirs(os.path.dirname(b), exist_ok=True)
+    shutil.copy2(a, b + ".tmp")
+    os.replace(b + ".tmp", b)
+    copied.append(rel)
+  if direction == "park":
+    for d, _, fs in os.walk(dst):
+      for f in fs:
+        rel = os.path.relpath(os.path.join(d, f), dst)
+        if rel not in have:
+          os.remove(os.path.join(d, f))
+  return copied
+
+
 def dep_key(task: str, dep: str, seed: int) -> tuple[str, str, int]:
   """``"cell|s0"``: that cell on seed 0; ``"cell"``: on the same seed."""
   cell, _, on = dep.partition("|s")
@@ -235,7 +272,17 @@ def main(argv=None) -> int:
   p.add_argument("--no-progress", action="store_true")
   p.add_argument("--rerun-stale", action="store_true",
                  help="rerun cells whose JSON was written by other code (see cells.code_hash)")
+  p.add_argument("--park", action="store_true",
+                 help="copy the cache (trained models, in-flight checkpoints) to "
+                      "<out>/carry/<size>/ to commit, and exit; a later run restores it")
   args = p.parse_args(argv)
+  if args.park:
+    files = carry(args.out, args.size, "park")
+    print(f"parked {len(files)} changed files in {os.path.join(args.out, 'carry', args.size)}")
+    return 0
+  restored = carry(args.out, args.size, "restore")
+  if restored:
+    print(f"restored {len(restored)} cached files from {os.path.join(args.out, 'carry', args.size)}")
   if args.cell is not None:
     if args.task is None or args.seed is None:
       p.error("--cell needs --task and --seed")

@@ -97,3 +97,17 @@ def test_compress_llm_quick(tmp_path):
   text = readme.read_text()
   assert "old" not in text and text.startswith("a\n") and text.endswith("b\n")
   assert f"{cells['svd_llm/uniform/0.2']['ppl']['kjv']['ppl']:.1f}" in text
+  # a resume on a machine without the (uncommitted) cache: no row is recomputed, and the
+  # speed section, which needs only the ranks, names the weights it ran and shows no
+  # sample for a level whose healed weights are gone (not the one-shot model's as its own)
+  import shutil
+  shutil.rmtree(tmp_path / ".cache")
+  res.pop("speed")
+  (tmp_path / "compress_llm_quick.json").write_text(json.dumps(res))
+  subprocess.run([sys.executable, os.path.join(EXAMPLES, "compress_llm.py"), "--quick",
+                  "--no-progress", "--out-dir", str(tmp_path)], check=True, timeout=1200)
+  again = json.loads((tmp_path / "compress_llm_quick.json").read_text())
+  assert again["cells"] == res["cells"]
+  rows = {r["model"]: r for r in again["speed"]}
+  assert rows["svd_llm 40% removed"]["weights"].startswith("one-shot (")
+  assert "sample" not in rows["svd_llm 40% removed"] and rows["dense"]["sample"]

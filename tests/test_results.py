@@ -232,3 +232,32 @@ def test_a_converged_table_names_no_winner_while_cells_are_missing():
   assert report.winners(cols, [0.25], metric) == "at 25%: best SVD + fine-tune"
   table, _ = report.curve_table({}, [0.25], metric, every=True)
   assert len(table.splitlines()) == 3 + len(report.CURVE) + len(report.SEPARATE)
+
+
+def test_the_cache_parks_for_git_and_restores_what_a_fresh_machine_lacks(tmp_path):
+  """suite.carry: park mirrors <out>/.cache/<size>/ (pickles only; a finished cell's
+  checkpoint leaves the carry too); restore fills a fresh cache and keeps newer files."""
+  import suite
+
+  cache = tmp_path / ".cache" / "converged"
+  (cache / "charlm" / "s0" / "inflight" / "abc").mkdir(parents=True)
+  (cache / "charlm" / "s0" / "dense.pkl").write_bytes(b"dense")
+  (cache / "charlm" / "s0" / "inflight" / "abc" / "lod.pkl").write_bytes(b"step 10")
+  (cache / "charlm" / "s0" / "dense.pkl.tmp").write_bytes(b"half-written")
+  assert suite.carry(str(tmp_path), "converged", "park") == [
+      "charlm/s0/dense.pkl", "charlm/s0/inflight/abc/lod.pkl"]
+  kept = tmp_path / "carry" / "converged" / "charlm" / "s0"
+  assert (kept / "dense.pkl").read_bytes() == b"dense" and not (kept / "dense.pkl.tmp").exists()
+  assert suite.carry(str(tmp_path), "converged", "park") == []  # nothing changed
+
+  (cache / "charlm" / "s0" / "inflight" / "abc" / "lod.pkl").unlink()  # the cell finished
+  suite.carry(str(tmp_path), "converged", "park")
+  assert not (kept / "inflight" / "abc" / "lod.pkl").exists() and (kept / "dense.pkl").exists()
+
+  import shutil
+  shutil.rmtree(tmp_path / ".cache")  # a fresh machine
+  assert suite.carry(str(tmp_path), "converged", "restore") == ["charlm/s0/dense.pkl"]
+  assert (cache / "charlm" / "s0" / "dense.pkl").read_bytes() == b"dense"
+  (cache / "charlm" / "s0" / "dense.pkl").write_bytes(b"newer")
+  assert suite.carry(str(tmp_path), "converged", "restore") == []
+  assert (cache / "charlm" / "s0" / "dense.pkl").read_bytes() == b"newer"
