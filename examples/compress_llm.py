@@ -127,8 +127,9 @@ def windows(tok, texts, ctx: int, n: int, skip: int = 0) -> np.ndarray:
   return np.asarray(ids[skip * (ctx + 1): need], np.int32).reshape(n, ctx + 1)
 
 
-RESUME_FREE = ("no_progress", "readme", "remove")  # a resume may differ in these (cells
-# are keyed by level); a setting the saved JSON predates is taken to be its old behaviour
+RESUME_FREE = ("no_progress", "readme", "remove", "train_levels")  # a resume may differ in
+# these (cells are keyed by level; which levels train now changes no cell); a setting the
+# saved JSON predates is taken to be its old behaviour
 
 
 def settings(a) -> dict:
@@ -309,12 +310,17 @@ def main(argv=None) -> dict:
   del fac, cal, strs_trees, loss_tree
   for remove, (alloc, base, probe_scores) in bases.items():
     best_by_level[remove] = (alloc, base, "one-shot")
-    if remove not in a.train_levels:  # quick: one level runs the trained code paths
-      continue
     key = f"svd_llm/{alloc}/{remove}/update"
     heal_key = key + "/heal"
     ckpt = os.path.join(cache, heal_key.replace("/", "_") + ".pkl")
     update_ckpt = os.path.join(cache, key.replace("/", "_") + ".pkl")
+    if remove not in a.train_levels:  # quick: one level runs the trained code paths
+      if key in cells and os.path.exists(update_ckpt) and heal_key not in cells:
+        # trained earlier, not now: its finished update's checkpoint is the level's model
+        upd = llm.update(fn, base, calib, steps=a.update_steps, lr=a.lr_update,
+                         progress=bars, checkpoint=update_ckpt)
+        best_by_level[remove] = (alloc, upd, "updated, not yet healed")
+      continue
     if heal_key in cells and not os.path.exists(ckpt):
       # both rows recorded, their trained weights not on this machine (the cache is not
       # committed: hundreds of MB): speed needs only the ranks, which the one-shot model
@@ -339,9 +345,10 @@ def main(argv=None) -> dict:
            heal_seconds=time.perf_counter() - t0)
     best_by_level[remove] = (alloc, final, "healed")
 
-  if "speed" not in done:
-    levels = best_by_level if not a.quick else dict(list(best_by_level.items())[-1:])
-    done["speed"] = speed(model, variables, levels, tok, a, bars)  # quick: the last level
+  levels = best_by_level if not a.quick else dict(list(best_by_level.items())[-1:])
+  weights = ["dense"] + [w for _, _, w in levels.values()] + ["-"]  # quick: the last level
+  if [r.get("weights") for r in done.get("speed", [])] != weights:  # none, or other models
+    done["speed"] = speed(model, variables, levels, tok, a, bars)
     save()
   done["wall_seconds"] = done.get("wall_seconds", 0) + time.perf_counter() - t_start
   res = save()
