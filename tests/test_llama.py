@@ -124,6 +124,10 @@ def test_gguf_header_parse_equals_the_writer(tmp_path):
   (tmp_path / "cut.gguf").write_bytes(head)
   with pytest.raises(ValueError, match="cut.gguf: truncated GGUF header"):
     llama._parse_gguf(str(tmp_path / "cut.gguf"))
+  full = (tmp_path / "tiny.gguf").read_bytes()
+  (tmp_path / "short.gguf").write_bytes(full[:-100])  # into the last tensor (136 bytes)
+  with pytest.raises(ValueError, match="tensor 'q8' ends at byte .* past the end"):
+    llama._parse_gguf(str(tmp_path / "short.gguf"))
   (tmp_path / "not.gguf").write_bytes(b"PK\x03\x04" + bytes(60))
   with pytest.raises(ValueError, match="not a GGUF"):
     llama._parse_gguf(str(tmp_path / "not.gguf"))

@@ -261,8 +261,15 @@ def _parse_gguf(path: str) -> _Gguf:
   data = np.memmap(path, np.uint8, mode="r")
   tensors = []
   for name, shape, kind, start in infos:
-    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]
+    try:
+      block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]
+    except (ValueError, KeyError):
+      raise ValueError(f"{path}: tensor {name!r} has ggml type {kind}, unknown to the "
+                       f"installed gguf package") from None
     nbytes = int(np.prod(shape)) // block * size
+    if base + start + nbytes > data.size:
+      raise ValueError(f"{path}: tensor {name!r} ends at byte {base + start + nbytes}, past "
+                       f"the end of the file ({data.size} bytes): a truncated download?")
     tensors.append((name, shape, kind, data[base + start: base + start + nbytes]))
   return _Gguf(fields, tensors)
 
