@@ -529,6 +529,18 @@ def targets_table(res) -> str:
   return "\n".join(lines)
 
 
+def _hours(res) -> str:
+  """The rows' own times (their searches, update and healing included; a resumed run
+  spans several processes, so one process's wall time says little)."""
+  secs = [c["seconds"] for c in res["cells"] if "seconds" in c]
+  if not secs:
+    return ""
+  hours = (sum(secs) + res.get("calibration_seconds", 0)) / 3600
+  some = (f" ({len(secs)} of {len(res['cells'])} rows record one)"
+          if len(secs) < len(res["cells"]) else "")
+  return f"; calibration and the rows took {hours:.1f} h" + some
+
+
 def readme_block(res) -> str:
   """README's block for one run, every number from its JSON."""
   c = res["config"]
@@ -541,8 +553,7 @@ def readme_block(res) -> str:
           "in the JSON); ASVD's alpha: "
           f"{res.get('asvd_alpha', '-')}; update {c['update_steps']} steps, heal <= "
           f"{c['heal_steps']} steps. {res['machine']['cpu_count']} CPU cores, jax "
-          f"{res['machine']['jax']}" + (f", {res['wall_seconds'] / 3600:.1f} h of wall time"
-                                       if res.get("wall_seconds") else "") + ".")
+          f"{res['machine']['jax']}" + _hours(res) + ".")
   parts = [head, table(res), targets_table(res), allocation_check(res)]
   if res.get("speed"):
     parts.append(speed_table(res))
