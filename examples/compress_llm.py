@@ -63,9 +63,11 @@ PROBE_SLOTS = 16  # windows after the calibration ones kept for the probe; heali
 # SVD-LLM (Wang et al. 2024, arXiv 2403.07378) Table 1: LLaMA-7B, WikiText-2 perplexity
 PAPER = {"model": "LLaMA-7B, WikiText-2 (SVD-LLM Table 1)", "dense": 5.68,
          "0.2": {"svd": 20061, "fwsvd": 1727, "asvd": 11.14, "svd_llm": 7.94}}
-SIZES = {"quick": dict(blocks=4, calib=8, ctx=128, eval_windows=4, fisher=2, remove=(0.2, 0.4),
+# quick: a smoke test of every code path in about 5 min on 2 cores (runtime, not compiles,
+# dominates: each 128-token window through the 30 blocks costs about a second)
+SIZES = {"quick": dict(blocks=4, calib=8, ctx=128, eval_windows=2, fisher=2, remove=(0.2, 0.4),
                        strs_levels=(0.5, 0.9), strs_windows=1, alphas=(0.5, 1.0), probe_windows=4,
-                       update_steps=4, heal_steps=4, heal_every=2, decode=8, heal_windows=16,
+                       update_steps=2, heal_steps=2, heal_every=1, decode=8, heal_windows=16,
                        train_levels=(0.4,)),
          "full": dict(blocks=0, calib=64, ctx=256, eval_windows=128, fisher=16, remove=(0.2, 0.4, 0.6),
                       strs_levels=(0.3, 0.5, 0.7, 0.9), strs_windows=2,
@@ -161,6 +163,8 @@ def main(argv=None) -> dict:
   if clash:  # resuming would put cells of two settings in one table
     raise SystemExit(f"{out_path} holds results of other settings (saved, now: {clash}); "
                      "move it away or pass --out-dir")
+  if "train_levels" in done.get("config", {}):  # the levels trained over every invocation
+    config["train_levels"] = sorted({*done["config"]["train_levels"], *config["train_levels"]})
   cells = {c["key"]: c for c in done.get("cells", [])}
 
   model, variables, tok = llama.load_gguf()
