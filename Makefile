@@ -47,7 +47,7 @@ results: $(STAMP)      # every README results table from scratch: resumable, 2 c
 	$(BIN)/python results/suite.py --size cpu --jobs 2
 	$(BIN)/python results/report.py --size cpu
 
-results-converged: $(STAMP) # README "Which method to use": trained to convergence, resumable (tens of CPU-hours: 2 jobs)
+results-converged: $(STAMP) # README "Which method to use": trained to convergence, resumable (tens of CPU-hours: 2 jobs; `suite.py --size converged --park` carries a stopped run to another machine)
 	test -d /usr/share/datasets/fashion-mnist || $(MAKE) data
 	$(BIN)/python results/suite.py --size converged --jobs 2 --dataset fashion_mnist
 	$(BIN)/python results/report.py --size converged
