@@ -373,9 +373,9 @@ def code_versions(recs: list[dict], size: str, allow_mixed: bool = False) -> str
 
 
 def _runs_line(recs, size, task) -> str:
-  wall = sum(r["wall_s"] for r in recs)
+  cpu = sum(r.get("cpu_s", r["wall_s"]) for r in recs)  # runs before cpu_s: their wall time
   devices = sorted({r["device"] for r in recs})
-  return (f"{len(recs)} runs, {wall / 3600:.1f} CPU-hours of cells on {'; '.join(devices)}. "
+  return (f"{len(recs)} runs, {cpu / 3600:.1f} CPU-hours of cells on {'; '.join(devices)}. "
           f"Reproduce: `python results/suite.py --size {size} --task {task} --jobs 2 && "
           f"python results/report.py --size {size} --task {task}`.")
 

@@ -124,6 +124,14 @@ def dep_key(task: str, dep: str, seed: int) -> tuple[str, str, int]:
   return task, cell, int(on) if on else seed
 
 
+def _cpu_seconds() -> float:
+  """User + system CPU time of this process, all its threads."""
+  import resource
+
+  ru = resource.getrusage(resource.RUSAGE_SELF)
+  return ru.ru_utime + ru.ru_stime
+
+
 def one(args) -> int:
   """Run one cell in this process and write its JSON."""
   mod = task_module(args.task)
@@ -147,6 +155,7 @@ def one(args) -> int:
                         f"--cell {args.cell} --seed {args.seed}"),
             "versions": versions(), "device": device(), "commit": commit(), "code": code,
             "threads": os.environ.get("XLA_FLAGS", ""), "wall_s": round(time.time() - t0, 1),
+            "cpu_s": round(_cpu_seconds(), 1),  # wall_s also counts time the run was paused
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **metrics}
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path + ".tmp", "w") as f:
