@@ -98,6 +98,14 @@ def carry(out: str, size: str, direction: str) -> list[str]:
   src, dst = (cache, kept) if direction == "park" else (kept, cache)
   have = {os.path.relpath(os.path.join(d, f), src) for d, _, fs in os.walk(src) for f in fs
           if f.endswith(".pkl")}
+
+  def finished(rel):  # <task>/s<seed>/inflight/<code>/<cell>.pkl of a cell with its JSON
+    parts = rel.split(os.sep)
+    return (len(parts) == 5 and parts[2] == "inflight" and
+            os.path.exists(json_path(out, size, parts[0], parts[4][:-4], int(parts[1][1:]))))
+
+  if direction == "park":  # a finished cell's checkpoint (the cell leaves it) is not
+    have = {r for r in have if not finished(r)}  # carried: its JSON is the result
   copied = []
   for rel in sorted(have):
     a, b = os.path.join(src, rel), os.path.join(dst, rel)

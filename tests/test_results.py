@@ -253,6 +253,13 @@ def test_the_cache_parks_for_git_and_restores_what_a_fresh_machine_lacks(tmp_pat
   (cache / "charlm" / "s0" / "inflight" / "abc" / "lod.pkl").unlink()  # the cell finished
   suite.carry(str(tmp_path), "converged", "park")
   assert not (kept / "inflight" / "abc" / "lod.pkl").exists() and (kept / "dense.pkl").exists()
+  # a finished cell that leaves its checkpoint behind: its JSON is the result, not carried
+  (cache / "charlm" / "s0" / "inflight" / "abc" / "tr.pkl").write_bytes(b"last step")
+  assert suite.carry(str(tmp_path), "converged", "park") == ["charlm/s0/inflight/abc/tr.pkl"]
+  (tmp_path / "converged" / "charlm").mkdir(parents=True)
+  (tmp_path / "converged" / "charlm" / "tr_s0.json").write_text("{}")
+  assert suite.carry(str(tmp_path), "converged", "park") == []
+  assert not (kept / "inflight" / "abc" / "tr.pkl").exists()
 
   import shutil
   shutil.rmtree(tmp_path / ".cache")  # a fresh machine
