@@ -19,7 +19,10 @@ on -- the SVD-LLM paper's Table 1, measured side by side on a model that runs on
 Rows: SVD, FWSVD, ASVD (alpha searched, its sensitivity rank search), SVD-LLM (uniform
 ranks, the truncation-loss allocation, and ASVD's rank search on its factors), SVD-LLM +
 its sequential update from the allocation that scores best on the probe, then that model
-healed (at each of ``--train-levels``). ``--quick`` compresses the first 4 blocks only and
+healed (at each of ``--train-levels``). A heal with other settings (``--lr-heal``,
+``--heal-extra`` more training windows) is a *variant*: its own row beside the default
+heal's (``.../update/heal~lr=...,extra=...``), same validation windows, same update.
+``--quick`` compresses the first 4 blocks only and
 trains at its last level only. Then decode speed with the KV cache (batch 1 and 8) and prefill,
 dense vs compressed, with the bytes of weights each reads per token.
 
@@ -60,6 +63,7 @@ TARGETS = {0.2: 1.5, 0.4: 3.0, 0.6: 8.0}  # issue 30: best recipe within this x 
 PROJ = {"attn": ("q", "k", "v", "o"), "mlp": ("gate", "up", "down")}
 TEXTS = ("kjv", "docstrings")
 PROBE_SLOTS = 16  # windows after the calibration ones kept for the probe; healing's follow
+HEAL_DEFAULTS = {"lr_heal": 5e-5, "heal_extra": 0}  # the heal row; other values: a variant row
 # SVD-LLM (Wang et al. 2024, arXiv 2403.07378) Table 1: LLaMA-7B, WikiText-2 perplexity
 PAPER = {"model": "LLaMA-7B, WikiText-2 (SVD-LLM Table 1)", "dense": 5.68,
          "0.2": {"svd": 20061, "fwsvd": 1727, "asvd": 11.14, "svd_llm": 7.94}}
@@ -86,7 +90,11 @@ def parse_args(argv=None):
                       "head's inputs (its column statistics), its rank from the same "
                       "allocation (its own kind)")
   p.add_argument("--lr-update", type=float, default=1e-5)
-  p.add_argument("--lr-heal", type=float, default=5e-5)
+  p.add_argument("--lr-heal", type=float, default=HEAL_DEFAULTS["lr_heal"],
+                 help="peak lr of the heal (another value: a heal variant, its own row)")
+  p.add_argument("--heal-extra", type=int, default=HEAL_DEFAULTS["heal_extra"],
+                 help="more heal training windows (the same two texts, after the default "
+                      "heal windows; validation unchanged): a heal variant, its own row")
   p.add_argument("--out-dir", default=RESULTS)
   p.add_argument("--no-progress", action="store_true")
   p.add_argument("--readme", nargs="?", const=README, default=None, metavar="PATH",
@@ -129,15 +137,24 @@ def windows(tok, texts, ctx: int, n: int, skip: int = 0) -> np.ndarray:
   return np.asarray(ids[skip * (ctx + 1): need], np.int32).reshape(n, ctx + 1)
 
 
-RESUME_FREE = ("no_progress", "readme", "remove", "train_levels")  # a resume may differ in
-# these (cells are keyed by level; which levels train now changes no cell); a setting the
-# saved JSON predates is taken to be its old behaviour
+RESUME_FREE = ("no_progress", "readme", "remove", "train_levels", *HEAL_DEFAULTS)  # a resume
+# may differ in these (cells are keyed by level and heal variant; which levels train now
+# changes no cell); a setting the saved JSON predates is taken to be its old behaviour
+
+
+def heal_suffix(a) -> str:
+  """The heal row's key suffix: ``heal`` at the default settings, else the variant's
+  settings in it (``heal~extra=800,lr=0.0002``), so a variant never replaces the row."""
+  variant = {k: getattr(a, k) for k, d in HEAL_DEFAULTS.items() if getattr(a, k) != d}
+  names = {"lr_heal": "lr", "heal_extra": "extra"}
+  return "heal" + ("~" + ",".join(f"{names[k]}={v:g}" for k, v in sorted(
+      variant.items(), key=lambda kv: names[kv[0]])) if variant else "")
 
 
 def settings(a) -> dict:
   """The run's settings as saved in its JSON."""
   return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(a).items()
-          if k != "out_dir"}
+          if k != "out_dir"} | HEAL_DEFAULTS  # the heal row's; a variant's are in its key
 
 
 def main(argv=None) -> dict:
@@ -183,6 +200,9 @@ def main(argv=None) -> dict:
   probe = mixed(a.probe_windows, skip=a.calib)  # ASVD's searches, allocation strength
   heal_w = mixed(a.heal_windows, skip=a.calib + PROBE_SLOTS)
   heal_train, heal_val = heal_w[: -a.heal_windows // 8], heal_w[-a.heal_windows // 8:]
+  if a.heal_extra:  # a variant: more training text after the heal windows, same validation
+    heal_train = np.concatenate([heal_train, mixed(a.heal_extra, skip=a.calib + PROBE_SLOTS
+                                                   + a.heal_windows)])
   seen = set(sources[1])
   evals = {"kjv": windows(tok, kjv_verses()[20000:], a.ctx, a.eval_windows),
            "docstrings": windows(tok, [d for d in stdlib_docstrings() if d not in seen],
@@ -315,11 +335,11 @@ def main(argv=None) -> dict:
   for remove, (alloc, base, probe_scores) in bases.items():
     best_by_level[remove] = (alloc, base, "one-shot")
     key = f"svd_llm/{alloc}/{remove}/update"
-    heal_key = key + "/heal"
+    heal_key = key + "/" + heal_suffix(a)
     ckpt = os.path.join(cache, heal_key.replace("/", "_") + ".pkl")
     update_ckpt = os.path.join(cache, key.replace("/", "_") + ".pkl")
     if remove not in a.train_levels:  # quick: one level runs the trained code paths
-      if key in cells and os.path.exists(update_ckpt) and heal_key not in cells:
+      if key in cells and os.path.exists(update_ckpt) and key + "/heal" not in cells:
         # trained earlier, not now: its finished update's checkpoint is the level's model
         upd = llm.update(fn, base, calib, steps=a.update_steps, lr=a.lr_update,
                          progress=bars, checkpoint=update_ckpt)
@@ -345,9 +365,9 @@ def main(argv=None) -> dict:
                           checkpoint=ckpt)
     if heal_key not in cells:
       cell(heal_key, final, method="svd_llm", alloc=alloc, remove=remove, heal_val=log.val,
-           heal_best_step=log.best_step, heal_stopped=log.stopped,
-           heal_seconds=time.perf_counter() - t0)
-    best_by_level[remove] = (alloc, final, "healed")
+           heal_best_step=log.best_step, heal_stopped=log.stopped, heal_lr=a.lr_heal,
+           heal_train_windows=len(heal_train), heal_seconds=time.perf_counter() - t0)
+    best_by_level[remove] = (alloc, final, "healed" + heal_suffix(a)[len("heal"):])
 
   levels = best_by_level if not a.quick else dict(list(best_by_level.items())[-1:])
   weights = ["dense"] + [w for _, _, w in levels.values()] + ["-"]  # quick: the last level
@@ -453,8 +473,11 @@ def table(res) -> str:
     row = [cells.get(f"{prefix}/{lv}") for lv in levels]
     if any(row):
       lines.append(f"| {label} | " + " | ".join(_pair(c) for c in row) + " |")
+  variants = sorted({k.split("/heal~")[1] for k in cells if "/heal~" in k})
   for suffix, label in (("update", "SVD-LLM + update (u then v)"),
-                        ("update/heal", "SVD-LLM + update + heal")):
+                        ("update/heal", "SVD-LLM + update + heal"),
+                        *((f"update/heal~{v}", "SVD-LLM + update + heal, " + v.replace(
+                            "=", " ").replace(",", ", ")) for v in variants)):
     row = [next((c for k, c in cells.items() if k.endswith(f"/{lv}/{suffix}")
                  and k.startswith("svd_llm/")), None) for lv in levels]
     if any(row):
@@ -556,7 +579,8 @@ def readme_block(res) -> str:
           f"{tokens:,} tokens of each text, perplexity (95% bootstrap interval over windows "
           "in the JSON); ASVD's alpha: "
           f"{res.get('asvd_alpha', '-')}; update {c['update_steps']} steps, heal <= "
-          f"{c['heal_steps']} steps. {res['machine']['cpu_count']} CPU cores, jax "
+          f"{c['heal_steps']} steps at lr {c['lr_heal']:g} on {c['heal_windows'] * 7 // 8} "
+          f"windows (a variant's settings are in its row). {res['machine']['cpu_count']} CPU cores, jax "
           f"{res['machine']['jax']}" + _hours(res) + ".")
   parts = [head, table(res), targets_table(res), allocation_check(res)]
   if res.get("speed"):

@@ -31,6 +31,8 @@ def test_readme_block_from_the_committed_quick_json():
   block = ex.readme_block(res)
   cells = {c["key"]: c for c in res["cells"]}
   assert block.startswith("`python examples/compress_llm.py --quick`")
+  head = block.split("\n")[0]
+  assert "{" not in head and f"heal <= {res['config']['heal_steps']} steps at lr 5e-05" in head
   assert f"| SVD-LLM, uniform | {ex._pair(cells['svd_llm/uniform/0.2'])} |" in block
   assert "| projection params removed | best row |" in block  # the targets table
   assert "SVD-LLM allocated <= uniform on both texts" in block
@@ -111,3 +113,26 @@ def test_compress_llm_quick(tmp_path):
   rows = {r["model"]: r for r in again["speed"]}
   assert rows["svd_llm 40% removed"]["weights"].startswith("one-shot (")
   assert "sample" not in rows["svd_llm 40% removed"] and rows["dense"]["sample"]
+
+
+def test_a_heal_variant_is_its_own_row_and_resumes_the_same_json():
+  """A heal with other settings keys its own row (the default heal's is kept), names its
+  settings in the table, and is no clash with the JSON's saved settings."""
+  sys.path.insert(0, EXAMPLES)
+  import compress_llm as ex
+  assert ex.heal_suffix(ex.parse_args([])) == "heal"
+  variant = ex.parse_args(["--lr-heal", "2e-4", "--heal-extra", "800"])
+  assert ex.heal_suffix(variant) == "heal~extra=800,lr=0.0002"
+  assert ex.settings(variant)["lr_heal"] == 5e-5  # the config holds the default heal's
+  ppl = lambda k, d: {t: {"ppl": v, "low": v, "high": v} for t, v in zip(ex.TEXTS, (k, d))}  # noqa: E731
+  cell = lambda key, k, d: {"key": key, "ppl": ppl(k, d), "remove": 0.2,  # noqa: E731
+                            "model_params_kept": 0.84}
+  res = {"dense": {"ppl": ppl(26.0, 22.0)}, "config": {"blocks": 0}, "cells": [
+      cell("svd_llm/strs/0.2/update", 53.5, 38.7),
+      cell("svd_llm/strs/0.2/update/heal", 45.1, 33.4),
+      cell("svd_llm/strs/0.2/update/heal~extra=800,lr=0.0002", 38.0, 30.0)]}
+  lines = ex.table(res).splitlines()
+  assert "| SVD-LLM + update + heal | 45.1 / 33.4 |" in lines
+  assert "| SVD-LLM + update + heal, extra 800, lr 0.0002 | 38.0 / 30.0 |" in lines
+  best = [x for x in ex.targets_table(res).splitlines() if x.startswith("| 20% |")][0]
+  assert "heal~extra=800,lr=0.0002" in best and best.endswith("| 1.5x | yes |")
