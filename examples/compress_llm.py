@@ -199,10 +199,11 @@ def main(argv=None) -> dict:
   calib = mixed(a.calib)
   probe = mixed(a.probe_windows, skip=a.calib)  # ASVD's searches, allocation strength
   heal_w = mixed(a.heal_windows, skip=a.calib + PROBE_SLOTS)
-  heal_train, heal_val = heal_w[: -a.heal_windows // 8], heal_w[-a.heal_windows // 8:]
-  if a.heal_extra:  # a variant: more training text after the heal windows, same validation
-    heal_train = np.concatenate([heal_train, mixed(a.heal_extra, skip=a.calib + PROBE_SLOTS
-                                                   + a.heal_windows)])
+  heal_default, heal_val = heal_w[: -a.heal_windows // 8], heal_w[-a.heal_windows // 8:]
+  heal_train = heal_default  # a variant: more training text after it, the same validation
+  if a.heal_extra:
+    heal_train = np.concatenate([heal_default, mixed(a.heal_extra, skip=a.calib + PROBE_SLOTS
+                                                     + a.heal_windows)])
   seen = set(sources[1])
   evals = {"kjv": windows(tok, kjv_verses()[20000:], a.ctx, a.eval_windows),
            "docstrings": windows(tok, [d for d in stdlib_docstrings() if d not in seen],
@@ -339,11 +340,20 @@ def main(argv=None) -> dict:
     ckpt = os.path.join(cache, heal_key.replace("/", "_") + ".pkl")
     update_ckpt = os.path.join(cache, key.replace("/", "_") + ".pkl")
     if remove not in a.train_levels:  # quick: one level runs the trained code paths
-      if key in cells and os.path.exists(update_ckpt) and key + "/heal" not in cells:
-        # trained earlier, not now: its finished update's checkpoint is the level's model
+      if key in cells and os.path.exists(update_ckpt):
+        # trained earlier, not now: its finished checkpoints are the level's model (each
+        # call returns at once), the default heal's if it ran, else the update's
         upd = llm.update(fn, base, calib, steps=a.update_steps, lr=a.lr_update,
                          progress=bars, checkpoint=update_ckpt)
         best_by_level[remove] = (alloc, upd, "updated, not yet healed")
+        healed = os.path.join(cache, f"{key}/heal".replace("/", "_") + ".pkl")
+        if f"{key}/heal" in cells and os.path.exists(healed):
+          final, _ = llm.heal(fn, upd, heal_default, heal_val, steps=a.heal_steps,
+                              lr=HEAL_DEFAULTS["lr_heal"], eval_every=a.heal_every,
+                              teacher=variables, progress=bars, checkpoint=healed)
+          best_by_level[remove] = (alloc, final, "healed")
+        elif f"{key}/heal" in cells:  # healed, its weights gone: not the update's model
+          best_by_level[remove] = (alloc, base, "one-shot (the healed weights are not here)")
       continue
     if heal_key in cells and not os.path.exists(ckpt):
       # both rows recorded, their trained weights not on this machine (the cache is not
@@ -440,7 +450,8 @@ def speed(model, dense, models: dict, tok, a, bars) -> list[dict]:
         jax.block_until_ready(logits)
         return time.perf_counter() - t, np.concatenate([np.asarray(o) for o in out], 1)
       run()  # compile
-      dt, out = run()
+      times, out = zip(*(run() for _ in range(3)))  # the median of 3 decodes (one is noisy)
+      dt, out = float(np.median(times)), out[0]
       row[f"decode_tok_s_b{batch}"] = batch * a.decode / dt
       if batch == 1 and not weights.startswith("one-shot ("):  # the level's own model
         row["sample"] = tok.decode(out[0].tolist())
