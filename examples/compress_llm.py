@@ -22,9 +22,9 @@ its sequential update from the allocation that scores best on the probe, then th
 healed (at each of ``--train-levels``). A heal with other settings (``--lr-heal``,
 ``--heal-extra`` more training windows) is a *variant*: its own row beside the default
 heal's (``.../update/heal~lr=...,extra=...``), same validation windows, same update.
-``--quick`` compresses the first 4 blocks only and
-trains at its last level only. Then decode speed with the KV cache (batch 1 and 8) and prefill,
-dense vs compressed, with the bytes of weights each reads per token.
+``--quick`` compresses the first 4 blocks only and trains at its last level only. Then
+decode speed with the KV cache (batch 1 and 8) and prefill, dense vs compressed, with the
+bytes of weights each reads per token.
 
 Results are resumable (each finished cell is in the JSON; a rerun skips it)::
 
