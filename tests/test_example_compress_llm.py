@@ -105,9 +105,9 @@ def test_compress_llm_quick(tmp_path):
                   "--no-progress", "--out-dir", str(tmp_path), "--train-levels", "0.2",
                   "--lr-heal", "1e-4"], check=True, timeout=1200)
   res = json.loads((tmp_path / "compress_llm_quick.json").read_text())
-  heals = sorted(c["key"] for c in res["cells"] if "/heal" in c["key"])
-  assert [k.split("/", 2)[2] for k in heals] == ["0.2/update/heal~lr=0.0001", "0.4/update/heal"]
-  assert {c["key"]: c for c in res["cells"]}[heals[0]]["heal_lr"] == 1e-4
+  heals = sorted((c["key"].split("/", 2)[2], c) for c in res["cells"] if "/heal" in c["key"])
+  assert [k for k, _ in heals] == ["0.2/update/heal~lr=0.0001", "0.4/update/heal"]
+  assert heals[0][1]["heal_lr"] == 1e-4
   assert res["config"]["lr_heal"] == 5e-5 and res["config"]["train_levels"] == [0.2, 0.4]
   assert [r["weights"] for r in res["speed"]][:2] == ["dense", "healed"]  # 40%: quick's last
   # a resume on a machine without the (uncommitted) cache: no row is recomputed, and the
