@@ -151,6 +151,11 @@ def heal_suffix(a) -> str:
       variant.items(), key=lambda kv: names[kv[0]])) if variant else "")
 
 
+def checkpoint_path(cache: str, key: str) -> str:
+  """The resumable checkpoint of the row ``key`` (``svd_llm/strs/0.2/update``) in ``cache``."""
+  return os.path.join(cache, key.replace("/", "_") + ".pkl")
+
+
 def settings(a) -> dict:
   """The run's settings as saved in its JSON."""
   return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(a).items()
@@ -333,12 +338,12 @@ def main(argv=None) -> dict:
   # then the trained rows, every level's one-shot rows first (they are the cheap ones);
   # healing holds a student, its Adam moments and a teacher: drop the full-rank factors
   del fac, cal, strs_trees, loss_tree
+  suffix = heal_suffix(a)
   for remove, (alloc, base, probe_scores) in bases.items():
     best_by_level[remove] = (alloc, base, "one-shot")
     key = f"svd_llm/{alloc}/{remove}/update"
-    heal_key = key + "/" + heal_suffix(a)
-    ckpt = os.path.join(cache, heal_key.replace("/", "_") + ".pkl")
-    update_ckpt = os.path.join(cache, key.replace("/", "_") + ".pkl")
+    heal_key = f"{key}/{suffix}"
+    ckpt, update_ckpt = checkpoint_path(cache, heal_key), checkpoint_path(cache, key)
     if remove not in a.train_levels:  # quick: one level runs the trained code paths
       if key in cells and os.path.exists(update_ckpt):
         # trained earlier, not now: its finished checkpoints are the level's model (each
@@ -346,7 +351,7 @@ def main(argv=None) -> dict:
         upd = llm.update(fn, base, calib, steps=a.update_steps, lr=a.lr_update,
                          progress=bars, checkpoint=update_ckpt)
         best_by_level[remove] = (alloc, upd, "updated, not yet healed")
-        healed = os.path.join(cache, f"{key}/heal".replace("/", "_") + ".pkl")
+        healed = checkpoint_path(cache, f"{key}/heal")
         if f"{key}/heal" in cells and os.path.exists(healed):
           final, _ = llm.heal(fn, upd, heal_default, heal_val, steps=a.heal_steps,
                               lr=HEAL_DEFAULTS["lr_heal"], eval_every=a.heal_every,
@@ -377,7 +382,7 @@ def main(argv=None) -> dict:
       cell(heal_key, final, method="svd_llm", alloc=alloc, remove=remove, heal_val=log.val,
            heal_best_step=log.best_step, heal_stopped=log.stopped, heal_lr=a.lr_heal,
            heal_train_windows=len(heal_train), heal_seconds=time.perf_counter() - t0)
-    best_by_level[remove] = (alloc, final, "healed" + heal_suffix(a)[len("heal"):])
+    best_by_level[remove] = (alloc, final, "healed" + suffix[len("heal"):])
 
   levels = best_by_level if not a.quick else dict(list(best_by_level.items())[-1:])
   weights = ["dense"] + [w for _, _, w in levels.values()] + ["-"]  # quick: the last level

@@ -476,6 +476,9 @@ def main(argv=None) -> dict[str, str]:
   p.add_argument("--out", default=HERE, help="where <task>_<size>.png goes")
   p.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
   p.add_argument("--no-readme", action="store_true", help="print only")
+  p.add_argument("--keep-latency", action="store_true",
+                 help="leave the latency plots as they are (measuring them wants a quiet "
+                      "machine): tables and the other plots from the JSONs")
   args = p.parse_args(argv)
   tasks = [args.task] if args.task else [t for t in METRICS if load(args.size, t, args.runs)]
   blocks = {}
@@ -487,11 +490,12 @@ def main(argv=None) -> dict[str, str]:
     plot(png, ctx["data"], ctx["budgets"], ctx["cols"],
          title.format(dataset=ctx["dataset"], steps=ctx["setting"].steps), ctx["metric"], xlabel)
     block += f"\n\n![{ctx['metric'].label.split(' (')[0]} vs size]({os.path.relpath(png, ROOT)})"
-    if ctx["setting"].converged:
+    png = os.path.join(args.out, f"{task}_{args.size}_latency.png")
+    if ctx["setting"].converged and not args.keep_latency:
       lat = latencies(task, args.size, ctx["data"], ctx["budgets"])
-      png = os.path.join(args.out, f"{task}_{args.size}_latency.png")
       plot_latency(png, lat, ctx["cols"], ctx["budgets"], f"{task}: quality vs measured latency",
                    ctx["metric"], stat(ctx["data"].get("dense"), "score", ctx["metric"].test))
+    if ctx["setting"].converged and os.path.exists(png):
       block += f"\n\n![quality vs latency]({os.path.relpath(png, ROOT)})"
     conv = os.path.join(args.out, f"{task}_{args.size}_dense_curve.png")
     if plot_convergence(conv, ctx["data"], f"{task}: the dense model's curve", ctx["metric"]):

@@ -183,7 +183,13 @@ def test_converged_quick_suite_end_to_end(tmp_path):
   # the report end to end: tables, the dense curve, quality vs latency at each cell's ranks
   blocks = report.main(["--size", "converged-quick", "--runs", out, "--out", out, "--no-readme"])
   assert all("![quality vs latency]" in b for b in blocks.values())
-  assert os.path.exists(os.path.join(out, "resnet20_converged-quick_latency.png"))
+  png = os.path.join(out, "resnet20_converged-quick_latency.png")
+  assert os.path.exists(png)
+  # --keep-latency: the tables again, the measured plot kept as it is (not re-measured)
+  before = os.stat(png).st_mtime_ns
+  kept = report.main(["--size", "converged-quick", "--runs", out, "--out", out, "--no-readme",
+                      "--keep-latency"])
+  assert kept == blocks and os.stat(png).st_mtime_ns == before
   # a run of other code in the table is refused, or marked with --allow-mixed
   path = os.path.join(out, "converged-quick", "charlm", "scratch@0.25_s0.json")
   with open(path) as f:
