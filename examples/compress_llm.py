@@ -602,10 +602,21 @@ def readme_block(res) -> str:
   if res.get("speed"):
     parts.append(speed_table(res))
     parts.append("Greedy samples (chat prompt \"Write one sentence about the sea.\", "
-                 f"{c['decode']} tokens):\n\n" + "\n".join(
-                     f"- {r['model']} ({r.get('weights', '-')}): {r['sample']!r}"
+                 f"{c['decode']} tokens timed; the reply shown up to its first {END!r}, where a "
+                 "chat stops):\n\n" + "\n".join(
+                     f"- {r['model']} ({r.get('weights', '-')}): {reply(r['sample'])!r}"
                      for r in res["speed"] if r["model"] != FLOOR and r.get("sample") is not None))
   return "\n\n".join(p for p in parts if p)
+
+
+END = "<|im_end|>"  # SmolLM2's end of a chat turn
+
+
+def reply(sample: str) -> str:
+  """A decoded greedy sample up to and including its first end of turn (the timed decode
+  runs on past it, a chat would stop there)."""
+  i = sample.find(END)
+  return sample if i < 0 else sample[:i + len(END)]
 
 
 if __name__ == "__main__":

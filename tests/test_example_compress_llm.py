@@ -39,6 +39,14 @@ def test_readme_block_from_the_committed_quick_json():
   assert ex.FLOOR not in block.split("Greedy samples")[-1]  # no sample from the floor
 
 
+def test_a_sample_is_shown_up_to_its_first_end_of_turn():
+  sys.path.insert(0, EXAMPLES)
+  import compress_llm as ex
+  assert ex.reply("The sea.<|im_end|>\nmore<|im_end|>") == "The sea.<|im_end|>"
+  assert ex.reply("<|im_end|><|im_end|>") == "<|im_end|>"
+  assert ex.reply("\n\n\n") == "\n\n\n"  # no end of turn: all of it
+
+
 def test_a_resume_with_other_settings_is_refused(tmp_path):
   """Cells are skipped by key on a rerun, so a JSON of other settings would mix two
   configurations in one table: refused, naming the setting (a level subset is fine)."""
