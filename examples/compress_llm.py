@@ -62,6 +62,7 @@ README = os.path.join(ROOT, "README.md")
 TARGETS = {0.2: 1.5, 0.4: 3.0, 0.6: 8.0}  # issue 30: best recipe within this x dense perplexity
 PROJ = {"attn": ("q", "k", "v", "o"), "mlp": ("gate", "up", "down")}
 TEXTS = ("kjv", "docstrings")
+END = "<|im_end|>"  # SmolLM2's end of a chat turn (README samples stop there)
 PROBE_SLOTS = 16  # windows after the calibration ones kept for the probe; healing's follow
 HEAL_DEFAULTS = {"lr_heal": 5e-5, "heal_extra": 0}  # the heal row; other values: a variant row
 # SVD-LLM (Wang et al. 2024, arXiv 2403.07378) Table 1: LLaMA-7B, WikiText-2 perplexity
@@ -351,13 +352,14 @@ def main(argv=None) -> dict:
         upd = llm.update(fn, base, calib, steps=a.update_steps, lr=a.lr_update,
                          progress=bars, checkpoint=update_ckpt)
         best_by_level[remove] = (alloc, upd, "updated, not yet healed")
-        healed = checkpoint_path(cache, f"{key}/heal")
-        if f"{key}/heal" in cells and os.path.exists(healed):
+        default_heal = f"{key}/heal"
+        healed = checkpoint_path(cache, default_heal)
+        if default_heal in cells and os.path.exists(healed):
           final, _ = llm.heal(fn, upd, heal_default, heal_val, steps=a.heal_steps,
                               lr=HEAL_DEFAULTS["lr_heal"], eval_every=a.heal_every,
                               teacher=variables, progress=bars, checkpoint=healed)
           best_by_level[remove] = (alloc, final, "healed")
-        elif f"{key}/heal" in cells:  # healed, its weights gone: not the update's model
+        elif default_heal in cells:  # healed, its weights gone: not the update's model
           best_by_level[remove] = (alloc, base, "one-shot (the healed weights are not here)")
       continue
     if heal_key in cells and not os.path.exists(ckpt):
@@ -607,9 +609,6 @@ def readme_block(res) -> str:
                      f"- {r['model']} ({r.get('weights', '-')}): {reply(r['sample'])!r}"
                      for r in res["speed"] if r["model"] != FLOOR and r.get("sample") is not None))
   return "\n\n".join(p for p in parts if p)
-
-
-END = "<|im_end|>"  # SmolLM2's end of a chat turn
 
 
 def reply(sample: str) -> str:

@@ -490,13 +490,13 @@ def main(argv=None) -> dict[str, str]:
     plot(png, ctx["data"], ctx["budgets"], ctx["cols"],
          title.format(dataset=ctx["dataset"], steps=ctx["setting"].steps), ctx["metric"], xlabel)
     block += f"\n\n![{ctx['metric'].label.split(' (')[0]} vs size]({os.path.relpath(png, ROOT)})"
-    png = os.path.join(args.out, f"{task}_{args.size}_latency.png")
+    lat_png = os.path.join(args.out, f"{task}_{args.size}_latency.png")
     if ctx["setting"].converged and not args.keep_latency:
       lat = latencies(task, args.size, ctx["data"], ctx["budgets"])
-      plot_latency(png, lat, ctx["cols"], ctx["budgets"], f"{task}: quality vs measured latency",
+      plot_latency(lat_png, lat, ctx["cols"], ctx["budgets"], f"{task}: quality vs measured latency",
                    ctx["metric"], stat(ctx["data"].get("dense"), "score", ctx["metric"].test))
-    if ctx["setting"].converged and os.path.exists(png):
-      block += f"\n\n![quality vs latency]({os.path.relpath(png, ROOT)})"
+    if ctx["setting"].converged and os.path.exists(lat_png):
+      block += f"\n\n![quality vs latency]({os.path.relpath(lat_png, ROOT)})"
     conv = os.path.join(args.out, f"{task}_{args.size}_dense_curve.png")
     if plot_convergence(conv, ctx["data"], f"{task}: the dense model's curve", ctx["metric"]):
       block += f"\n\n![dense convergence]({os.path.relpath(conv, ROOT)})"
