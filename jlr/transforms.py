@@ -348,8 +348,6 @@ def _factor_stack(ws, key, idx, *, layout, rank, method, split, oversample, n_it
   per-leaf dispatches (36 MiniLM kernels: ~110 eager ``fold_in`` and slicing ops)."""
   mats = layout.to_matrix(jnp.stack(ws))
   if method == "randomized":
-    if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-      key = jax.random.wrap_key_data(key)  # a raw uint32 key: the same stream, typed
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
     # batched, not vmapped: the small SVD's choice of route is one lax.cond per group
     u, s, vt = svd_lib.randomized(mats, rank, keys, oversample=oversample, n_iter=n_iter)
@@ -405,6 +403,9 @@ def factorize(params: PyTree, rank: ranks_lib.RankArg | Plan | None = None, *,
                      "was made with (jlr.plan(params, rank, stats=...)); pass them there")
   the_plan = rank if isinstance(rank, Plan) else plan(
       params, rank, select=select, layout=layout, stats=stats, damping=damping)
+  if key is not None and not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.wrap_key_data(key)  # a raw uint32 key: the same stream, typed (one
+    # set of compiled programs for either kind of key)
   leaves, treedef = select_lib.leaves(params)
   out = [leaf for _, leaf in leaves]
   opts = dict(method=method, split=split, oversample=oversample, n_iter=n_iter)
