@@ -14,14 +14,20 @@ import pytest
 
 import jlr
 import jlr.flax
+from conftest import init, normal
 from jlr import ranks
 
 KEY = jax.random.key(0)
 
 
 def rel_err(a, b):
-  return float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
-               / (float(jnp.max(jnp.abs(b.astype(jnp.float32)))) + 1e-12))
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-12))
+
+
+def dense_forward(model, f, x):
+  """The independent truth: the model's own forward on the merged (dense) kernels."""
+  return jax.jit(lambda f, x: model.apply(jlr.merge(f), x))(f, x)
 
 
 def n_lowrank(tree):
@@ -30,17 +36,17 @@ def n_lowrank(tree):
 
 def check_model(model, x, rank=2, expect=1, tol=1e-5, **kw):
   """Read layouts, factorize, compare with the merged dense forward, train 5 steps."""
-  variables = model.init(KEY, x)
+  variables = init(model, x)
   f = jlr.flax.factorize(model, variables, x, rank=rank, **kw)
   assert n_lowrank(f) >= expect, jlr.flax.layouts(model, variables, x)
   with warnings.catch_warnings():
     warnings.simplefilter("error", jlr.DensifiedWarning)  # every factor ran factorized
     got = jax.jit(lambda v, x: jlr.flax.apply(model, v, x))(f, x)
-  want = model.apply(jlr.merge(f), x)
+  want = dense_forward(model, f, x)
   chex.assert_equal_shape([got, want])
   chex.assert_trees_all_equal_dtypes(got, want)
   assert rel_err(got, want) < tol
-  target = jnp.zeros_like(want)
+  target = np.zeros(want.shape, np.float32)
   tx = optax.adam(1e-2)
   params = f
 
@@ -54,7 +60,7 @@ def check_model(model, x, rank=2, expect=1, tol=1e-5, **kw):
     upd, s = tx.update(g, s, p)
     return optax.apply_updates(p, upd), s, val
 
-  state = tx.init(params)
+  state = jax.jit(tx.init)(params)  # one program, not one zeros_like per leaf shape
   losses = []
   for _ in range(5):
     params, state, val = step(params, state)
@@ -87,8 +93,8 @@ class Stack(nn.Module):
 
 @pytest.mark.parametrize("remat", [False, True])
 def test_scan_stack_is_factorized_per_layer(remat):
-  model, x = Stack(remat), jax.random.normal(KEY, (5, 8))
-  variables = model.init(KEY, x)
+  model, x = Stack(remat), normal((5, 8))
+  variables = init(model, x)
   lay = jlr.flax.layouts(model, variables, x)
   name = "ScanCheckpointBlock_0" if remat else "ScanBlock_0"
   stacked = lay[f"params/{name}/fc/kernel"]
@@ -105,8 +111,8 @@ def test_scan_stack_is_factorized_per_layer(remat):
 
 
 def test_shape_guess_warns_for_stacked_kernels_and_the_model_path_does_not():
-  model, x = Stack(), jax.random.normal(KEY, (5, 8))
-  variables = model.init(KEY, x)
+  model, x = Stack(), normal((5, 8))
+  variables = init(model, x)
   with pytest.warns(jlr.GuessedLayoutWarning, match="ScanBlock_0/fc/kernel"):
     jlr.factorize(variables, 2)
   with warnings.catch_warnings():
@@ -124,9 +130,9 @@ class VmapStack(nn.Module):
 
 
 def test_vmap_stack():
-  x = jax.random.normal(KEY, (3, 4, 10))
+  x = normal((3, 4, 10))
   model = VmapStack()
-  lay = jlr.flax.layouts(model, model.init(KEY, x), x)
+  lay = jlr.flax.layouts(model, init(model, x), x)
   assert lay["params/VmapDense_0/kernel"] == jlr.Layout("dense", (10, 12))
   check_model(model, x, rank=3)
 
@@ -141,7 +147,7 @@ class Attn(nn.Module):
 
 
 def test_multi_head_attention():
-  x = jax.random.normal(KEY, (2, 7, 32))
+  x = normal((2, 7, 32))
   f = check_model(Attn(), x, rank=6, expect=4)
   a = f["params"]["MultiHeadDotProductAttention_0"]
   assert a["query"]["kernel"].layout.matrix_shape == (32, 32)  # features | heads, head_dim
@@ -158,9 +164,9 @@ class Gemma(nn.Module):
 
 
 def test_einsum_with_a_middle_contracted_axis():
-  x = jax.random.normal(KEY, (2, 5, 24))
+  x = normal((2, 5, 24))
   model = Gemma()
-  lay = jlr.flax.layouts(model, model.init(KEY, x), x)
+  lay = jlr.flax.layouts(model, init(model, x), x)
   assert lay["params/Einsum_0/kernel"].row_axes == (1,)  # d
   assert lay["params/Einsum_1/kernel"].row_axes == (0, 1)  # n, h
   check_model(model, x, rank=4, expect=2)
@@ -184,19 +190,19 @@ class Convs(nn.Module):
 
 @pytest.mark.parametrize("nd", [1, 2, pytest.param(3, marks=pytest.mark.slow)])
 def test_convs_1d_2d_3d(nd):
-  x = jax.random.normal(KEY, (2,) + (9,) * nd + (3,))
+  x = normal((2,) + (9,) * nd + (3,))
   check_model(Convs(nd), x, rank=2, expect=2)
 
 
 def test_conv_transpose_is_factorized():
-  x = jax.random.normal(KEY, (2, 6, 6, 3))
+  x = normal((2, 6, 6, 3))
   model = Convs(2, transpose=True)
   f = check_model(model, x, rank=2, expect=3)
   assert f["params"]["ConvTranspose_0"]["kernel"].layout.kind == "conv_channel"
 
 
 def test_conv_spatial_layout_read_from_the_model():
-  x = jax.random.normal(KEY, (2, 9, 9, 3))
+  x = normal((2, 9, 9, 3))
   f = check_model(Convs(2), x, rank=2, expect=2, conv="spatial")
   assert f["params"]["Conv_0"]["kernel"].layout.kind == "conv_spatial"
 
@@ -210,9 +216,9 @@ class Grouped(nn.Module):
 
 
 def test_grouped_and_depthwise_convs_are_refused_by_path():
-  x = jax.random.normal(KEY, (2, 8, 8, 4))
+  x = normal((2, 8, 8, 4))
   model = Grouped()
-  variables = model.init(KEY, x)
+  variables = init(model, x)
   lay = jlr.flax.layouts(model, variables, x)
   assert set(lay) == {"params/Conv_0/kernel"}
   for name in ("Conv_1", "Conv_2"):
@@ -225,13 +231,13 @@ def test_grouped_and_depthwise_convs_are_refused_by_path():
 
 
 def test_forcing_a_grouped_conv_densifies_with_a_warning_not_a_wrong_answer():
-  x = jax.random.normal(KEY, (2, 8, 8, 4))
+  x = normal((2, 8, 8, 4))
   model = Grouped()
-  variables = model.init(KEY, x)
+  variables = init(model, x)
   f = jlr.factorize(variables, 2, select="Conv_1/kernel", layout="conv_channel")
   with pytest.warns(jlr.DensifiedWarning, match="Conv_1/kernel.*feature_group_count=8"):
     got = jlr.flax.apply(model, f, x)
-  assert rel_err(got, model.apply(jlr.merge(f), x)) < 1e-5
+  assert rel_err(got, dense_forward(model, f, x)) < 1e-5
 
 
 # ----------------------------------------------------------------------------- other modules
@@ -257,9 +263,9 @@ class Lm(nn.Module):
 
 
 def test_custom_module_and_tied_embedding():
-  ids = jax.random.randint(KEY, (3, 9), 0, 100)
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, 100, (3, 9)), jnp.int32)
   model = Lm()
-  lay = jlr.flax.layouts(model, model.init(KEY, ids), ids)
+  lay = jlr.flax.layouts(model, init(model, ids), ids)
   assert lay["params/Embed_0/embedding"].kind == "embed"  # lookup and attend agree
   c = lay["params/Conv1D_0/kernel"]
   assert c.row_axes == (1,) and c.matrix_shape == (24, 40)  # rows are the layer's inputs
@@ -278,7 +284,7 @@ class Unused(nn.Module):
 def test_unused_and_non_matmul_uses_are_reported_and_left_dense():
   x = jnp.ones((2, 8))
   model = Unused()
-  variables = model.init(KEY, x)
+  variables = init(model, x)
   lay = jlr.flax.layouts(model, variables, x)
   assert set(lay) == {"params/kernel"}
   assert "reduce_sum" in lay.skipped["params/mixed"]
@@ -289,26 +295,26 @@ def test_unused_and_non_matmul_uses_are_reported_and_left_dense():
 
 def test_bf16_params():
   model = Stack()
-  x = jax.random.normal(KEY, (4, 8), jnp.bfloat16)
-  variables = jax.tree.map(lambda a: a.astype(jnp.bfloat16), model.init(KEY, x))
+  x = normal((4, 8), jnp.bfloat16)
+  variables = jax.tree.map(lambda a: a.astype(jnp.bfloat16), init(model, x))
   f = jlr.flax.factorize(model, variables, x, rank=4)
   k = f["params"]["ScanBlock_0"]["fc"]["kernel"]
   assert k.u.dtype == jnp.bfloat16
   got = jax.jit(lambda v, x: jlr.flax.apply(model, v, x))(f, x)
-  want = model.apply(jlr.merge(f), x)
+  want = dense_forward(model, f, x)
   assert got.dtype == want.dtype == jnp.bfloat16
   assert rel_err(got, want) < 3e-2
 
 
 def test_plain_jax_function():
   """jlr.factorized works on any JAX function, not only Flax."""
-  params = {"w1": jax.random.normal(KEY, (3, 10, 20)), "w2": jax.random.normal(KEY, (20, 5))}
+  params = {"w1": normal((3, 10, 20)), "w2": normal((20, 5))}
 
   def f(p, x):  # x: (layers, batch, in), one input per layer
     h = jnp.tanh(jnp.einsum("lbi,lij->lbj", x, p["w1"])).sum(0)
     return h @ p["w2"]
 
-  x = jax.random.normal(KEY, (3, 4, 10))
+  x = normal((3, 4, 10))
   lay = jlr.usage.read(f, params, x)
   assert lay["w1"] == jlr.Layout("dense", (10, 20))  # the layer axis is an einsum batch
   fp = jlr.factorize(params, 3, layout=lay)
@@ -316,7 +322,7 @@ def test_plain_jax_function():
 
 
 def test_factorized_returns_passed_through_lowranks_and_never_mutates():
-  params = {"w": jax.random.normal(KEY, (8, 8))}
+  params = {"w": normal((8, 8))}
   fp = jlr.factorize(params, 2, select="w")
   out = jlr.factorized(lambda p, x: (x @ p["w"], p))(fp, jnp.ones((1, 8)))
   assert out[1]["w"] is fp["w"]
