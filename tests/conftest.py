@@ -127,3 +127,12 @@ def dense_apply(model, factors, *args, **kwargs):
   import jlr
 
   return jax.jit(lambda f, *a: model.apply(jlr.merge(f), *a, **kwargs))(factors, *args)
+
+
+def f32(a):
+  """``jnp.asarray(a, jnp.float32)`` cast on the host (a device cast compiles a program)."""
+  import jax.numpy as jnp
+  import numpy as np
+
+  a = np.asarray(a, np.float32)
+  return jnp.asarray(a, a.dtype)

@@ -13,6 +13,7 @@ import jlr
 import jlr.flax
 from jlr import ranks, stats
 from jlr.flax import calibrate
+from conftest import f32, init
 
 
 def rnd(shape, seed=0):
@@ -32,12 +33,12 @@ def test_whitened_factorization_minimizes_output_error():
   x = rng.normal(size=(500, 20)) * np.linspace(0.1, 3.0, 20)  # anisotropic inputs
   w = rnd((20, 12), 1)
   g = stats.Gram(x.T @ x, 500)
-  f = jlr.factorize({"k": jnp.asarray(w, jnp.float32)}, 4, select="k", stats={"k": g},
+  f = jlr.factorize({"k": f32(w)}, 4, select="k", stats={"k": g},
                     damping=1e-8)["k"]
   out_err = lambda w2: np.linalg.norm(x @ (w - w2))  # noqa: E731
   got = out_err(np.asarray(f.dense(), np.float64))
   np.testing.assert_allclose(got, out_err(best_weighted(w, x.T @ x, 4)), rtol=1e-3)
-  plain = jlr.factorize({"k": jnp.asarray(w, jnp.float32)}, 4, select="k")["k"]
+  plain = jlr.factorize({"k": f32(w)}, 4, select="k")["k"]
   assert got < 0.95 * out_err(np.asarray(plain.dense(), np.float64))
   # balanced factors: u = P sqrt(S), v = sqrt(S) Q^T with P, Q orthonormal (the SVD of W'
   # itself), so u^T u = v v^T = diag(S) -- not R^{-1} P sqrt(S), whose scale is R^{-1}'s
@@ -54,7 +55,7 @@ def test_nested_whitened_factors_are_optimal_at_every_prefix():
   x = rng.normal(size=(400, 16)) * np.linspace(0.1, 3.0, 16)
   w = rnd((16, 10), 4)
   g = stats.Gram(x.T @ x, 400)
-  tree = {"k": jnp.asarray(w, jnp.float32)}
+  tree = {"k": f32(w)}
   full = jlr.factorize(tree, ranks.full(), select="k", stats={"k": g}, damping=1e-8, nested=True)["k"]
   default = jlr.factorize(tree, ranks.full(), select="k", stats={"k": g}, damping=1e-8)["k"]
   u, v = np.asarray(full.u, np.float64), np.asarray(full.v, np.float64)
@@ -72,7 +73,7 @@ def test_nested_whitened_factors_are_optimal_at_every_prefix():
 def test_rank_deficient_activations_do_not_break():
   rng = np.random.default_rng(1)
   x = rng.normal(size=(50, 3)) @ rng.normal(size=(3, 16))  # X^T X has rank 3
-  w = jnp.asarray(rnd((16, 8), 2), jnp.float32)
+  w = f32(rnd((16, 8), 2))
   f = jlr.factorize({"k": w}, 3, select="k", stats={"k": stats.Gram(x.T @ x, 50)})["k"]
   assert np.isfinite(np.asarray(f.u)).all() and np.isfinite(np.asarray(f.v)).all()
   # on the data, rank 3 is (nearly) lossless: the data only spans 3 directions
@@ -86,7 +87,7 @@ def test_rank_deficient_activations_do_not_break():
 def test_fisher_weighted_is_row_weighted_optimal():
   w = rnd((10, 8), 3)
   weights = np.linspace(0.01, 5.0, 10)
-  f = jlr.factorize({"k": jnp.asarray(w, jnp.float32)}, 3, select="k",
+  f = jlr.factorize({"k": f32(w)}, 3, select="k",
                     stats={"k": stats.RowWeights(weights, 1)}, damping=1e-8)["k"]
   d = np.sqrt(weights)[:, None]
   p, s, vt = np.linalg.svd(d * w)
@@ -95,8 +96,8 @@ def test_fisher_weighted_is_row_weighted_optimal():
 
 
 def test_fisher_from_gradients():
-  params = {"d": {"kernel": jnp.asarray(rnd((6, 4), 4), jnp.float32)}}
-  xs = [jnp.asarray(rnd((5, 6), s), jnp.float32) for s in range(3)]
+  params = {"d": {"kernel": f32(rnd((6, 4), 4))}}
+  xs = [f32(rnd((5, 6), s)) for s in range(3)]
   grad_fn = jax.jit(jax.grad(lambda p, x: jnp.sum((x @ p["d"]["kernel"]) ** 2)))
   got = stats.fisher(grad_fn, params, xs)["d/kernel"]
   want = sum((np.asarray(grad_fn(params, x)["d"]["kernel"], np.float64) ** 2).sum(1) for x in xs)
@@ -116,8 +117,8 @@ def test_linen_activation_statistics_and_budget():
   model = Block()
   rng = np.random.default_rng(5)
   mix = rng.normal(size=(16, 16)) * np.linspace(0.05, 2, 16)
-  batches = [jnp.asarray(rng.normal(size=(4, 6, 16)) @ mix, jnp.float32) for _ in range(3)]
-  variables = model.init(jax.random.key(0), batches[0])
+  batches = [f32(rng.normal(size=(4, 6, 16)) @ mix) for _ in range(3)]
+  variables = init(model, batches[0], seed=0)
   st = calibrate.activations(model, variables, batches)
   assert set(st) == {"params/Dense_0/kernel", "params/Dense_1/kernel",
                      *(f"params/MultiHeadDotProductAttention_0/{n}/kernel"
@@ -126,11 +127,13 @@ def test_linen_activation_statistics_and_budget():
   np.testing.assert_allclose(st["params/Dense_0/kernel"].count, 72)
   np.testing.assert_allclose(st["params/MultiHeadDotProductAttention_0/query/kernel"].matrix,
                              xs.T @ xs, rtol=1e-4)
-  held_out = jnp.asarray(rng.normal(size=(8, 6, 16)) @ mix, jnp.float32)
-  ref = model.apply(variables, held_out)
+  held_out = f32(rng.normal(size=(8, 6, 16)) @ mix)
+  ref = jax.jit(model.apply)(variables, held_out)
+
+  fwd = jax.jit(lambda f: jlr.flax.apply(model, f, held_out))
 
   def err(factorized):
-    return float(jnp.linalg.norm(jlr.flax.apply(model, factorized, held_out) - ref))
+    return float(np.linalg.norm(fwd(factorized) - ref))
 
   for rule in (ranks.ratio(0.4), ranks.budget(0.4)):
     aware = jlr.factorize(variables, rule, stats=st)
@@ -141,7 +144,7 @@ def test_linen_activation_statistics_and_budget():
 
 
 def test_mismatched_statistics_name_the_path():
-  w = jnp.asarray(rnd((8, 4), 0), jnp.float32)
+  w = f32(rnd((8, 4), 0))
   with pytest.raises(ValueError, match="k: calibration statistics of shape"):
     jlr.factorize({"k": w}, 2, select="k", stats={"k": stats.Gram(np.eye(4), 1)})
 
@@ -156,9 +159,9 @@ class Tower(nn.Module):
 def test_masked_statistics_drop_padding_rows():
   model = Tower()
   rng = np.random.default_rng(3)
-  x = jnp.asarray(rng.normal(size=(2, 5, 8)), jnp.float32)
+  x = f32(rng.normal(size=(2, 5, 8)))
   mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])
-  variables = model.init(jax.random.key(0), x)
+  variables = init(model, x, seed=0)
   st = calibrate.activations(model, variables, [x], mask=lambda b: mask,
                              select=lambda p: "down" in p)
   assert set(st) == {"params/down/kernel"}
@@ -172,8 +175,8 @@ def test_masked_statistics_drop_padding_rows():
 def test_cross_statistics_of_a_factorized_model():
   model = Tower()
   rng = np.random.default_rng(4)
-  x = jnp.asarray(rng.normal(size=(3, 4, 8)), jnp.float32)
-  variables = model.init(jax.random.key(1), x)
+  x = f32(rng.normal(size=(3, 4, 8)))
+  variables = init(model, x, seed=1)
   small = jlr.factorize(variables, 2, select="params/up/kernel")
   st = calibrate.cross(model, small, variables, [x], select=lambda p: "down" in p)
   g, c = st["params/down/kernel"]
@@ -193,8 +196,8 @@ def test_whitened_beats_plain_per_layer_on_calibration_data():
   model = Block()
   rng = np.random.default_rng(6)
   mix = rng.normal(size=(16, 16)) * np.linspace(0.05, 2, 16)
-  batches = [jnp.asarray(rng.normal(size=(4, 6, 16)) @ mix, jnp.float32) for _ in range(2)]
-  variables = model.init(jax.random.key(2), batches[0])
+  batches = [f32(rng.normal(size=(4, 6, 16)) @ mix) for _ in range(2)]
+  variables = init(model, batches[0], seed=2)
   st = calibrate.activations(model, variables, batches)
   aware = jlr.factorize(variables, ranks.ratio(0.4, min_rank=1), stats=st, damping=1e-6)
   plain = jlr.factorize(variables, ranks.ratio(0.4, min_rank=1))
@@ -207,8 +210,8 @@ def test_whitened_beats_plain_per_layer_on_calibration_data():
                              @ g.matrix @ d)
     assert err(wa[path]) <= err(wp[path]) * (1 + 1e-4), path
   full = jlr.factorize(variables, ranks.full(), stats=st)
-  np.testing.assert_allclose(jlr.flax.apply(model, full, batches[0]),
-                             model.apply(variables, batches[0]), atol=1e-4)
+  np.testing.assert_allclose(jax.jit(lambda f, x: jlr.flax.apply(model, f, x))(full, batches[0]),
+                             jax.jit(model.apply)(variables, batches[0]), atol=1e-4)
 
 
 class OneConv(nn.Module):
@@ -230,14 +233,14 @@ def test_conv_statistics_are_im2col_grams(conv):
   cin) order: ``P @ W.reshape(-1, cout)`` must reproduce the conv (independent check),
   and whitened factorization then minimizes the conv's output error (closed form)."""
   n = len(conv["kernel_size"])
-  x = jnp.asarray(rnd((4,) + (9,) * n + (3,), 2) * np.linspace(0.2, 2.0, 3), jnp.float32)
+  x = f32(rnd((4,) + (9,) * n + (3,), 2) * np.linspace(0.2, 2.0, 3))
   model = OneConv(conv)
-  v = model.init(jax.random.key(0), x)
+  v = init(model, x, seed=0)
   g = calibrate.activations(model, v, [x])["params/c/kernel"]
   w = np.asarray(v["params"]["c"]["kernel"], np.float64)
   patches = im2col(np.asarray(x, np.float64), conv)
   np.testing.assert_allclose(patches @ w.reshape(-1, 5),
-                             np.asarray(model.apply(v, x), np.float64).reshape(-1, 5), atol=1e-4)
+                             np.asarray(jax.jit(model.apply)(v, x), np.float64).reshape(-1, 5), atol=1e-4)
   np.testing.assert_allclose(g.matrix, patches.T @ patches, rtol=1e-4, atol=1e-3)
   assert g.count == patches.shape[0]
   f = jlr.factorize(v, 2, select="params/c/kernel", layout="conv_channel",
@@ -277,13 +280,13 @@ def im2col(x, conv):
 
 
 def test_grouped_convs_get_no_statistics_and_circular_ones_see_their_padded_input():
-  x = jnp.asarray(rnd((2, 6, 6, 4), 3), jnp.float32)
+  x = f32(rnd((2, 6, 6, 4), 3))
   grouped = OneConv(dict(kernel_size=(3, 3), feature_group_count=2), features=4)
-  v = grouped.init(jax.random.key(0), x)
+  v = init(grouped, x, seed=0)
   assert "params/c/kernel" not in calibrate.activations(grouped, v, [x])  # not factorizable
   assert "grouped" in jlr.flax.layouts(grouped, v, x).skipped["params/c/kernel"]
   circular = OneConv(dict(kernel_size=(3, 3), padding="CIRCULAR"), features=4)
-  v = circular.init(jax.random.key(0), x)
+  v = init(circular, x, seed=0)
   g = calibrate.activations(circular, v, [x])["params/c/kernel"]
   wrapped = np.pad(np.asarray(x, np.float64), [(0, 0), (1, 1), (1, 1), (0, 0)], mode="wrap")
   patches = im2col(wrapped, dict(kernel_size=(3, 3), padding="VALID"))
@@ -316,8 +319,8 @@ def test_statistics_are_the_real_inputs_whatever_the_model_code_does():
   input (the kernel sees 3h, not h) and a scan stack (one Gram per layer), each checked
   against the inputs computed by hand."""
   model = KeywordAndSubclass()
-  x = jnp.asarray(rnd((2, 5, 6), 7), jnp.float32)
-  v = model.init(jax.random.key(0), x)
+  x = f32(rnd((2, 5, 6), 7))
+  v = init(model, x, seed=0)
   with warnings.catch_warnings():
     warnings.simplefilter("error")  # nothing is missing
     st = calibrate.activations(model, v, [x])
@@ -348,7 +351,7 @@ def test_a_tied_head_gets_column_statistics_and_a_transposed_whitened_svd():
       return emb.attend(nn.Dense(8, name="mid")(emb(ids)))
 
   model, ids = TiedHead(), jnp.arange(36).reshape(3, 12) % 40
-  v = model.init(jax.random.key(0), ids)
+  v = init(model, ids, seed=0)
   # make the head's inputs strongly anisotropic, so whitening matters
   v["params"]["mid"]["kernel"] = v["params"]["mid"]["kernel"] * jnp.array([5.0, 3, 1, .5, .2, .1, .05, .01])
   with warnings.catch_warnings():
@@ -382,7 +385,7 @@ def test_a_kernel_used_on_both_sides_is_named():
       return jnp.tanh(x @ w) @ w.T
 
   model, x = Tied(), jnp.ones((5, 6))
-  v = model.init(jax.random.key(0), x)
+  v = init(model, x, seed=0)
   with pytest.warns(stats.MissingStatisticsWarning, match="params/w cover the inputs of their rows"):
     st = calibrate.activations(model, v, [x])
   assert st["params/w"].side == "rows"
@@ -395,7 +398,7 @@ def test_a_plan_carries_its_statistics():
   rng = np.random.default_rng(8)
   mix = rng.normal(size=(64, 64)) * np.linspace(0.01, 3, 64)
   xs = rng.normal(size=(500, 64)) @ mix
-  w = {"k": jnp.asarray(rng.normal(size=(64, 48)), jnp.float32)}
+  w = {"k": f32(rng.normal(size=(64, 48)))}
   s = {"k": stats.Gram(xs.T @ xs, 500)}
   p = jlr.plan(w, 8, select="k", stats=s)
   assert p["k"].stats is s["k"]
@@ -412,8 +415,8 @@ def test_vmapped_layers_get_one_gram_each():
   dot_general batch axes): one Gram per layer, each that layer's own input."""
   model = nn.vmap(nn.Dense, variable_axes={"params": 0}, split_rngs={"params": True},
                   in_axes=0, out_axes=0)(6)
-  x = jnp.asarray(rnd((3, 4, 5), 11), jnp.float32)  # 3 layers, each its own (4, 5) input
-  v = model.init(jax.random.key(0), x)
+  x = f32(rnd((3, 4, 5), 11))  # 3 layers, each its own (4, 5) input
+  v = init(model, x, seed=0)
   assert jlr.flax.layouts(model, v, x)["params/kernel"].shape == (5, 6)
   g = calibrate.activations(model, v, [x])["params/kernel"]
   xs = np.asarray(x, np.float64)
