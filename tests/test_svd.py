@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import f32
 from jlr import svd
 
 
@@ -24,7 +25,7 @@ def optimal_error(a, r):
 @pytest.mark.parametrize("m,n,r", [(40, 30, 5), (30, 40, 30), (17, 17, 1)])
 def test_exact_is_eckart_young_optimal(m, n, r):
   a = np.random.default_rng(1).normal(size=(m, n))
-  u, s, vt = svd.exact(jnp.asarray(a, jnp.float32), r)
+  u, s, vt = svd.exact(f32(a), r)
   chex.assert_shape([u, s, vt], [(m, r), (r,), (r, n)])
   err = np.linalg.norm(a - np.asarray((u * s) @ vt))
   np.testing.assert_allclose(err, optimal_error(a, r), rtol=1e-4, atol=1e-4)
@@ -33,7 +34,7 @@ def test_exact_is_eckart_young_optimal(m, n, r):
 def test_randomized_within_5_percent_of_optimal():
   a = decaying(300, 200)
   for r in (5, 20, 50):
-    u, s, vt = jax.jit(lambda a, r=r: svd.randomized(a, r, jax.random.key(0)))(jnp.asarray(a, jnp.float32))
+    u, s, vt = jax.jit(lambda a, r=r: svd.randomized(a, r, jax.random.key(0)))(f32(a))
     err = np.linalg.norm(a - np.asarray((u * s) @ vt))
     assert err <= 1.05 * optimal_error(a, r) + 1e-6
 
@@ -55,7 +56,7 @@ def test_batched_and_bf16_computes_in_float32():
 def test_of_product_matches_svd_of_the_product_without_forming_it():
   rng = np.random.default_rng(2)
   u, v = rng.normal(size=(50, 6)), rng.normal(size=(6, 40))
-  p, s, qt = svd.of_product(jnp.asarray(u, jnp.float32), jnp.asarray(v, jnp.float32))
+  p, s, qt = svd.of_product(f32(u), f32(v))
   np.testing.assert_allclose(s, np.linalg.svd(u @ v, compute_uv=False)[:6], rtol=1e-4)
   np.testing.assert_allclose((p * s) @ qt, u @ v, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(p.T @ p, np.eye(6), atol=1e-5)
@@ -72,17 +73,17 @@ def test_regression_reduces_to_weighted_and_solves_shifted_least_squares():
   x = rng.normal(size=(300, 10)) * np.linspace(0.2, 2.0, 10)
   w = rng.normal(size=(10, 6))
   g = x.T @ x
-  u, s, vt = svd.regression(jnp.asarray(w, jnp.float32), 3, g, g, damping=1e-3)
-  u2, s2, vt2 = svd.weighted(jnp.asarray(w, jnp.float32), 3, *svd.whitener(gram=g, damping=1e-3))
+  u, s, vt = svd.regression(f32(w), 3, g, g, damping=1e-3)
+  u2, s2, vt2 = svd.weighted(f32(w), 3, *svd.whitener(gram=g, damping=1e-3))
   np.testing.assert_allclose((u * s) @ vt, (u2 * s2) @ vt2, atol=1e-4)
   # shifted inputs X' = X + noise: full rank is least squares of X W on X' (numpy truth),
   # and a low rank is at least as good on the shifted objective as ignoring the shift
   xp = x + 0.3 * rng.normal(size=x.shape)
-  u, s, vt = svd.regression(jnp.asarray(w, jnp.float32), 10, xp.T @ xp, xp.T @ x, damping=1e-9)
+  u, s, vt = svd.regression(f32(w), 10, xp.T @ xp, xp.T @ x, damping=1e-9)
   np.testing.assert_allclose((u * s) @ vt, np.linalg.lstsq(xp, x @ w, rcond=None)[0], atol=1e-3)
   err = lambda w2: np.linalg.norm(xp @ w2 - x @ w)  # noqa: E731
-  u, s, vt = svd.regression(jnp.asarray(w, jnp.float32), 3, xp.T @ xp, xp.T @ x, damping=1e-9)
-  u2, s2, vt2 = svd.weighted(jnp.asarray(w, jnp.float32), 3,
+  u, s, vt = svd.regression(f32(w), 3, xp.T @ xp, xp.T @ x, damping=1e-9)
+  u2, s2, vt2 = svd.weighted(f32(w), 3,
                              *svd.whitener(gram=xp.T @ xp, damping=1e-9))
   assert err(np.asarray((u * s) @ vt)) < err(np.asarray((u2 * s2) @ vt2))
 
@@ -97,8 +98,8 @@ def test_row_weights_whiten_as_a_diagonal_vector():
   wts = rng.uniform(0.01, 5.0, size=(2, 40))
   r, r_inv = svd.whitener(row_weights=wts, damping=0.0)
   chex.assert_shape([r, r_inv], (2, 40, 1))
-  u, s, vt = svd.weighted(jnp.asarray(w, jnp.float32), 3, r, r_inv)
-  shared = svd.weighted(jnp.asarray(w, jnp.float32), 3, r[0], r_inv[0])
+  u, s, vt = svd.weighted(f32(w), 3, r, r_inv)
+  shared = svd.weighted(f32(w), 3, r[0], r_inv[0])
   for i in range(2):
     d = np.sqrt(wts[i])
     p, sv, qt = np.linalg.svd(d[:, None] * w[i])
@@ -123,7 +124,7 @@ def test_lu_basis_spans_the_columns_and_rows_at_unit_scale(cond):
   r, _ = np.linalg.qr(rng.normal(size=(3, 40, 40)))
   y = (p * np.logspace(0, -np.log10(cond), 40)) @ r
   for x, rows in ((y, False), (np.swapaxes(y, -1, -2), True)):
-    basis = np.asarray(svd._lu_basis(jnp.asarray(x, jnp.float32), rows=rows), np.float64)
+    basis = np.asarray(svd._lu_basis(f32(x), rows=rows), np.float64)
     chex.assert_shape(basis, x.shape)
     cols = np.swapaxes(basis, -1, -2) if rows else basis
     assert np.abs(cols).max() <= 1 + 1e-6
@@ -142,7 +143,7 @@ def test_randomized_keeps_a_steep_spectrum_optimal():
   s = np.exp(-np.arange(200) / 6.0)
   a = (u * s) @ v.T
   for r in (10, 30):
-    uu, ss, vt = jax.jit(lambda a, r=r: svd.randomized(a, r, jax.random.key(0)))(jnp.asarray(a, jnp.float32))
+    uu, ss, vt = jax.jit(lambda a, r=r: svd.randomized(a, r, jax.random.key(0)))(f32(a))
     err = np.linalg.norm(a - np.asarray((uu * ss) @ vt, np.float64))
     assert err <= 1.05 * np.sqrt(np.sum(s[r:] ** 2)), (r, err)
 
@@ -150,7 +151,7 @@ def test_randomized_keeps_a_steep_spectrum_optimal():
 def test_randomized_of_a_rank_deficient_matrix_is_finite_and_exact():
   rng = np.random.default_rng(2)
   a = rng.normal(size=(120, 6)) @ rng.normal(size=(6, 90))  # rank 6 < sketch width 30
-  u, s, vt = svd.randomized(jnp.asarray(a, jnp.float32), 20, jax.random.key(0))
+  u, s, vt = svd.randomized(f32(a), 20, jax.random.key(0))
   chex.assert_tree_all_finite((u, s, vt))
   np.testing.assert_allclose(np.asarray((u * s) @ vt), a, atol=1e-3 * np.abs(a).max())
   np.testing.assert_allclose(np.asarray(s)[:6], np.linalg.svd(a, compute_uv=False)[:6], rtol=1e-4)
@@ -187,8 +188,8 @@ def test_gram_svd_is_optimal_where_float32_resolves_it_and_falls_back_where_not(
   flat = _spectrum_matrix(np.linspace(1.0, 0.3, w), n)
   steep = _spectrum_matrix(np.exp(-np.arange(w) * 30 / w), n, seed=1)
   lam = lambda b: np.linalg.eigvalsh(b.astype(np.float64) @ b.T.astype(np.float64))[::-1]  # noqa: E731
-  assert bool(svd._gram_resolves(jnp.asarray(lam(flat), jnp.float32), r, n))
-  assert not bool(svd._gram_resolves(jnp.asarray(lam(steep), jnp.float32), r, n))
+  assert bool(svd._gram_resolves(f32(lam(flat)), r, n))
+  assert not bool(svd._gram_resolves(f32(lam(steep)), r, n))
   e, s, vt = svd._gram_svd(jnp.asarray(flat), r)
   chex.assert_shape((e, s, vt), ((w, w), (w,), (w, n)))
   s64 = np.linalg.svd(flat.astype(np.float64), compute_uv=False)
@@ -275,7 +276,7 @@ def test_gram_routes_fall_back_to_the_sketch_where_float32_cannot_resolve_it(mon
   r = int(0.5 * 64 * 256 / 320)
   key = jax.random.key(3)
   lam = np.linalg.svd(a.astype(np.float64), compute_uv=False) ** 2
-  assert not np.asarray(svd._gram_resolves(jnp.asarray(lam, jnp.float32), r, 256,
+  assert not np.asarray(svd._gram_resolves(f32(lam), r, 256,
                                             slack=svd._FULL_GRAM_SLACK)).any()
   _force_route(monkeypatch, route)
   got = jax.jit(lambda a: svd.randomized(a, r, key))(jnp.asarray(a))
