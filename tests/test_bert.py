@@ -17,6 +17,7 @@ import jlr.flax
 from jlr import ranks
 from jlr.flax import calibrate
 from jlr.models import bert
+from conftest import init
 
 TINY = bert.Config(vocab_size=100, hidden_size=32, num_layers=2, num_heads=4,
                    intermediate_size=64, max_position=40, type_vocab_size=2)
@@ -32,7 +33,7 @@ def is_block_kernel(path, leaf):
 def tiny():
   model = bert.Bert(TINY)
   ids = jnp.ones((2, 8), jnp.int32)
-  variables = model.init(jax.random.key(0), ids)
+  variables = init(model, ids, seed=0)
   # random LayerNorm scales and biases too, so nothing is accidentally an identity
   leaves, treedef = jax.tree_util.tree_flatten_with_path(variables)
   leaves = [x + 0.1 * jax.random.normal(jax.random.key(i), x.shape)

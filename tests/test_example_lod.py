@@ -18,6 +18,7 @@ pytest.importorskip("orbax.checkpoint")
 pytest.importorskip("tqdm")
 
 import lod_common  # noqa: E402
+from conftest import f32, init
 
 WIDTHS = [round(0.1 * i, 1) for i in range(1, 11)]
 
@@ -205,7 +206,7 @@ def test_place_state_shards_params_and_moments_and_follows_a_shrink():
   mesh = lod_common.parse_mesh("data=4,model=2")
   assert lod_common.parse_mesh(None) is None and lod_common.parse_mesh("") is None
   rng = np.random.default_rng(0)
-  dense = {"a": {"kernel": jnp.asarray(rng.normal(size=(16, 12)), jnp.float32),
+  dense = {"a": {"kernel": f32(rng.normal(size=(16, 12))),
                  "bias": jnp.zeros(12)}}
   tx = optax.adam(1e-2)
   state = lod_common.lod_template(dense, tx, jax.random.key(0))({})
@@ -216,8 +217,8 @@ def test_place_state_shards_params_and_moments_and_follows_a_shrink():
   assert mu.u.sharding.spec == P("data", None)  # the Adam moment follows its param
   assert len(f.u.sharding.device_set) == 8
 
-  x = jnp.asarray(rng.normal(size=(8, 16)), jnp.float32)
-  y = jnp.asarray(rng.normal(size=(8, 12)), jnp.float32)
+  x = f32(rng.normal(size=(8, 16)))
+  y = f32(rng.normal(size=(8, 12)))
 
   def loss(p, extra, batch, key):
     xb, yb = batch
@@ -248,7 +249,7 @@ def _tiny_resnet():
 
   model = ResNet(depth=8, width=4)
   x = np.random.default_rng(0).uniform(size=(96, 12, 12, 1)).astype(np.float32)
-  variables = model.init(jax.random.key(0), x[:1])
+  variables = init(model, x[:1], seed=0)
   return model, variables, x
 
 

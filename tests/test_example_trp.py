@@ -22,6 +22,7 @@ pytest.importorskip("zarr")
 
 import jlr  # noqa: E402
 import jlr.flax  # noqa: E402
+from conftest import init
 
 TINY = ["--dataset", "mnist", "--depth", "8", "--width", "8", "--train-limit", "256",
         "--test-limit", "128", "--batch-size", "32", "--period", "4", "--lr", "0.05",
@@ -55,7 +56,7 @@ def test_conv_flops_match_a_hand_count_and_xla(layout):
 
   trp_cnn = _example()
   model = trp_cnn.ResNet(depth=8, width=8)
-  v = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+  v = init(model, jnp.zeros((1, 28, 28, 1)), seed=0)
   dense = trp_cnn.conv_flops(model, v, (28, 28, 1))
   assert sum(dense.values()) == RESNET8_W8
   f = jlr.trp.decouple(v["params"], jlr.ranks.fixed(3), select=trp_cnn.BLOCK_CONVS, layout=layout)

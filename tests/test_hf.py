@@ -16,6 +16,7 @@ import pytest
 
 import jlr
 from jlr import ranks
+from conftest import normal
 
 transformers = pytest.importorskip("transformers", reason="pip install -e '.[test]' (transformers==4.46.3)")
 
@@ -44,7 +45,7 @@ def _tiny(kind, layers):
                                  num_hidden_layers=layers, num_attention_heads=4,
                                  intermediate_size=37)
     return transformers.FlaxViTModel(cfg, seed=0, _do_init=False), {
-        "pixel_values": jax.random.normal(jax.random.key(0), (2, 3, 16, 16))}
+        "pixel_values": normal((2, 3, 16, 16))}
   cfg = transformers.BartConfig(vocab_size=99, d_model=32, encoder_layers=layers,
                                 decoder_layers=layers,
                                 encoder_attention_heads=4, decoder_attention_heads=4,

@@ -8,6 +8,7 @@ import jlr
 import jlr.flax
 from jlr import layouts, usage
 from jlr.layouts import Layout, Spec
+from conftest import init
 
 
 def _rand(shape, seed=0):
@@ -101,7 +102,7 @@ def test_conv_spatial_on_a_1d_conv_is_refused_by_path():
   """``conv="spatial"`` has no (kh, kw) split on a 1-D conv: an error naming the leaf and
   its shape, never a silent conv_channel factorization."""
   model, x = _Conv1D(), jnp.ones((2, 10, 3))
-  v = model.init(jax.random.key(0), x)
+  v = init(model, x, seed=0)
   msg = r"params/Conv_0/kernel: .*2-D conv kernel \(kh, kw, cin, cout\), got shape \(3, 3, 8\)"
   with pytest.raises(ValueError, match=msg):
     usage.read(model.apply, v, x, conv="spatial")
@@ -121,7 +122,7 @@ def test_conv_spatial_on_a_1d_conv_is_refused_by_path():
 
 def test_conv_spatial_on_a_2d_conv_is_read():
   model, x = _Conv2D(), jnp.ones((2, 6, 6, 3))
-  v = model.init(jax.random.key(0), x)
+  v = init(model, x, seed=0)
   lay = jlr.flax.layouts(model, v, x, conv="spatial")
   assert lay["params/Conv_0/kernel"] == Layout("conv_spatial", (3, 3, 3, 4))
   f = jlr.flax.factorize(model, v, x, rank=2, conv="spatial")

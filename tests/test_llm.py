@@ -9,6 +9,7 @@ import pytest
 import jlr
 from jlr import llm, paths
 from jlr.models import llama
+from conftest import init
 
 CFG = llama.LlamaConfig(vocab=64, d=32, layers=2, heads=4, kv_heads=2, ffn=96, max_len=64)
 MODEL = llama.Llama(CFG)
@@ -24,7 +25,7 @@ def is_proj(path, leaf=None):
 
 @pytest.fixture(scope="module")
 def setup():
-  params = MODEL.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+  params = init(MODEL, jnp.zeros((1, 8), jnp.int32), seed=0)
   rng = np.random.default_rng(0)
   # a low-entropy source (a random bigram chain) so the model has something to learn
   trans = rng.dirichlet(np.full(CFG.vocab, 0.05), CFG.vocab)

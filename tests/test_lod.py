@@ -1,4 +1,3 @@
-import math
 
 import chex
 import flax.linen as nn
@@ -10,7 +9,7 @@ import pytest
 
 import jlr
 import jlr.flax
-from conftest import init, normal
+from conftest import f32, init, normal
 from jlr import lod
 
 
@@ -138,7 +137,7 @@ def test_linear_svd_recovery_theorem():
   a = (p_[:, :true_rank] * sig) @ q_[:, :true_rank].T
   init = {"w": jlr.LowRank(rnd((m, n), 3) * 0.3, rnd((n, n), 4) * 0.3, jlr.Layout("dense", (m, n)))}
   x = jnp.eye(m)
-  y = jnp.asarray(a, jnp.float32)
+  y = f32(a)
 
   def loss(p, key):
     sub = lod.sample(p, key, sampler="layer")
@@ -161,7 +160,7 @@ def test_linear_svd_recovery_theorem():
 def test_linear_autoencoder_keeps_exactly_the_data_rank():
   rng = np.random.default_rng(1)
   d = 10
-  x = jnp.asarray(rng.normal(size=(256, 3)) @ rng.normal(size=(3, d)), jnp.float32)
+  x = f32(rng.normal(size=(256, 3)) @ rng.normal(size=(3, d)))
   init = lod.init({"w": {"kernel": rnd((d, d), 5) * 0.3}})
 
   def loss(p, key):
@@ -176,7 +175,7 @@ def test_linear_autoencoder_keeps_exactly_the_data_rank():
 
 
 def test_shrink_keeps_a_prefix_within_its_eps_bound():
-  f = lod.init({"k": {"kernel": rnd((20, 12), 7) * jnp.asarray(0.7 ** np.arange(12), jnp.float32)}})
+  f = lod.init({"k": {"kernel": rnd((20, 12), 7) * f32(0.7 ** np.arange(12))}})
   eps = 0.5
   s = lod.shrink(f, eps)
   full, small = f["k"]["kernel"], s["k"]["kernel"]
@@ -237,7 +236,7 @@ def test_search_reaches_the_budget_greedily():
 
 
 def test_relative_shrink_keeps_a_prefix_within_its_relative_bound():
-  f = lod.init({"k": {"kernel": rnd((20, 12), 7) * jnp.asarray(0.7 ** np.arange(12), jnp.float32)}})
+  f = lod.init({"k": {"kernel": rnd((20, 12), 7) * f32(0.7 ** np.arange(12))}})
   full = f["k"]["kernel"]
   scale = float(np.linalg.norm(np.asarray(full.u)) * np.linalg.norm(np.asarray(full.v)))
   eps = 0.1
@@ -255,8 +254,8 @@ def test_relative_shrink_keeps_a_prefix_within_its_relative_bound():
 
 def test_extract_at_full_width_is_the_trained_model():
   rng = np.random.default_rng(3)
-  x = jnp.asarray(rng.normal(size=(64, 12)), jnp.float32)
-  y = x @ jnp.asarray(rng.normal(size=(12, 8)) * 0.5 ** np.arange(8), jnp.float32)
+  x = f32(rng.normal(size=(64, 12)))
+  y = x @ f32(rng.normal(size=(12, 8)) * 0.5 ** np.arange(8))
   p = lod.init(two_layers())
 
   def loss(p, key):
@@ -387,8 +386,8 @@ def test_threshold_shrinking_finds_a_rank_per_layer():
   at their data ranks -- different ranks from one threshold, not a uniform schedule."""
   rng = np.random.default_rng(2)
   d = 10
-  xa = jnp.asarray(rng.normal(size=(256, 2)) @ rng.normal(size=(2, d)), jnp.float32)
-  xb = jnp.asarray(rng.normal(size=(256, 5)) @ rng.normal(size=(5, d)), jnp.float32)
+  xa = f32(rng.normal(size=(256, 2)) @ rng.normal(size=(2, d)))
+  xb = f32(rng.normal(size=(256, 5)) @ rng.normal(size=(5, d)))
   p = lod.init({"a": {"kernel": rnd((d, d), 6) * 0.3}, "b": {"kernel": rnd((d, d), 7) * 0.3}})
 
   def loss(p, key):

@@ -4,13 +4,14 @@ import numpy as np
 import optax
 
 import jlr
+from conftest import f32
 
 
 def _params():
   rng = np.random.default_rng(0)
-  dense = {"a": {"kernel": jnp.asarray(rng.normal(size=(32, 16)), jnp.float32),
+  dense = {"a": {"kernel": f32(rng.normal(size=(32, 16))),
                  "bias": jnp.ones(16)},
-           "b": {"kernel": jnp.asarray(rng.normal(size=(16, 4)), jnp.float32)}}
+           "b": {"kernel": f32(rng.normal(size=(16, 4)))}}
   return jlr.factorize(dense, 4, select="a/kernel")
 
 

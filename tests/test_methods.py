@@ -15,6 +15,7 @@ import optax
 import jlr
 import jlr.flax
 from jlr import lod
+from conftest import f32
 
 
 def test_readme_loop_trains_either_method():
@@ -35,10 +36,10 @@ def _factors(seed=0):
   rng = np.random.default_rng(seed)
   lay = jlr.Layout("dense", (12, 8))
   scale = 0.7 ** np.arange(8)
-  return {"a": jlr.LowRank(jnp.asarray(rng.normal(size=(12, 8)) * scale, jnp.float32),
-                           jnp.asarray(rng.normal(size=(8, 8)), jnp.float32), lay),
-          "b": jlr.LowRank(jnp.asarray(rng.normal(size=(12, 8)) * 0.3 ** np.arange(8), jnp.float32),
-                           jnp.asarray(rng.normal(size=(8, 8)), jnp.float32), lay)}
+  return {"a": jlr.LowRank(f32(rng.normal(size=(12, 8)) * scale),
+                           f32(rng.normal(size=(8, 8))), lay),
+          "b": jlr.LowRank(f32(rng.normal(size=(12, 8)) * 0.3 ** np.arange(8)),
+                           f32(rng.normal(size=(8, 8))), lay)}
 
 
 def test_between_shrinks_by_threshold_on_schedule_and_slices_the_optimizer_state():

@@ -13,7 +13,7 @@ from flax import nnx
 import jlr
 from jlr.flax import nnx as jnnx
 
-from conftest import merged_reference
+from conftest import merged_reference, normal
 
 
 class Block(nnx.Module):
@@ -68,7 +68,7 @@ run = nnx.jit(lambda m, x: m(x))  # whole forwards, not op by op
 
 def test_every_pattern_compresses_runs_and_matches_the_merged_model(net):
   model = net
-  x = jax.random.normal(jax.random.key(1), (2, 5, 8))
+  x = normal((2, 5, 8))
   before = jax.tree.map(np.asarray, nnx.state(model))
   p = jnnx.plan(model, 4)
   assert p["blocks/lin/kernel"].batch_shape == (3,)  # one factorization per stacked layer
@@ -93,7 +93,7 @@ def test_every_pattern_compresses_runs_and_matches_the_merged_model(net):
 
 
 def test_split_merge_and_optimizer_training(net):
-  x = jax.random.normal(jax.random.key(1), (2, 5, 8))
+  x = normal((2, 5, 8))
   small = jnnx.compress(net, 4)
   graphdef, state = nnx.split(small)
   again = nnx.merge(graphdef, state)

@@ -16,7 +16,7 @@ from flax import nnx
 import jlr
 from jlr.flax import nnx as jnnx
 
-from conftest import merged_reference
+from conftest import f32, merged_reference, normal
 
 
 def assert_close(got, want):
@@ -61,7 +61,7 @@ class SharedBase(nnx.Module):
 def test_lora_around_a_shared_base_sees_the_factors():
   model = SharedBase(nnx.Rngs(0))
   model.lora.lora_b.set_value(jnp.ones_like(model.lora.lora_b.get_value()) * 0.1)
-  x = jax.random.normal(jax.random.key(1), (3, 16))
+  x = normal((3, 16))
   small = jnnx.compress(model, 4)
   assert small.lora.base_module is small.base and isinstance(small.base, jnnx.Factorized)
   assert_close(small(x), merged_reference(model, small)(x))
@@ -82,7 +82,7 @@ def _promote_to_bf16(args, dtype=None):
 ], ids=["dot_general", "promote_dtype", "preferred_element_type"])
 def test_custom_matmul_settings_are_kept(kwargs):
   layer = nnx.Linear(24, 20, rngs=nnx.Rngs(0), **kwargs)
-  x = jax.random.normal(jax.random.key(1), (4, 24))
+  x = normal((4, 24))
   small = jnnx.compress(layer, 6)
   got, want = small(x), merged_reference(layer, small)(x)
   assert got.dtype == want.dtype
@@ -145,7 +145,7 @@ def test_whitened_compress_from_statistics_of_the_nnx_model():
   model = nnx.Sequential(nnx.Linear(16, 32, rngs=nnx.Rngs(0)), nnx.relu,
                          nnx.Linear(32, 8, rngs=nnx.Rngs(1)))
   mix = rng.normal(size=(16, 16)) * np.linspace(0.02, 2, 16)
-  x = jnp.asarray(rng.normal(size=(256, 16)) @ mix, jnp.float32)
+  x = f32(rng.normal(size=(256, 16)) @ mix)
   graphdef, state = nnx.split(model, nnx.Param)
   st = jlr.stats.activations(lambda p, x: nnx.merge(graphdef, p)(x), state, [x])
   xs = np.asarray(x, np.float64)

@@ -10,6 +10,7 @@ import pytest
 
 import jlr
 from jlr import lod, ranks, trp
+from conftest import f32, init, normal
 
 
 def _finite(tree):
@@ -35,7 +36,7 @@ def test_degenerate_kernels_stay_finite_everywhere(kind):
     w = np.outer(rng.normal(size=24), rng.normal(size=16))
   else:
     w = rng.normal(size=(24, 3)) @ rng.normal(size=(3, 16))
-  params = {"d": {"kernel": jnp.asarray(w, jnp.float32)}}
+  params = {"d": {"kernel": f32(w)}}
   for rule in (ranks.fixed(4), ranks.energy(0.99), ranks.value(1e-3), ranks.budget(0.5)):
     f = jlr.factorize(params, rule, select="kernel")
     _finite(f)
@@ -55,7 +56,7 @@ def test_degenerate_kernels_stay_finite_everywhere(kind):
 def test_ill_conditioned_kernels_are_truncated_optimally(cond):
   w, s = _ill_conditioned(64, 48, cond)
   for r in (4, 16, 40):
-    f = jlr.factorize({"kernel": jnp.asarray(w, jnp.float32)}, r, select="kernel")["kernel"]
+    f = jlr.factorize({"kernel": f32(w)}, r, select="kernel")["kernel"]
     err = np.linalg.norm(w - np.asarray(f.u, np.float64) @ np.asarray(f.v, np.float64))
     opt = np.sqrt((s[r:] ** 2).sum())
     # float32 SVD: error within the optimum plus float32 round-off of ||W||
@@ -71,8 +72,8 @@ def test_bf16_end_to_end_factorize_truncate_lod_trp():
   import jlr.flax
 
   model = nn.Sequential([nn.Dense(64), nn.relu, nn.Dense(32)])
-  x = jax.random.normal(jax.random.key(1), (8, 48), jnp.bfloat16)
-  variables = jax.tree.map(lambda a: a.astype(jnp.bfloat16), model.init(jax.random.key(0), x))
+  x = normal((8, 48), jnp.bfloat16)
+  variables = jax.tree.map(lambda a: a.astype(jnp.bfloat16), init(model, x, seed=0))
   f = jlr.factorize(variables, ranks.ratio(0.5))
   chex.assert_trees_all_equal_dtypes(jlr.merge(f), variables)
   y = jlr.flax.apply(model, jlr.truncate(f, 8), x)

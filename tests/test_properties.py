@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import jlr
 from jlr.layouts import Spec
+from conftest import f32
 
 
 @st.composite
@@ -76,7 +77,7 @@ def test_full_rank_roundtrip_and_truncate_never_grows_error(kernel):
 @given(st.integers(1, 8), st.integers(2, 16), st.integers(2, 16))
 def test_jit_with_static_rank_equals_eager(rank, m, n):
   rank = min(rank, m, n)
-  w = jnp.asarray(np.random.default_rng(m * n).normal(size=(m, n)), jnp.float32)
+  w = f32(np.random.default_rng(m * n).normal(size=(m, n)))
   fn = jax.jit(lambda p: jlr.factorize(p, rank, select="kernel"))
   got, want = fn({"kernel": w})["kernel"], jlr.factorize({"kernel": w}, rank, select="kernel")["kernel"]
   np.testing.assert_allclose(got.matrix(), want.matrix(), rtol=1e-4, atol=1e-4)

@@ -11,6 +11,7 @@ from jax.extend import core as jcore
 from jax.interpreters import mlir
 
 import jlr
+from conftest import f32
 
 
 def test_every_builtin_rule_has_both_halves():
@@ -21,7 +22,7 @@ def test_every_builtin_rule_has_both_halves():
 
 
 def _params(seed=0):
-  return {"kernel": jnp.asarray(np.random.default_rng(seed).normal(size=(12, 10)), jnp.float32)}
+  return {"kernel": f32(np.random.default_rng(seed).normal(size=(12, 10)))}
 
 
 def _check_read_and_run(fn, x):

@@ -10,15 +10,16 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jlr
 from jlr import lod, ranks, sharding
+from conftest import f32
 
 MESHES = ["data=1,model=8", "data=2,model=4", "data=8,model=1"]
 
 
 def params():
   rng = np.random.default_rng(0)
-  return {"enc": {"kernel": jnp.asarray(rng.normal(size=(64, 32)), jnp.float32),
-                  "bias": jnp.asarray(rng.normal(size=(32,)), jnp.float32)},
-          "dec": {"kernel": jnp.asarray(rng.normal(size=(32, 48)), jnp.float32)}}
+  return {"enc": {"kernel": f32(rng.normal(size=(64, 32))),
+                  "bias": f32(rng.normal(size=(32,)))},
+          "dec": {"kernel": f32(rng.normal(size=(32, 48)))}}
 
 
 def test_enough_devices():
@@ -85,7 +86,7 @@ def _lod_run(p, x):
 def test_lod_step_sharded_matches_unsharded(mesh_spec):
   mesh = sharding.make_mesh(mesh_spec)
   p = lod.init(params())
-  x = jnp.asarray(np.random.default_rng(1).normal(size=(16, 64)), jnp.float32)
+  x = f32(np.random.default_rng(1).normal(size=(16, 64)))
   ref = _lod_run(p, x)
   sp = sharding.place(p, mesh, "fsdp_tp")
   got = _lod_run(sp, jax.device_put(x, sharding.batch_sharding(mesh)))  # batch sharded too
@@ -109,7 +110,7 @@ def test_trp_step_sharded_matches_unsharded():
   element-wise rtol (the LoD test above) is the wrong yardstick for a projected kernel."""
   mesh = sharding.make_mesh("data=4,model=2")
   p = params()
-  x = jnp.asarray(np.random.default_rng(1).normal(size=(16, 64)), jnp.float32)
+  x = f32(np.random.default_rng(1).normal(size=(16, 64)))
   tx = jlr.trp.trp(optax.sgd(0.05, momentum=0.9), every=2, energy=0.9, nuclear=3e-4)
 
   def loss(p, x_):

@@ -8,12 +8,13 @@ import optax
 
 import jlr
 from jlr.methods import spectral
+from conftest import f32
 
 
 def _params():
   rng = np.random.default_rng(0)
-  return {"a": {"kernel": jnp.asarray(rng.normal(size=(12, 9)), jnp.float32)},
-          "s": {"kernel": jnp.asarray(rng.normal(size=(3, 16, 12)), jnp.float32)},  # stacked
+  return {"a": {"kernel": f32(rng.normal(size=(12, 9)))},
+          "s": {"kernel": f32(rng.normal(size=(3, 16, 12)))},  # stacked
           "b": {"bias": jnp.ones((9,))}}
 
 

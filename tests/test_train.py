@@ -11,6 +11,7 @@ import optax
 
 import jlr
 from jlr import trp
+from conftest import f32
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 sys.path.insert(0, EXAMPLES)
@@ -20,9 +21,9 @@ import train  # noqa: E402
 
 def setup():
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(64, 12)), jnp.float32)
-  y = x @ jnp.asarray(rng.normal(size=(12, 4)), jnp.float32)
-  params = jlr.factorize({"w": {"kernel": jnp.asarray(rng.normal(size=(12, 4)), jnp.float32)}}, 2,
+  x = f32(rng.normal(size=(64, 12)))
+  y = x @ f32(rng.normal(size=(12, 4)))
+  params = jlr.factorize({"w": {"kernel": f32(rng.normal(size=(12, 4)))}}, 2,
                          select="kernel")
 
   def loss_fn(p, extra, batch, key):
@@ -67,7 +68,7 @@ def test_checkpoint_resume_is_bit_identical(tmp_path):
 
 def test_trp_inside_train_step():
   rng = np.random.default_rng(0)
-  p = {"w": {"kernel": jnp.asarray(rng.normal(size=(12, 8)), jnp.float32)}}
+  p = {"w": {"kernel": f32(rng.normal(size=(12, 8)))}}
   tx = trp.trp(optax.sgd(0.01), every=2, energy=0.5)
   loss_fn = lambda p, e, b, k: (jnp.sum(p["w"]["kernel"] ** 2), (e, {}))  # noqa: E731
   step = jax.jit(train.train_step(loss_fn, tx))

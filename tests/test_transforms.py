@@ -9,6 +9,7 @@ from flax import nnx
 
 import jlr
 from jlr import ranks
+from conftest import f32
 
 
 def rnd(shape, seed=0, dtype=np.float32):
@@ -280,10 +281,10 @@ def test_same_shape_kernels_batched_equal_the_per_leaf_factorization(method):
   from jlr.transforms import _factor
 
   rng = np.random.default_rng(0)
-  tree = {f"b{i}": {n: {"kernel": jnp.asarray(rng.normal(size=s), jnp.float32)} for n, s in
+  tree = {f"b{i}": {n: {"kernel": f32(rng.normal(size=s))} for n, s in
                     [("q", (24, 24)), ("k", (24, 24)), ("up", (24, 40))]} for i in range(2)}
   for name in ("stacked", "stacked2"):
-    tree[name] = {"kernel": jnp.asarray(rng.normal(size=(2, 24, 24)), jnp.float32)}
+    tree[name] = {"kernel": f32(rng.normal(size=(2, 24, 24)))}
   layout = {"stacked2?": jlr.layouts.Spec(batch_ndim=1)}
   key = None if method == "svd" else jax.random.key(3)
   before = jax.tree.map(np.asarray, tree)

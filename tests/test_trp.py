@@ -9,13 +9,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jlr
 from jlr import ranks, trp
+from conftest import f32
 
 
 def params(seed=0):
   rng = np.random.default_rng(seed)
-  return {"Dense_0": {"kernel": jnp.asarray(rng.normal(size=(24, 16)), jnp.float32),
-                      "bias": jnp.asarray(rng.normal(size=(16,)), jnp.float32)},
-          "Conv_0": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 4, 8)), jnp.float32)}}
+  return {"Dense_0": {"kernel": f32(rng.normal(size=(24, 16))),
+                      "bias": f32(rng.normal(size=(16,)))},
+          "Conv_0": {"kernel": f32(rng.normal(size=(3, 3, 4, 8)))}}
 
 
 def grads(p, seed):
@@ -99,9 +100,9 @@ def test_trp_training_reduces_rank_and_decouples():
   # regression onto a rank-3 map with a full-rank start: TRP finds the low-rank solution
   rng = np.random.default_rng(0)
   a = rng.normal(size=(20, 3)) @ rng.normal(size=(3, 12))
-  x = jnp.asarray(rng.normal(size=(256, 20)), jnp.float32)
-  y = x @ jnp.asarray(a, jnp.float32)
-  p = {"lin": {"kernel": jnp.asarray(rng.normal(size=(20, 12)) * 0.3, jnp.float32)}}
+  x = f32(rng.normal(size=(256, 20)))
+  y = x @ f32(a)
+  p = {"lin": {"kernel": f32(rng.normal(size=(20, 12)) * 0.3)}}
   tx = trp.trp(optax.sgd(0.05, momentum=0.9), every=10, energy=0.95, nuclear=1e-3)
   state = tx.init(p)
 
@@ -133,7 +134,7 @@ def test_works_on_nnx_state():
 @pytest.mark.parametrize("shape", [(1, 8), (2, 4), (8, 1)])
 def test_sharded_step_matches_unsharded(shape):
   mesh = Mesh(np.array(jax.devices()[:8]).reshape(shape), ("data", "model"))
-  p = {"k": {"kernel": jnp.asarray(np.random.default_rng(0).normal(size=(32, 16)), jnp.float32)}}
+  p = {"k": {"kernel": f32(np.random.default_rng(0).normal(size=(32, 16)))}}
   tx = trp.trp(optax.sgd(0.1, momentum=0.9), every=2, energy=0.8, nuclear=1e-3)
 
   def run(p):
@@ -156,7 +157,7 @@ def test_randomized_projection_matches_exact_on_a_decaying_spectrum():
   rng = np.random.default_rng(3)
   p_, _ = np.linalg.qr(rng.normal(size=(64, 64)))
   q_, _ = np.linalg.qr(rng.normal(size=(48, 48)))
-  w = jnp.asarray((p_[:, :48] * 0.7 ** np.arange(48)) @ q_.T, jnp.float32)
+  w = f32((p_[:, :48] * 0.7 ** np.arange(48)) @ q_.T)
   params = {"k": {"kernel": w}}
   zeros = jax.tree.map(jnp.zeros_like, params)
   exact = trp.project(1, ranks.energy(0.95))
@@ -208,7 +209,7 @@ def test_warm_projection_tracks_the_exact_one_along_a_trajectory(layout):
 
 
 def test_warm_projection_compiles_once_and_skips_off_schedule_steps():
-  params = {"k": {"kernel": jnp.asarray(_decaying(32, 24, 2), jnp.float32)}}
+  params = {"k": {"kernel": f32(_decaying(32, 24, 2))}}
   tx = optax.chain(optax.sgd(0.01), trp.project(3, ranks.energy(0.9), method="warm", max_rank=8))
   state = tx.init(params)
   step = jax.jit(lambda p, s, g: tx.update(g, s, p))
@@ -266,13 +267,13 @@ def test_trp_lowers_energy_rank_and_decouples_with_less_loss_than_plain_training
   # without TRP. TRP ends at lower energy rank, and cutting both runs to the ranks TRP's
   # decoupling picks costs the TRP run (almost) nothing and the plain run clearly more.
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(512, 16)), jnp.float32)
+  x = f32(rng.normal(size=(512, 16)))
   teacher = rng.normal(size=(16, 3)) @ rng.normal(size=(3, 8))
   y = jnp.asarray(np.argmax(np.asarray(x) @ teacher, -1), jnp.int32)
   r = np.random.default_rng(1)
-  p0 = {"l1": {"kernel": jnp.asarray(r.normal(size=(16, 32)) / 4, jnp.float32),
+  p0 = {"l1": {"kernel": f32(r.normal(size=(16, 32)) / 4),
                "bias": jnp.zeros(32)},
-        "l2": {"kernel": jnp.asarray(r.normal(size=(32, 8)) / np.sqrt(32), jnp.float32),
+        "l2": {"kernel": f32(r.normal(size=(32, 8)) / np.sqrt(32)),
                "bias": jnp.zeros(8)}}
 
   def logits(p):
@@ -318,9 +319,9 @@ def test_trp_lowers_energy_rank_and_decouples_with_less_loss_than_plain_training
 def test_trp_with_a_budget_rule_and_warm_projections():
   """``trp(rank=ratio)`` holds the budget's rank after every projection; the warm method
   lands on the same point as the exact one (within the 1.05 error bound)."""
-  w = jnp.asarray(_decaying(32, 24, 4, rate=0.95), jnp.float32)
+  w = f32(_decaying(32, 24, 4, rate=0.95))
   params = {"k": {"kernel": w}}
-  g = {"k": {"kernel": jnp.asarray(np.random.default_rng(0).normal(size=(32, 24)) * 1e-2, jnp.float32)}}
+  g = {"k": {"kernel": f32(np.random.default_rng(0).normal(size=(32, 24)) * 1e-2)}}
   for kw in ({}, dict(method="warm", max_rank=12, n_iter=1)):
     tx = trp.trp(optax.sgd(0.1), every=1, rank=ranks.ratio(0.25, min_rank=1), nuclear=1e-3, **kw)
     u, _ = tx.update(g, tx.init(params), params)
@@ -332,13 +333,12 @@ def test_warm_nuclear_subgradient_equals_the_exact_truncated_one():
   """nuclear_norm(method='warm') adds the same U_k V_k^T as the exact SVD on a matrix
   near the one its basis came from; trp(method='warm') then has no exact SVD in the step."""
   w0 = _decaying(40, 30, 5)
-  params = {"k": {"kernel": jnp.asarray(w0, jnp.float32)}}
+  params = {"k": {"kernel": f32(w0)}}
   rule = ranks.energy(0.8)
   exact = trp.nuclear_norm(0.5, every=1, rank=rule)
   warm = trp.nuclear_norm(0.5, every=1, rank=rule, method="warm", max_rank=12)
   state = warm.init(params)
-  moved = {"k": {"kernel": params["k"]["kernel"] + 1e-3 * jnp.asarray(
-      np.random.default_rng(2).normal(size=(40, 30)), jnp.float32)}}
+  moved = {"k": {"kernel": params["k"]["kernel"] + 1e-3 * f32(np.random.default_rng(2).normal(size=(40, 30)))}}
   zeros = jax.tree.map(jnp.zeros_like, moved)
   ge, _ = exact.update(zeros, exact.init(moved), moved)
   gw, state = warm.update(zeros, state, moved)
@@ -386,22 +386,22 @@ def test_trp_with_nuclear_follows_the_exact_numpy_recursion(method):
   # one-round warm start's approximation (1e-4 here; its own bound is tested above)
   kw = dict(method="warm", max_rank=12, n_iter=2) if method == "warm" else {}
   tx = trp.trp(optax.sgd(lr), every=every, energy=energy, nuclear=lam, **kw)
-  params = {"k": {"kernel": jnp.asarray(w0, jnp.float32)}}
+  params = {"k": {"kernel": f32(w0)}}
   state = tx.init(params)
   step = jax.jit(lambda p, s, g: tx.update(g, s, p))
   for g in grads:
-    u, state = step(params, state, {"k": {"kernel": jnp.asarray(g, jnp.float32)}})
+    u, state = step(params, state, {"k": {"kernel": f32(g)}})
     params = optax.apply_updates(params, u)
   got = np.asarray(params["k"]["kernel"], np.float64)
   chex.assert_shape(params["k"]["kernel"], (m_, n_))
   assert np.linalg.norm(got - w) <= 1e-4 * np.linalg.norm(w)
   # the nuclear term acted: without it the same recursion lands elsewhere
   no_nuc = trp.trp(optax.sgd(lr), every=every, energy=energy, **kw)
-  p2, s2 = {"k": {"kernel": jnp.asarray(w0, jnp.float32)}}, None
+  p2, s2 = {"k": {"kernel": f32(w0)}}, None
   s2 = no_nuc.init(p2)
   step2 = jax.jit(lambda p, s, g: no_nuc.update(g, s, p))  # one compile, not op by op
   for g in grads:
-    u, s2 = step2(p2, s2, {"k": {"kernel": jnp.asarray(g, jnp.float32)}})
+    u, s2 = step2(p2, s2, {"k": {"kernel": f32(g)}})
     p2 = optax.apply_updates(p2, u)
   assert np.linalg.norm(np.asarray(p2["k"]["kernel"]) - w) > 100 * np.linalg.norm(got - w)
 
@@ -438,7 +438,7 @@ def test_projection_shrink_thresholds_the_kept_singular_values():
   rng = np.random.default_rng(4)
   w = rng.normal(size=(30, 20))
   proj = trp.projection(ranks.fixed(6), method="svd", shrink=0.8)
-  out, _ = proj.apply({"Dense_0": {"kernel": jnp.asarray(w, jnp.float32)}}, proj.init(None))
+  out, _ = proj.apply({"Dense_0": {"kernel": f32(w)}}, proj.init(None))
   u, s, vt = np.linalg.svd(w, full_matrices=False)
   s = np.maximum(s[:6] - 0.8, 0.0)
   np.testing.assert_allclose(out["Dense_0"]["kernel"], (u[:, :6] * s) @ vt[:6], atol=2e-5)
@@ -464,9 +464,9 @@ def test_the_nuclear_norm_on_every_step_lowers_the_energy_rank():
   q1, _ = np.linalg.qr(rng.normal(size=(24, 16)))
   q2, _ = np.linalg.qr(rng.normal(size=(16, 16)))
   a = (q1 * np.linspace(1.0, 0.3, 16)) @ q2.T
-  x = jnp.asarray(rng.normal(size=(512, 24)), jnp.float32)
-  y = x @ jnp.asarray(a, jnp.float32)
-  w0 = jnp.asarray(rng.normal(size=(24, 16)) * 0.1, jnp.float32)
+  x = f32(rng.normal(size=(512, 24)))
+  y = x @ f32(a)
+  w0 = f32(rng.normal(size=(24, 16)) * 0.1)
 
   def train(nuclear, on="every_step"):
     p = {"lin": {"kernel": w0}}

@@ -11,6 +11,7 @@ import pytest
 import jlr
 import jlr.flax
 from jlr.flax import tune as at
+from conftest import init, normal
 
 
 class Net(nn.Module):
@@ -24,8 +25,8 @@ class Net(nn.Module):
 @pytest.fixture(scope="module")
 def setup():
   model = Net()
-  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
-  return model, model.init(jax.random.key(0), x), x
+  x = normal((2, 8, 8, 4))
+  return model, init(model, x, seed=0), x
 
 
 def _fake_times(table):
@@ -148,7 +149,7 @@ def test_a_1d_conv_beside_2d_ones_has_no_spatial_candidate():
       return nn.Conv(32, (3,), name="c1")(h.reshape(h.shape[0], -1, h.shape[-1]))
 
   model, x = Mixed(), jnp.ones((1, 6, 6, 16))
-  v = model.init(jax.random.key(0), x)
+  v = init(model, x, seed=0)
   tuned = at.autotune(model, v, x, rank=jlr.ranks.ratio(0.25), repeats=1)
   assert set(tuned.times_ms["params/c2/kernel"]) == {"dense", "channel", "spatial"}
   assert set(tuned.times_ms["params/c1/kernel"]) == {"dense", "channel"}

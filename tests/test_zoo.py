@@ -49,6 +49,7 @@ import pytest
 import jlr
 from jlr import ranks
 from jlr.paths import path_str
+from conftest import normal
 
 transformers = pytest.importorskip("transformers", reason="pip install -e '.[test]' (transformers==4.46.3)")
 from transformers.models.auto import modeling_flax_auto  # noqa: E402
@@ -126,11 +127,11 @@ GPT2_DECODER = dict(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=6
 
 
 def _pixels(n=16):
-  return jax.random.normal(jax.random.key(1), (B, 3, n, n))
+  return normal((B, 3, n, n))
 
 
 def _audio(n=400):
-  return jax.random.normal(jax.random.key(2), (B, n))
+  return normal((B, n))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,7 +251,7 @@ ZOO = {
         "WhisperConfig", vocab_size=99, num_mel_bins=8, encoder_layers=2, decoder_layers=2,
         encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=37,
         decoder_ffn_dim=37, d_model=32, max_source_positions=8, max_target_positions=16),
-        lambda: {"input_features": jax.random.normal(jax.random.key(3), (B, 8, 16)),
+        lambda: {"input_features": normal((B, 8, 16)),
                  "decoder_input_ids": DEC}),
     "xglm": _text("FlaxXGLMForCausalLM", "XGLMConfig", vocab_size=99, d_model=32, ffn_dim=37,
                   num_layers=2, attention_heads=4, max_position_embeddings=64),
