@@ -101,15 +101,30 @@ def _finite_flags(xs):
   return jnp.stack([jnp.isfinite(x).all() for x in xs])
 
 
+def _on_host(x) -> bool:
+  """Whether ``x`` is a numpy array or a JAX array held whole in host memory (the CPU
+  backend), so numpy reads it in place."""
+  if isinstance(x, np.ndarray):
+    return True
+  try:
+    return x.is_fully_addressable and all(d.platform == "cpu" for d in x.devices())
+  except AttributeError:
+    return False
+
+
 def _check_finite(leaves: list[tuple[str, Any]]) -> None:
-  """Raise naming the first ``(path, kernel)`` whose (concrete) kernel holds NaN or Inf. One
-  compiled reduction over every kernel, read back in one host transfer: a sync per leaf
-  stalled the dispatch of the factorization itself, and one eager reduction per kernel
-  costs more dispatch than one program."""
+  """Raise naming the first ``(path, kernel)`` whose (concrete) kernel holds NaN or Inf.
+  Kernels in host memory are read in place by numpy (no program to compile); the others
+  get one compiled reduction over every kernel, read back in one host transfer: a sync per
+  leaf stalled the dispatch of the factorization itself, and one eager reduction per
+  kernel costs more dispatch than one program."""
   concrete = [(p, x) for p, x in leaves if _is_concrete(x)]
   if not concrete:
     return
-  ok = np.asarray(_finite_flags(tuple(x for _, x in concrete)))
+  if all(_on_host(x) for _, x in concrete):
+    ok = [bool(np.isfinite(np.asarray(x)).all()) for _, x in concrete]
+  else:
+    ok = np.asarray(_finite_flags(tuple(x for _, x in concrete)))
   for (p, _), good in zip(concrete, ok):
     if not good:
       raise ValueError(f"{p}: kernel contains NaN or Inf; refusing to factorize it")

@@ -156,12 +156,14 @@ def test_gguf_parse_equals_gguf_reader_on_smollm2():
     np.testing.assert_array_equal(np.asarray(data), np.asarray(t.data).reshape(-1).view(np.uint8))
 
 
+@pytest.mark.slow  # dequantizing the 135M weights: seconds (default run <= ~2 min)
 def test_config_read_from_the_file(smol):
   _, _, _, cfg, tensors = smol
   assert (cfg.layers, cfg.d, cfg.heads, cfg.kv_heads, cfg.ffn, cfg.vocab) == (30, 576, 9, 3, 1536, 49152)
   assert cfg.tie and "output.weight" not in tensors
 
 
+@pytest.mark.slow  # a float64 numpy forward of 135M weights (default run <= ~2 min)
 def test_logits_equal_an_independent_numpy_forward(smol):
   """Two texts in one batch (one compile; a shorter one is padded at its end, which the
   causal model's logits at its own positions do not see)."""
@@ -176,8 +178,8 @@ def test_logits_equal_an_independent_numpy_forward(smol):
     assert (row[:len(ids)].argmax(-1) == want.argmax(-1)).mean() > 0.9
 
 
-def test_tokenizer_round_trip_and_control_tokens(smol):
-  tok = smol[2]
+def test_tokenizer_round_trip_and_control_tokens():
+  tok = llama.tokenizer(PATH)
   for s in ["Hello, world!", "  leading spaces\tand tabs\n", "naïve café — 3.14159", "x=[1,2,3]"]:
     assert tok.decode(tok.encode(s)) == s
   assert tok.encode("<|im_start|>") == [1] and tok.encode("<|im_end|>") == [2]
@@ -186,7 +188,7 @@ def test_tokenizer_round_trip_and_control_tokens(smol):
   assert ids[0] == 1 and tok.decode(ids).endswith("<|im_start|>assistant\n")
 
 
-@pytest.mark.slow  # heavy (default run <= ~3 min): make test-slow
+@pytest.mark.slow  # heavy (default run <= ~2 min): make test-slow
 def test_greedy_chat_decoding_is_sensible_english(smol):
   model, variables, tok = smol[:3]
   out = llama.greedy(jax.jit(lambda v, i, p, c: model.apply(v, i, p, c)), variables, model,
@@ -194,7 +196,7 @@ def test_greedy_chat_decoding_is_sensible_english(smol):
   assert "Paris" in tok.decode(out)
 
 
-@pytest.mark.slow  # heavy (default run <= ~3 min): make test-slow
+@pytest.mark.slow  # heavy (default run <= ~2 min): make test-slow
 def test_perplexity_in_range_and_factorized_equals_merged(smol):
   """Held-out text (KJV verses): 2 windows of 128 tokens. Factorized projections (the
   first and last block's 7) run through jlr.flax.apply and equal the merged dense model."""

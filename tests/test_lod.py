@@ -1,4 +1,3 @@
-
 import chex
 import flax.linen as nn
 import jax

@@ -15,6 +15,11 @@ from conftest import f32
 MESHES = ["data=1,model=8", "data=2,model=4", "data=8,model=1"]
 
 
+def _meshes(default=("data=2,model=4",)):
+  """MESHES as pytest params: the ``default`` ones in the default run, all under -m slow."""
+  return [pytest.param(m, marks=() if m in default else pytest.mark.slow) for m in MESHES]
+
+
 def params():
   rng = np.random.default_rng(0)
   return {"enc": {"kernel": f32(rng.normal(size=(64, 32))),
@@ -33,8 +38,9 @@ def test_make_mesh():
     sharding.make_mesh("data=8,model=8")
 
 
-@pytest.mark.parametrize("mesh_spec", MESHES)
-@pytest.mark.parametrize("style", ["fsdp", "tp", "fsdp_tp"])
+@pytest.mark.parametrize("mesh_spec,style", [
+    pytest.param(m, st, marks=() if m == "data=2,model=4" or st == "fsdp" else pytest.mark.slow)
+    for st in ("fsdp", "tp", "fsdp_tp") for m in MESHES])
 def test_factorize_merge_truncate_same_numbers_and_declared_shardings(mesh_spec, style):
   mesh = sharding.make_mesh(mesh_spec)
   p = params()
@@ -82,7 +88,7 @@ def _lod_run(p, x):
   return p
 
 
-@pytest.mark.parametrize("mesh_spec", MESHES)
+@pytest.mark.parametrize("mesh_spec", _meshes())
 def test_lod_step_sharded_matches_unsharded(mesh_spec):
   mesh = sharding.make_mesh(mesh_spec)
   p = lod.init(params())

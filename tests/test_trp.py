@@ -131,7 +131,8 @@ def test_works_on_nnx_state():
   assert np.linalg.matrix_rank(k, tol=1e-5) < 12
 
 
-@pytest.mark.parametrize("shape", [(1, 8), (2, 4), (8, 1)])
+@pytest.mark.parametrize("shape", [pytest.param((1, 8), marks=pytest.mark.slow), (2, 4),
+                                   pytest.param((8, 1), marks=pytest.mark.slow)])
 def test_sharded_step_matches_unsharded(shape):
   mesh = Mesh(np.array(jax.devices()[:8]).reshape(shape), ("data", "model"))
   p = {"k": {"kernel": f32(np.random.default_rng(0).normal(size=(32, 16)))}}

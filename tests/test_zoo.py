@@ -410,10 +410,10 @@ def _rel_err(got, want) -> float:
   return max(errs)
 
 
-def _cases(heads=True):
+def _cases(heads=True, default=DEFAULT):
   """Every zoo architecture (its Spec class), the variants, then (``heads``) every other
-  class of the mappings."""
-  archs = [pytest.param(n, None, id=n, marks=() if n in DEFAULT else pytest.mark.slow)
+  class of the mappings; those in ``default`` also run in the default run."""
+  archs = [pytest.param(n, None, id=n, marks=() if n in default else pytest.mark.slow)
            for n in ARCHS + sorted(VARIANTS)]
   return archs + [pytest.param(n, c, id=f"{n}:{c}", marks=pytest.mark.slow)
                   for n, c in HEADS if heads]
@@ -510,7 +510,7 @@ def test_every_block_is_factorized(name, cls):
   assert all(len(v) == 1 for v in seen.values()), sorted(k for k, v in seen.items() if len(v) > 1)
 
 
-@pytest.mark.parametrize("name,cls", _cases(heads=False))
+@pytest.mark.parametrize("name,cls", _cases(heads=False, default=("llama",)))
 def test_one_adam_step_on_the_factors_lowers_the_loss(name, cls):
   """(d) one jitted adam step on the LowRank factors (all else frozen) lowers a loss
   computed through jlr.factorized."""
