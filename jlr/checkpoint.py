@@ -101,7 +101,7 @@ def _raise_lowrank(tree, layouts: dict, directory: str):
         d = layouts[prefix]
         if set(node) != {"u", "v"}:
           _raise(directory, f"{prefix}: expected factors u, v, found {sorted(node)}")
-        f = LowRank(jax.numpy.asarray(node["u"]), jax.numpy.asarray(node["v"]),
+        f = LowRank(jax.device_put(node["u"]), jax.device_put(node["v"]),
                     Layout(d["kind"], tuple(d["shape"]), d["n_in"]))
         f.check(prefix)
         return f

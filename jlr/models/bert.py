@@ -238,7 +238,7 @@ def params_from_hf(weights: dict[str, np.ndarray], config: Config) -> dict:
     node = params
     for k in path[:-1]:
       node = node.setdefault(k, {})
-    node[path[-1]] = jnp.asarray(arr)
+    node[path[-1]] = jax.device_put(arr)  # no program to compile, unlike jnp.asarray
   return {"params": params}
 
 

@@ -318,18 +318,18 @@ def unpermute_rope(w: np.ndarray, heads: int) -> np.ndarray:
 def params_from_gguf(cfg: LlamaConfig, t: dict[str, np.ndarray]) -> dict:
   """Flax variables ``{"params": ...}`` of :class:`Llama` from GGUF tensors."""
   def lin(name):  # (out, in) -> Dense kernel (in, out)
-    return {"kernel": jnp.asarray(t[name].T)}
+    return {"kernel": jax.device_put(t[name].T)}
 
-  p: dict[str, Any] = {"embed": {"embedding": jnp.asarray(t["token_embd.weight"])},
-                       "norm": {"scale": jnp.asarray(t["output_norm.weight"])}}
+  p: dict[str, Any] = {"embed": {"embedding": jax.device_put(t["token_embd.weight"])},
+                       "norm": {"scale": jax.device_put(t["output_norm.weight"])}}
   for i in range(cfg.layers):
     b = f"blk.{i}."
     q = unpermute_rope(t[b + "attn_q.weight"], cfg.heads)
     k = unpermute_rope(t[b + "attn_k.weight"], cfg.kv_heads)
     p[f"blocks_{i}"] = {
-        "attn_norm": {"scale": jnp.asarray(t[b + "attn_norm.weight"])},
-        "mlp_norm": {"scale": jnp.asarray(t[b + "ffn_norm.weight"])},
-        "attn": {"q": {"kernel": jnp.asarray(q.T)}, "k": {"kernel": jnp.asarray(k.T)},
+        "attn_norm": {"scale": jax.device_put(t[b + "attn_norm.weight"])},
+        "mlp_norm": {"scale": jax.device_put(t[b + "ffn_norm.weight"])},
+        "attn": {"q": {"kernel": jax.device_put(q.T)}, "k": {"kernel": jax.device_put(k.T)},
                  "v": lin(b + "attn_v.weight"), "o": lin(b + "attn_output.weight")},
         "mlp": {"gate": lin(b + "ffn_gate.weight"), "up": lin(b + "ffn_up.weight"),
                 "down": lin(b + "ffn_down.weight")},
