@@ -75,7 +75,7 @@ def merged_reference(model, small):
 # (~30 ms each on 2 cores, most of the default run's time): a ``jax.random`` draw or a
 # linen ``init`` compiles one per shape, and ``jnp.asarray(numpy_array)`` without a dtype
 # compiles a ``stage`` program. Numpy draws placed with their own dtype compile nothing.
-# ``from conftest import normal, init``.
+# ``from conftest import dense_apply, f32, init, normal``.
 
 
 def normal(shape, dtype="float32", seed=None, scale=1.0):

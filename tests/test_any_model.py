@@ -14,7 +14,7 @@ import pytest
 
 import jlr
 import jlr.flax
-from conftest import init, normal
+from conftest import dense_apply, init, normal
 from jlr import ranks
 
 KEY = jax.random.key(0)
@@ -23,11 +23,6 @@ KEY = jax.random.key(0)
 def rel_err(a, b):
   a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
   return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-12))
-
-
-def dense_forward(model, f, x):
-  """The independent truth: the model's own forward on the merged (dense) kernels."""
-  return jax.jit(lambda f, x: model.apply(jlr.merge(f), x))(f, x)
 
 
 def n_lowrank(tree):
@@ -42,7 +37,7 @@ def check_model(model, x, rank=2, expect=1, tol=1e-5, **kw):
   with warnings.catch_warnings():
     warnings.simplefilter("error", jlr.DensifiedWarning)  # every factor ran factorized
     got = jax.jit(lambda v, x: jlr.flax.apply(model, v, x))(f, x)
-  want = dense_forward(model, f, x)
+  want = dense_apply(model, f, x)
   chex.assert_equal_shape([got, want])
   chex.assert_trees_all_equal_dtypes(got, want)
   assert rel_err(got, want) < tol
@@ -237,7 +232,7 @@ def test_forcing_a_grouped_conv_densifies_with_a_warning_not_a_wrong_answer():
   f = jlr.factorize(variables, 2, select="Conv_1/kernel", layout="conv_channel")
   with pytest.warns(jlr.DensifiedWarning, match="Conv_1/kernel.*feature_group_count=8"):
     got = jlr.flax.apply(model, f, x)
-  assert rel_err(got, dense_forward(model, f, x)) < 1e-5
+  assert rel_err(got, dense_apply(model, f, x)) < 1e-5
 
 
 # ----------------------------------------------------------------------------- other modules
@@ -301,7 +296,7 @@ def test_bf16_params():
   k = f["params"]["ScanBlock_0"]["fc"]["kernel"]
   assert k.u.dtype == jnp.bfloat16
   got = jax.jit(lambda v, x: jlr.flax.apply(model, v, x))(f, x)
-  want = dense_forward(model, f, x)
+  want = dense_apply(model, f, x)
   assert got.dtype == want.dtype == jnp.bfloat16
   assert rel_err(got, want) < 3e-2
 
