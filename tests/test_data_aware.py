@@ -240,7 +240,8 @@ def test_conv_statistics_are_im2col_grams(conv):
   w = np.asarray(v["params"]["c"]["kernel"], np.float64)
   patches = im2col(np.asarray(x, np.float64), conv)
   np.testing.assert_allclose(patches @ w.reshape(-1, 5),
-                             np.asarray(jax.jit(model.apply)(v, x), np.float64).reshape(-1, 5), atol=1e-4)
+                             np.asarray(jax.jit(model.apply)(v, x), np.float64).reshape(-1, 5),
+                             atol=1e-4)
   np.testing.assert_allclose(g.matrix, patches.T @ patches, rtol=1e-4, atol=1e-3)
   assert g.count == patches.shape[0]
   f = jlr.factorize(v, 2, select="params/c/kernel", layout="conv_channel",

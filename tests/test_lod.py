@@ -89,7 +89,8 @@ def test_group_lasso_closed_form_and_nan_safe_at_zero():
   un, vn = np.asarray(u), np.asarray(v)
   want = sum(np.linalg.norm(vn[j:]) + np.linalg.norm(un[:, j:]) for j in range(3))
   np.testing.assert_allclose(jax.jit(lod.group_lasso)(f), want, rtol=1e-5)
-  z = {"k": jlr.LowRank(normal((5, 3), scale=0), normal((3, 4), scale=0), jlr.Layout("dense", (5, 4)))}
+  zero = normal((5, 3), scale=0), normal((3, 4), scale=0)
+  z = {"k": jlr.LowRank(*zero, jlr.Layout("dense", (5, 4)))}
   g = jax.jit(jax.grad(lod.group_lasso))(z)
   assert np.isfinite(np.asarray(g["k"].u)).all() and np.isfinite(np.asarray(g["k"].v)).all()
 

@@ -96,7 +96,8 @@ def test_regression_reduces_to_weighted_and_solves_shifted_least_squares():
   # and a low rank is at least as good on the shifted objective as ignoring the shift
   xp = x + 0.3 * rng.normal(size=x.shape)
   u, s, vt = run(svd.regression, f32(w), f32(xp.T @ xp), f32(xp.T @ x), rank=10, damping=1e-9)
-  np.testing.assert_allclose(product(u, s, vt), np.linalg.lstsq(xp, x @ w, rcond=None)[0], atol=1e-3)
+  np.testing.assert_allclose(product(u, s, vt), np.linalg.lstsq(xp, x @ w, rcond=None)[0],
+                             atol=1e-3)
   err = lambda w2: np.linalg.norm(xp @ w2 - x @ w)  # noqa: E731
   u, s, vt = run(svd.regression, f32(w), f32(xp.T @ xp), f32(xp.T @ x), rank=3, damping=1e-9)
   u2, s2, vt2 = run(svd.weighted, f32(w), *svd.whitener(gram=xp.T @ xp, damping=1e-9), rank=3)

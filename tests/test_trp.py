@@ -339,7 +339,8 @@ def test_warm_nuclear_subgradient_equals_the_exact_truncated_one():
   exact = trp.nuclear_norm(0.5, every=1, rank=rule)
   warm = trp.nuclear_norm(0.5, every=1, rank=rule, method="warm", max_rank=12)
   state = warm.init(params)
-  moved = {"k": {"kernel": params["k"]["kernel"] + 1e-3 * f32(np.random.default_rng(2).normal(size=(40, 30)))}}
+  noise = f32(np.random.default_rng(2).normal(size=(40, 30)))
+  moved = {"k": {"kernel": params["k"]["kernel"] + 1e-3 * noise}}
   zeros = jax.tree.map(jnp.zeros_like, moved)
   ge, _ = exact.update(zeros, exact.init(moved), moved)
   gw, state = warm.update(zeros, state, moved)
