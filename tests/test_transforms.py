@@ -133,12 +133,15 @@ def test_one_global_rank_too_big_for_a_leaf_leaves_it_dense():
   assert not isinstance(f["head"]["kernel"], jlr.LowRank)
 
 
+@pytest.mark.parametrize("on_host", [True, False])  # numpy in place / the compiled check
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_non_finite_kernel_is_refused_with_its_path(bad):
+def test_non_finite_kernel_is_refused_with_its_path(bad, on_host, monkeypatch):
+  if not on_host:  # the accelerator route, on CPU arrays
+    monkeypatch.setattr(jlr.transforms, "_on_host", lambda x: False)
   w = np.asarray(rnd((16, 8))).copy()
   w[3, 2] = bad
   with pytest.raises(ValueError, match="enc/kernel.*NaN or Inf"):
-    jlr.factorize({"enc": {"kernel": jnp.asarray(w)}}, 2)
+    jlr.factorize({"ok": {"kernel": rnd((8, 8))}, "enc": {"kernel": jnp.asarray(w)}}, 2)
 
 
 def test_non_matrix_leaf_selected_explicitly():
