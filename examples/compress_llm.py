@@ -54,7 +54,7 @@ import jlr  # noqa: E402
 from jlr import llm, paths  # noqa: E402
 from jlr.models import llama  # noqa: E402
 from jlr.report import bandwidth_bound  # noqa: E402
-from text import STDLIB_CALIB, kjv_verses, shakespeare_sentences, stdlib_docstrings  # noqa: E402
+from text import STDLIB_CALIB, STDLIB_HEAL, kjv_verses, shakespeare_sentences, stdlib_docstrings  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,7 +64,8 @@ PROJ = {"attn": ("q", "k", "v", "o"), "mlp": ("gate", "up", "down")}
 TEXTS = ("kjv", "docstrings")
 END = "<|im_end|>"  # SmolLM2's end of a chat turn (README samples stop there)
 PROBE_SLOTS = 16  # windows after the calibration ones kept for the probe; healing's follow
-HEAL_DEFAULTS = {"lr_heal": 5e-5, "heal_extra": 0}  # the heal row; other values: a variant row
+HEAL_DEFAULTS = {"lr_heal": 5e-5, "heal_extra": 0, "heal_then": ()}  # the heal row; other
+# values: a variant row
 # SVD-LLM (Wang et al. 2024, arXiv 2403.07378) Table 1: LLaMA-7B, WikiText-2 perplexity
 PAPER = {"model": "LLaMA-7B, WikiText-2 (SVD-LLM Table 1)", "dense": 5.68,
          "0.2": {"svd": 20061, "fwsvd": 1727, "asvd": 11.14, "svd_llm": 7.94}}
@@ -96,6 +97,12 @@ def parse_args(argv=None):
   p.add_argument("--heal-extra", type=int, default=HEAL_DEFAULTS["heal_extra"],
                  help="more heal training windows (the same two texts, after the default "
                       "heal windows; validation unchanged): a heal variant, its own row")
+  p.add_argument("--heal-then", type=int, nargs="+", default=HEAL_DEFAULTS["heal_then"],
+                 metavar="WINDOWS",
+                 help="after the heal, heal again from its best weights, once per value, "
+                      "each on that many windows of text no earlier stage saw (a warm "
+                      "restart of the same schedule; the docstring half continues into "
+                      "text.STDLIB_HEAL's modules): a heal variant, its own row")
   p.add_argument("--out-dir", default=RESULTS)
   p.add_argument("--no-progress", action="store_true")
   p.add_argument("--readme", nargs="?", const=README, default=None, metavar="PATH",
@@ -143,13 +150,19 @@ RESUME_FREE = ("no_progress", "readme", "remove", "train_levels", *HEAL_DEFAULTS
 # changes no cell); a setting the saved JSON predates is taken to be its old behaviour
 
 
-def heal_suffix(a) -> str:
+def heal_suffix(a, stages: int | None = None) -> str:
   """The heal row's key suffix: ``heal`` at the default settings, else the variant's
-  settings in it (``heal~extra=800,lr=0.0002``), so a variant never replaces the row."""
-  variant = {k: getattr(a, k) for k, d in HEAL_DEFAULTS.items() if getattr(a, k) != d}
+  settings in it (``heal~extra=800,lr=0.0002``; with ``--heal-then 700``:
+  ``heal~extra=800,lr=0.0002,then=700``), so a variant never replaces the row.
+  ``stages``: the suffix of the model after the first ``stages`` of the ``heal_then``
+  stages (0: the first heal's)."""
+  then = tuple(a.heal_then)[:stages]
+  variant = {k: getattr(a, k) for k, d in HEAL_DEFAULTS.items()
+             if k != "heal_then" and getattr(a, k) != d}
   names = {"lr_heal": "lr", "heal_extra": "extra"}
-  return "heal" + ("~" + ",".join(f"{names[k]}={v:g}" for k, v in sorted(
-      variant.items(), key=lambda kv: names[kv[0]])) if variant else "")
+  parts = [f"{names[k]}={v:g}" for k, v in sorted(variant.items(), key=lambda kv: names[kv[0]])]
+  parts += [f"then={'+'.join(str(n) for n in then)}"] if then else []
+  return "heal" + ("~" + ",".join(parts) if parts else "")
 
 
 def checkpoint_path(cache: str, key: str) -> str:
@@ -193,7 +206,12 @@ def main(argv=None) -> dict:
   model, variables, tok = llama.load_gguf()
   fn = lambda p, ids: model.apply(p, ids)[0]  # noqa: E731
   target = is_target(a.targets.split(","), a.blocks or None)
-  sources = [shakespeare_sentences(), stdlib_docstrings(STDLIB_CALIB)]
+  calib_docs = stdlib_docstrings(STDLIB_CALIB)
+  eval_docs = [d for d in stdlib_docstrings() if d not in set(calib_docs)]
+  # the docstring half runs on into other modules' (none of them an evaluation text) once
+  # the calibration modules' are used up: only --heal-then's stages read that far
+  more_docs = [d for d in stdlib_docstrings(STDLIB_HEAL) if d not in {*calib_docs, *eval_docs}]
+  sources = [shakespeare_sentences(), calib_docs + more_docs]
 
   def mixed(n, skip=0):  # half of each source, interleaved: calibration / probe / healing
     h = [windows(tok, src, a.ctx, k, skip=skip // 2)
@@ -210,10 +228,8 @@ def main(argv=None) -> dict:
   if a.heal_extra:
     heal_train = np.concatenate([heal_default, mixed(a.heal_extra, skip=a.calib + PROBE_SLOTS
                                                      + a.heal_windows)])
-  seen = set(sources[1])
   evals = {"kjv": windows(tok, kjv_verses()[20000:], a.ctx, a.eval_windows),
-           "docstrings": windows(tok, [d for d in stdlib_docstrings() if d not in seen],
-                                 a.ctx, a.eval_windows)}
+           "docstrings": windows(tok, eval_docs, a.ctx, a.eval_windows)}
   flat = paths.flatten(variables)
   kernels = {p: x for p, x in flat.items() if target(p)}
   target_params = sum(int(x.size) for x in kernels.values())
@@ -379,11 +395,21 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()  # a finished heal's checkpoint returns its result at once
     final, log = llm.heal(fn, upd, heal_train, heal_val, steps=a.heal_steps, lr=a.lr_heal,
                           eval_every=a.heal_every, teacher=variables, progress=bars,
-                          checkpoint=ckpt)
+                          checkpoint=checkpoint_path(cache, f"{key}/{heal_suffix(a, 0)}"))
+    stages, skip = [], a.calib + PROBE_SLOTS + a.heal_windows + a.heal_extra
+    for k, n in enumerate(a.heal_then, 1):  # warm restarts, each on text no stage saw
+      final, log_k = llm.heal(fn, final, mixed(n, skip=skip), heal_val, steps=a.heal_steps,
+                              lr=a.lr_heal, eval_every=a.heal_every, teacher=variables,
+                              progress=bars,
+                              checkpoint=checkpoint_path(cache, f"{key}/{heal_suffix(a, k)}"))
+      stages.append({"windows": n, "val": log_k.val, "best_step": log_k.best_step,
+                     "stopped": log_k.stopped})
+      skip += n
     if heal_key not in cells:
       cell(heal_key, final, method="svd_llm", alloc=alloc, remove=remove, heal_val=log.val,
            heal_best_step=log.best_step, heal_stopped=log.stopped, heal_lr=a.lr_heal,
-           heal_train_windows=len(heal_train), heal_seconds=time.perf_counter() - t0)
+           heal_train_windows=len(heal_train), heal_seconds=time.perf_counter() - t0,
+           **({"heal_then": stages} if stages else {}))
     best_by_level[remove] = (alloc, final, "healed" + suffix[len("heal"):])
 
   levels = best_by_level if not a.quick else dict(list(best_by_level.items())[-1:])
@@ -495,7 +521,8 @@ def table(res) -> str:
   for suffix, label in (("update", "SVD-LLM + update (u then v)"),
                         ("update/heal", "SVD-LLM + update + heal"),
                         *((f"update/heal~{v}", "SVD-LLM + update + heal, " + v.replace(
-                            "=", " ").replace(",", ", ")) for v in variants)):
+                            "then=", "then healed again on ").replace("=", " ").replace(
+                            ",", ", ").replace("+", " + ")) for v in variants)):
     row = [next((c for k, c in cells.items() if k.endswith(f"/{lv}/{suffix}")
                  and k.startswith("svd_llm/")), None) for lv in levels]
     if any(row):

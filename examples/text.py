@@ -83,6 +83,20 @@ STDLIB_CALIB = ("abc", "ast", "calendar", "codecs", "configparser", "contextlib"
                 "timeit", "tokenize", "trace", "traceback", "turtle", "uuid", "warnings",
                 "weakref", "webbrowser", "wsgiref", "xmlrpc", "doctest", "pydoc", "idlelib")
 
+# more modules' docstrings, read only by healing stages past the calibration modules'
+# (compress_llm.py --heal-then); none is an evaluation module (nor _pydecimal, the
+# evaluation module decimal's own text); docstrings also found in either set are dropped
+STDLIB_HEAL = ("tkinter", "lib2to3", "_pyio", "encodings", "nntplib", "bdb", "ctypes",
+               "pickletools", "telnetlib", "cgi", "cmd", "lzma", "fileinput", "wave",
+               "mimetypes", "code", "bz2", "base64", "venv", "sunau", "aifc", "_strptime",
+               "_threading_local", "pkgutil", "curses", "dbm", "graphlib", "codeop", "getopt",
+               "pstats", "profile", "py_compile", "pyclbr", "compileall", "filecmp", "hmac",
+               "rlcompleter", "pipes", "sysconfig", "symtable", "plistlib", "smtpd", "chunk",
+               "imp", "mailcap", "cgitb", "html", "asynchat", "asyncore", "bisect",
+               "tracemalloc", "types", "zipapp", "getpass", "fnmatch", "linecache", "secrets",
+               "sndhdr", "quopri", "tabnanny", "modulefinder", "zoneinfo", "tomllib", "copyreg",
+               "ensurepip", "crypt", "poplib", "dis")
+
 
 def stdlib_docstrings(modules=STDLIB_EVAL, min_words: int = 6) -> list[str]:
   """Docstrings of the Python standard library's modules ``modules`` and their classes,

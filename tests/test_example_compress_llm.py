@@ -111,11 +111,13 @@ def test_compress_llm_quick(tmp_path):
   # trained earlier runs speed on its healed checkpoint
   subprocess.run([sys.executable, os.path.join(EXAMPLES, "compress_llm.py"), "--quick",
                   "--no-progress", "--out-dir", str(tmp_path), "--train-levels", "0.2",
-                  "--lr-heal", "1e-4"], check=True, timeout=1200)
+                  "--lr-heal", "1e-4", "--heal-then", "4"], check=True, timeout=1200)
   res = json.loads((tmp_path / "compress_llm_quick.json").read_text())
   heals = sorted((c["key"].split("/", 2)[2], c) for c in res["cells"] if "/heal" in c["key"])
-  assert [k for k, _ in heals] == ["0.2/update/heal~lr=0.0001", "0.4/update/heal"]
+  assert [k for k, _ in heals] == ["0.2/update/heal~lr=0.0001,then=4", "0.4/update/heal"]
   assert heals[0][1]["heal_lr"] == 1e-4
+  [stage] = heals[0][1]["heal_then"]  # the second heal: its own windows, its own curve
+  assert stage["windows"] == 4 and stage["val"][0][0] == 0 and stage["best_step"] >= 0
   assert res["config"]["lr_heal"] == 5e-5 and res["config"]["train_levels"] == [0.2, 0.4]
   assert [r["weights"] for r in res["speed"]][:2] == ["dense", "healed"]  # 40%: quick's last
   # a resume on a machine without the (uncommitted) cache: no row is recomputed, and the
@@ -143,15 +145,23 @@ def test_a_heal_variant_is_its_own_row_and_resumes_the_same_json():
   variant = ex.parse_args(["--lr-heal", "2e-4", "--heal-extra", "800"])
   assert ex.heal_suffix(variant) == "heal~extra=800,lr=0.0002"
   assert ex.settings(variant)["lr_heal"] == 5e-5  # the config holds the default heal's
+  staged = ex.parse_args(["--lr-heal", "2e-4", "--heal-extra", "800", "--heal-then", "680", "500"])
+  assert ex.heal_suffix(staged) == "heal~extra=800,lr=0.0002,then=680+500"
+  assert [ex.heal_suffix(staged, k) for k in (0, 1)] == [  # each stage's checkpoint
+      "heal~extra=800,lr=0.0002", "heal~extra=800,lr=0.0002,then=680"]
+  assert ex.settings(staged)["heal_then"] == ()
   ppl = lambda k, d: {t: {"ppl": v, "low": v, "high": v} for t, v in zip(ex.TEXTS, (k, d))}  # noqa: E731
   cell = lambda key, k, d: {"key": key, "ppl": ppl(k, d), "remove": 0.2,  # noqa: E731
                             "model_params_kept": 0.84}
   res = {"dense": {"ppl": ppl(26.0, 22.0)}, "config": {"blocks": 0}, "cells": [
       cell("svd_llm/strs/0.2/update", 53.5, 38.7),
       cell("svd_llm/strs/0.2/update/heal", 45.1, 33.4),
-      cell("svd_llm/strs/0.2/update/heal~extra=800,lr=0.0002", 38.0, 30.0)]}
+      cell("svd_llm/strs/0.2/update/heal~extra=800,lr=0.0002", 38.0, 30.0),
+      cell("svd_llm/strs/0.2/update/heal~extra=800,lr=0.0002,then=680", 39.0, 31.0)]}
   lines = ex.table(res).splitlines()
   assert "| SVD-LLM + update + heal | 45.1 / 33.4 |" in lines
   assert "| SVD-LLM + update + heal, extra 800, lr 0.0002 | 38.0 / 30.0 |" in lines
+  assert ("| SVD-LLM + update + heal, extra 800, lr 0.0002, then healed again on 680 "
+          "| 39.0 / 31.0 |") in lines
   best = [x for x in ex.targets_table(res).splitlines() if x.startswith("| 20% |")][0]
   assert "heal~extra=800,lr=0.0002" in best and best.endswith("| 1.5x | yes |")
