@@ -49,6 +49,26 @@ def single_threaded_blas():
   threadpoolctl.threadpool_limits(int(os.environ["OPENBLAS_NUM_THREADS"]), user_api="blas")
 
 
+def require(*modules: str, reason: str = ""):
+  """Skip the calling test module unless every one of ``modules`` is installed -- found
+  with ``importlib.util.find_spec``, not imported: ``pytest.importorskip`` at module level
+  imports the module on every xdist worker at collection (matplotlib, zarr and orbax cost
+  about 2 s of CPU a worker), though only the module's tests use it."""
+  import importlib.util
+
+  def found(name):
+    try:
+      return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a dotted name whose parent package is missing
+      return False
+
+  missing = [m for m in modules if not found(m)]
+  if missing:
+    import pytest
+    pytest.skip(f"{', '.join(missing)} not installed" + (f" ({reason})" if reason else ""),
+                allow_module_level=True)
+
+
 def merged_reference(model, small):
   """The NNX ``model`` (uncompressed) run dense on ``small``'s factors: a clone with each
   kernel that ``small`` (``jlr.flax.nnx.compress(model, ...)``) compressed set to

@@ -7,7 +7,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 import jlr
@@ -54,6 +53,8 @@ def test_cli_summary_and_compress(tmp_path, capsys):
   model, x = Net(), jnp.ones((2, 8, 8, 3))
   v = jax.jit(model.init)(jax.random.key(0), x)  # flax's own init: energy 0.9 cuts its conv
   plain = str(tmp_path / "plain")
+  import orbax.checkpoint as ocp  # imported here: collection on every worker stays cheap
+
   with ocp.StandardCheckpointer() as ck:  # a plain orbax checkpoint of linen params
     ck.save(plain, jax.tree.map(np.asarray, v))
   assert cli.main(["summary", plain]) == 0

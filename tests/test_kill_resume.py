@@ -19,8 +19,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "lod_mlp.py")
 
-pytest.importorskip("orbax.checkpoint")
-pytest.importorskip("zarr")
+from conftest import require  # noqa: E402
+
+require("orbax.checkpoint", "zarr")
 
 TINY = ["--hidden", "64,64", "--train-limit", "2000", "--test-limit", "500", "--batch-size", "64",
         "--lam", "3e-3", "--eps", "0.1", "--epochs", "4", "--no-progress"]
