@@ -36,6 +36,7 @@ Results are resumable (each finished cell is in the JSON; a rerun skips it)::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -83,6 +84,18 @@ SIZES = {"quick": dict(blocks=4, calib=8, ctx=128, eval_windows=2, fisher=2, rem
                       train_levels=(0.2, 0.4, 0.6))}
 
 
+HEAL_TEXTS = ("shakespeare", "docstrings")  # the two healing sources, in mixed()'s order
+
+
+def stage(value: str) -> str:
+  """A ``--heal-then`` value: ``N`` (windows of both texts, half each) or ``TEXT:N``."""
+  text, _, n = value.rpartition(":")
+  if not n.isdigit() or int(n) < 1 or text not in ("", *HEAL_TEXTS):
+    raise argparse.ArgumentTypeError(
+        f"{value!r}: expected WINDOWS or TEXT:WINDOWS with TEXT one of {HEAL_TEXTS}")
+  return f"{text}:{int(n)}" if text else str(int(n))
+
+
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -98,12 +111,14 @@ def parse_args(argv=None):
   p.add_argument("--heal-extra", type=int, default=HEAL_DEFAULTS["heal_extra"],
                  help="more heal training windows (the same two texts, after the default "
                       "heal windows; validation unchanged): a heal variant, its own row")
-  p.add_argument("--heal-then", type=int, nargs="+", default=HEAL_DEFAULTS["heal_then"],
-                 metavar="WINDOWS",
+  p.add_argument("--heal-then", type=stage, nargs="+", default=HEAL_DEFAULTS["heal_then"],
+                 metavar="[TEXT:]WINDOWS",
                  help="after the heal, heal again from its best weights, once per value, "
                       "each on that many windows of text no earlier stage saw (a warm "
                       "restart of the same schedule; the docstring half continues into "
-                      "text.STDLIB_HEAL's modules): a heal variant, its own row")
+                      "text.STDLIB_HEAL's modules); ``shakespeare:N`` or ``docstrings:N``: "
+                      "N windows of that text only (the validation windows stay mixed): "
+                      "a heal variant, its own row")
   p.add_argument("--out-dir", default=RESULTS)
   p.add_argument("--no-progress", action="store_true")
   p.add_argument("--readme", nargs="?", const=README, default=None, metavar="PATH",
@@ -208,17 +223,36 @@ def main(argv=None) -> dict:
   fn = lambda p, ids: model.apply(p, ids)[0]  # noqa: E731
   target = is_target(a.targets.split(","), a.blocks or None)
   calib_docs = stdlib_docstrings(STDLIB_CALIB)
-  eval_docs = [d for d in stdlib_docstrings() if d not in set(calib_docs)]
-  # the docstring half runs on into other modules' (none of them an evaluation text) once
-  # the calibration modules' are used up: only --heal-then's stages read that far
-  more_docs = [d for d in stdlib_docstrings(STDLIB_HEAL) if d not in {*calib_docs, *eval_docs}]
-  sources = [shakespeare_sentences(), calib_docs + more_docs]
+  known = set(calib_docs)
+  eval_docs = [d for d in stdlib_docstrings() if d not in known]
+  known.update(eval_docs)
+
+  class DocstringsThenMore:  # the docstring half runs on into other modules' (none of
+    def __iter__(self):  # them an evaluation text) once the calibration modules' are used
+      yield from calib_docs  # up: only --heal-then's stages read that far, so they are
+      yield from more_docs()  # parsed only then
+
+  more_docs = functools.cache(lambda: [d for d in stdlib_docstrings(STDLIB_HEAL)
+                                       if d not in known])
+  sources = [shakespeare_sentences(), DocstringsThenMore()]
 
   def mixed(n, skip=0):  # half of each source, interleaved: calibration / probe / healing
     h = [windows(tok, src, a.ctx, k, skip=skip // 2)
          for src, k in zip(sources, (n - n // 2, n // 2))]
     out = np.empty((n, a.ctx + 1), np.int32)
     out[0::2], out[1::2] = h
+    return out
+
+  def stage_windows(spec, used):  # a --heal-then stage's windows, each source's from its
+    text, _, n = spec.rpartition(":")  # first unused one (``used``, advanced in place)
+    n = int(n)
+    counts = ((n - n // 2, n // 2) if not text else (n, 0) if text == HEAL_TEXTS[0] else (0, n))
+    if not text and used[0] == used[1]:
+      out = mixed(n, skip=2 * used[0])
+    else:
+      out = np.concatenate([windows(tok, src, a.ctx, k, skip=u)
+                            for src, k, u in zip(sources, counts, used) if k])
+    used[:] = [u + k for u, k in zip(used, counts)]
     return out
 
   calib = mixed(a.calib)
@@ -397,18 +431,18 @@ def main(argv=None) -> dict:
     final, log = llm.heal(fn, upd, heal_train, heal_val, steps=a.heal_steps, lr=a.lr_heal,
                           eval_every=a.heal_every, teacher=variables, progress=bars,
                           checkpoint=checkpoint_path(cache, f"{key}/{heal_suffix(a, 0)}"))
-    stages, skip = [], a.calib + PROBE_SLOTS + a.heal_windows + a.heal_extra
+    stages, used = [], [(a.calib + PROBE_SLOTS + a.heal_windows + a.heal_extra) // 2] * 2
     for k, n in enumerate(a.heal_then, 1):  # warm restarts, each on text no stage saw;
       # no early stop: a restart at the peak lr first climbs out of the last stage's minimum
       # (validation +0.04 nats over its first 25 steps at 20%), so patience would end it
       # there -- it runs its schedule and keeps its best (its start included)
-      final, log_k = llm.heal(fn, final, mixed(n, skip=skip), heal_val, steps=a.heal_steps,
+      final, log_k = llm.heal(fn, final, stage_windows(n, used), heal_val, steps=a.heal_steps,
                               lr=a.lr_heal, eval_every=a.heal_every, teacher=variables,
                               patience=a.heal_steps // a.heal_every + 1, progress=bars,
                               checkpoint=checkpoint_path(cache, f"{key}/{heal_suffix(a, k)}"))
-      stages.append({"windows": n, "val": log_k.val, "best_step": log_k.best_step,
+      text, _, count = n.rpartition(":")
+      stages.append({"windows": int(count), "text": text or "mixed", "val": log_k.val, "best_step": log_k.best_step,
                      "stopped": log_k.stopped})
-      skip += n
     if heal_key not in cells:
       cell(heal_key, final, method="svd_llm", alloc=alloc, remove=remove, heal_val=log.val,
            heal_best_step=log.best_step, heal_stopped=log.stopped, heal_lr=a.lr_heal,
@@ -464,10 +498,11 @@ def speed(model, dense, models: dict, tok, a, bars) -> list[dict]:
   if not a.quick:
     runs.append((FLOOR, jlr.truncate(last, {p: 8 for p, x in paths.flatten(last).items()
                                             if jlr.is_lowrank(x) and "/embed/" not in p}), "-"))
+  reps = 1 if a.quick else 3  # timed repeats (--quick's timings are a smoke test's)
   for label, tree, weights in runs:
     jax.block_until_ready(pre(tree, x))
     ts = []
-    for _ in range(3):
+    for _ in range(reps):
       t = time.perf_counter()
       jax.block_until_ready(pre(tree, x))
       ts.append(time.perf_counter() - t)
@@ -490,7 +525,7 @@ def speed(model, dense, models: dict, tok, a, bars) -> list[dict]:
         jax.block_until_ready(logits)
         return time.perf_counter() - t, np.concatenate([np.asarray(o) for o in out], 1)
       run()  # compile
-      times, out = zip(*(run() for _ in range(3)))  # the median of 3 decodes (one is noisy)
+      times, out = zip(*(run() for _ in range(reps)))  # the median of 3 (one is noisy)
       dt, out = float(np.median(times)), out[0]
       row[f"decode_tok_s_b{batch}"] = batch * a.decode / dt
       if batch == 1 and not weights.startswith("one-shot ("):  # the level's own model

@@ -401,7 +401,19 @@ def compress(f: Factors, rank: Mapping[str, int]):
                    jax.device_put((root[..., :, None] * (wt @ np.swapaxes(qv, -1, -2))).astype(dtype)),
                    x.layout)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(f.tree, is_leaf=is_lowrank)
-  return jax.tree_util.tree_unflatten(treedef, [one(path_str(kp), x) for kp, x in leaves])
+  return jax.tree_util.tree_unflatten(
+      treedef, _host_map(lambda kx: one(path_str(kx[0]), kx[1]), leaves))
+
+
+def _host_map(fn: Callable, items: Sequence) -> list:
+  """``[fn(x) for x in items]`` on a pool of host threads, one per core: numpy's LAPACK
+  and BLAS calls release the GIL, so kernels are cut side by side (each one's result is
+  the serial call's, bit for bit)."""
+  if len(items) < 2:
+    return [fn(x) for x in items]
+  from concurrent.futures import ThreadPoolExecutor
+  with ThreadPoolExecutor(min(len(items), os.cpu_count() or 1)) as pool:
+    return list(pool.map(fn, items))
 
 
 def factorize(params, cal: Calibration, keep: float, *, method: str = "svd_llm",
@@ -421,8 +433,9 @@ def merged(params):
   """:func:`jlr.merge` on the host (numpy): every ``LowRank`` as its dense kernel, without
   an XLA compile per new factor shape. Scoring a merged tree reuses one compiled forward
   for every rank pattern a search tries."""
-  return jax.tree_util.tree_map(lambda x: _host_dense(x) if is_lowrank(x) else x, params,
-                                is_leaf=is_lowrank)
+  leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=is_lowrank)
+  return jax.tree_util.tree_unflatten(
+      treedef, _host_map(lambda x: _host_dense(x) if is_lowrank(x) else x, leaves))
 
 
 def search_alpha(score: Callable[[Any], float], params, cal: Calibration,

@@ -150,6 +150,11 @@ def test_a_heal_variant_is_its_own_row_and_resumes_the_same_json():
   assert [ex.heal_suffix(staged, k) for k in (0, 1)] == [  # each stage's checkpoint
       "heal~extra=800,lr=0.0002", "heal~extra=800,lr=0.0002,then=680"]
   assert ex.settings(staged)["heal_then"] == ()
+  one_text = ex.parse_args(["--heal-then", "680", "shakespeare:0680"])  # one text's windows
+  assert ex.heal_suffix(one_text) == "heal~then=680+shakespeare:680"
+  for bad in ("poems:10", "shakespeare:", "0", "-3"):
+    with pytest.raises(SystemExit):
+      ex.parse_args(["--heal-then", bad])
   ppl = lambda k, d: {t: {"ppl": v, "low": v, "high": v} for t, v in zip(ex.TEXTS, (k, d))}  # noqa: E731
   cell = lambda key, k, d: {"key": key, "ppl": ppl(k, d), "remove": 0.2,  # noqa: E731
                             "model_params_kept": 0.84}
