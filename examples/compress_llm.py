@@ -40,6 +40,7 @@ import functools
 import json
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -562,9 +563,10 @@ def table(res) -> str:
   variants = sorted({k.split("/heal~")[1] for k in cells if "/heal~" in k})
   for suffix, label in (("update", "SVD-LLM + update (u then v)"),
                         ("update/heal", "SVD-LLM + update + heal"),
-                        *((f"update/heal~{v}", "SVD-LLM + update + heal, " + v.replace(
-                            "then=", "then healed again on ").replace("=", " ").replace(
-                            ",", ", ").replace("+", " + ")) for v in variants)):
+                        *((f"update/heal~{v}", "SVD-LLM + update + heal, " + re.sub(
+                            r"(\w+):(\d+)", r"\2 of \1 only", v.replace(
+                                "then=", "then healed again on ").replace("=", " ").replace(
+                                ",", ", ").replace("+", " + "))) for v in variants)):
     row = [next((c for k, c in cells.items() if k.endswith(f"/{lv}/{suffix}")
                  and k.startswith("svd_llm/")), None) for lv in levels]
     if any(row):

@@ -49,7 +49,7 @@ def single_threaded_blas():
   threadpoolctl.threadpool_limits(int(os.environ["OPENBLAS_NUM_THREADS"]), user_api="blas")
 
 
-def require(*modules: str, reason: str = ""):
+def require(*modules: str):
   """Skip the calling test module unless every one of ``modules`` is installed -- found
   with ``importlib.util.find_spec``, not imported: ``pytest.importorskip`` at module level
   imports the module on every xdist worker at collection (matplotlib, zarr and orbax cost
@@ -65,8 +65,7 @@ def require(*modules: str, reason: str = ""):
   missing = [m for m in modules if not found(m)]
   if missing:
     import pytest
-    pytest.skip(f"{', '.join(missing)} not installed" + (f" ({reason})" if reason else ""),
-                allow_module_level=True)
+    pytest.skip(f"{', '.join(missing)} not installed", allow_module_level=True)
 
 
 def merged_reference(model, small):
