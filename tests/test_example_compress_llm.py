@@ -111,13 +111,16 @@ def test_compress_llm_quick(tmp_path):
   # trained earlier runs speed on its healed checkpoint
   subprocess.run([sys.executable, os.path.join(EXAMPLES, "compress_llm.py"), "--quick",
                   "--no-progress", "--out-dir", str(tmp_path), "--train-levels", "0.2",
-                  "--lr-heal", "1e-4", "--heal-then", "4"], check=True, timeout=1200)
+                  "--lr-heal", "1e-4", "--heal-then", "4", "shakespeare:2"], check=True,
+                 timeout=1200)
   res = json.loads((tmp_path / "compress_llm_quick.json").read_text())
   heals = sorted((c["key"].split("/", 2)[2], c) for c in res["cells"] if "/heal" in c["key"])
-  assert [k for k, _ in heals] == ["0.2/update/heal~lr=0.0001,then=4", "0.4/update/heal"]
+  assert [k for k, _ in heals] == ["0.2/update/heal~lr=0.0001,then=4+shakespeare:2",
+                                   "0.4/update/heal"]
   assert heals[0][1]["heal_lr"] == 1e-4
-  [stage] = heals[0][1]["heal_then"]  # the second heal: its own windows, its own curve
-  assert stage["windows"] == 4 and stage["val"][0][0] == 0 and stage["best_step"] >= 0
+  stages = heals[0][1]["heal_then"]  # each later heal: its own windows, its own curve
+  assert [(s["windows"], s["text"]) for s in stages] == [(4, "mixed"), (2, "shakespeare")]
+  assert all(s["val"][0][0] == 0 and s["best_step"] >= 0 for s in stages)
   assert res["config"]["lr_heal"] == 5e-5 and res["config"]["train_levels"] == [0.2, 0.4]
   assert [r["weights"] for r in res["speed"]][:2] == ["dense", "healed"]  # 40%: quick's last
   # a resume on a machine without the (uncommitted) cache: no row is recomputed, and the
