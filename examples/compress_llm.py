@@ -433,6 +433,16 @@ def main(argv=None) -> dict:
                           eval_every=a.heal_every, teacher=variables, progress=bars,
                           checkpoint=checkpoint_path(cache, f"{key}/{heal_suffix(a, 0)}"))
     stages, used = [], [(a.calib + PROBE_SLOTS + a.heal_windows + a.heal_extra) // 2] * 2
+
+    def heal_row(k):  # the model after the first heal and k of the later stages: its own
+      row = f"{key}/{heal_suffix(a, k)}"  # row (one command writes each stage's)
+      if row not in cells:
+        cell(row, final, method="svd_llm", alloc=alloc, remove=remove, heal_val=log.val,
+             heal_best_step=log.best_step, heal_stopped=log.stopped, heal_lr=a.lr_heal,
+             heal_train_windows=len(heal_train), heal_seconds=time.perf_counter() - t0,
+             **({"heal_then": list(stages)} if stages else {}))
+
+    heal_row(0)
     for k, n in enumerate(a.heal_then, 1):  # warm restarts, each on text no stage saw;
       # no early stop: a restart at the peak lr first climbs out of the last stage's minimum
       # (validation +0.04 nats over its first 25 steps at 20%), so patience would end it
@@ -442,13 +452,9 @@ def main(argv=None) -> dict:
                               patience=a.heal_steps // a.heal_every + 1, progress=bars,
                               checkpoint=checkpoint_path(cache, f"{key}/{heal_suffix(a, k)}"))
       text, _, count = n.rpartition(":")
-      stages.append({"windows": int(count), "text": text or "mixed", "val": log_k.val, "best_step": log_k.best_step,
-                     "stopped": log_k.stopped})
-    if heal_key not in cells:
-      cell(heal_key, final, method="svd_llm", alloc=alloc, remove=remove, heal_val=log.val,
-           heal_best_step=log.best_step, heal_stopped=log.stopped, heal_lr=a.lr_heal,
-           heal_train_windows=len(heal_train), heal_seconds=time.perf_counter() - t0,
-           **({"heal_then": stages} if stages else {}))
+      stages.append({"windows": int(count), "text": text or "mixed", "val": log_k.val,
+                     "best_step": log_k.best_step, "stopped": log_k.stopped})
+      heal_row(k)
     best_by_level[remove] = (alloc, final, "healed" + suffix[len("heal"):])
 
   levels = best_by_level if not a.quick else dict(list(best_by_level.items())[-1:])
@@ -564,7 +570,7 @@ def table(res) -> str:
   for suffix, label in (("update", "SVD-LLM + update (u then v)"),
                         ("update/heal", "SVD-LLM + update + heal"),
                         *((f"update/heal~{v}", "SVD-LLM + update + heal, " + re.sub(
-                            r"(\w+):(\d+)", r"\2 of \1 only", v.replace(
+                            r"(\w+):(\d+)", lambda m: f"{m[2]} of {m[1].capitalize()} only", v.replace(
                                 "then=", "then healed again on ").replace("=", " ").replace(
                                 ",", ", ").replace("+", " + "))) for v in variants)):
     row = [next((c for k, c in cells.items() if k.endswith(f"/{lv}/{suffix}")

@@ -115,10 +115,12 @@ def test_compress_llm_quick(tmp_path):
                  timeout=1200)
   res = json.loads((tmp_path / "compress_llm_quick.json").read_text())
   heals = sorted((c["key"].split("/", 2)[2], c) for c in res["cells"] if "/heal" in c["key"])
-  assert [k for k, _ in heals] == ["0.2/update/heal~lr=0.0001,then=4+shakespeare:2",
-                                   "0.4/update/heal"]
-  assert heals[0][1]["heal_lr"] == 1e-4
-  stages = heals[0][1]["heal_then"]  # each later heal: its own windows, its own curve
+  assert [k for k, _ in heals] == [  # a row for the model after each stage
+      "0.2/update/heal~lr=0.0001", "0.2/update/heal~lr=0.0001,then=4",
+      "0.2/update/heal~lr=0.0001,then=4+shakespeare:2", "0.4/update/heal"]
+  assert heals[0][1]["heal_lr"] == 1e-4 and "heal_then" not in heals[0][1]
+  assert len(heals[1][1]["heal_then"]) == 1
+  stages = heals[2][1]["heal_then"]  # each later heal: its own windows, its own curve
   assert [(s["windows"], s["text"]) for s in stages] == [(4, "mixed"), (2, "shakespeare")]
   assert all(s["val"][0][0] == 0 and s["best_step"] >= 0 for s in stages)
   assert res["config"]["lr_heal"] == 5e-5 and res["config"]["train_levels"] == [0.2, 0.4]
