@@ -237,9 +237,10 @@ def main(argv=None) -> dict:
                                        if d not in known])
   sources = [shakespeare_sentences(), DocstringsThenMore()]
 
-  def mixed(n, skip=0):  # half of each source, interleaved: calibration / probe / healing
-    h = [windows(tok, src, a.ctx, k, skip=skip // 2)
-         for src, k in zip(sources, (n - n // 2, n // 2))]
+  def mixed(n, skip=0, at=None):  # half of each source, interleaved: calibration / probe /
+    at = at or (skip // 2, skip // 2)  # healing; ``at``: each source's first window
+    h = [windows(tok, src, a.ctx, k, skip=u)
+         for src, k, u in zip(sources, (n - n // 2, n // 2), at)]
     out = np.empty((n, a.ctx + 1), np.int32)
     out[0::2], out[1::2] = h
     return out
@@ -247,12 +248,11 @@ def main(argv=None) -> dict:
   def stage_windows(spec, used):  # a --heal-then stage's windows, each source's from its
     text, _, n = spec.rpartition(":")  # first unused one (``used``, advanced in place)
     n = int(n)
-    counts = ((n - n // 2, n // 2) if not text else (n, 0) if text == HEAL_TEXTS[0] else (0, n))
-    if not text and used[0] == used[1]:
-      out = mixed(n, skip=2 * used[0])
+    if not text:
+      out, counts = mixed(n, at=used), (n - n // 2, n // 2)
     else:
-      out = np.concatenate([windows(tok, src, a.ctx, k, skip=u)
-                            for src, k, u in zip(sources, counts, used) if k])
+      i = HEAL_TEXTS.index(text)
+      out, counts = windows(tok, sources[i], a.ctx, n, skip=used[i]), (n * (i == 0), n * (i == 1))
     used[:] = [u + k for u, k in zip(used, counts)]
     return out
 
@@ -549,6 +549,14 @@ NAMES = {"svd": "SVD", "fwsvd": "FWSVD", "asvd": "ASVD (alpha searched, rank sea
          "svd_llm": "SVD-LLM (whitened)"}
 
 
+def variant_label(v: str) -> str:
+  """A heal variant's settings in words: ``extra=800,lr=0.0002,then=680+shakespeare:680``
+  -> ``extra 800, lr 0.0002, then healed again on 680 + 680 of Shakespeare only``."""
+  words = v.replace("then=", "then healed again on ").replace("=", " ").replace(
+      ",", ", ").replace("+", " + ")
+  return re.sub(r"(\w+):(\d+)", lambda m: f"{m[2]} of {m[1].capitalize()} only", words)
+
+
 def table(res) -> str:
   """SVD-LLM's Table-1 shape on both held-out texts, the paper's LLaMA-7B row below."""
   cells = {c["key"]: c for c in res["cells"]}
@@ -569,10 +577,8 @@ def table(res) -> str:
   variants = sorted({k.split("/heal~")[1] for k in cells if "/heal~" in k})
   for suffix, label in (("update", "SVD-LLM + update (u then v)"),
                         ("update/heal", "SVD-LLM + update + heal"),
-                        *((f"update/heal~{v}", "SVD-LLM + update + heal, " + re.sub(
-                            r"(\w+):(\d+)", lambda m: f"{m[2]} of {m[1].capitalize()} only", v.replace(
-                                "then=", "then healed again on ").replace("=", " ").replace(
-                                ",", ", ").replace("+", " + "))) for v in variants)):
+                        *((f"update/heal~{v}", "SVD-LLM + update + heal, " + variant_label(v))
+                          for v in variants)):
     row = [next((c for k, c in cells.items() if k.endswith(f"/{lv}/{suffix}")
                  and k.startswith("svd_llm/")), None) for lv in levels]
     if any(row):

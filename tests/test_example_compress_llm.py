@@ -157,6 +157,8 @@ def test_a_heal_variant_is_its_own_row_and_resumes_the_same_json():
   assert ex.settings(staged)["heal_then"] == ()
   one_text = ex.parse_args(["--heal-then", "680", "shakespeare:0680"])  # one text's windows
   assert ex.heal_suffix(one_text) == "heal~then=680+shakespeare:680"
+  assert ex.variant_label("lr=0.0002,then=680+shakespeare:680") == (
+      "lr 0.0002, then healed again on 680 + 680 of Shakespeare only")
   for bad in ("poems:10", "shakespeare:", "0", "-3"):
     with pytest.raises(SystemExit):
       ex.parse_args(["--heal-then", bad])
