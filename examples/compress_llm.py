@@ -23,7 +23,7 @@ healed (at each of ``--train-levels``). A heal with other settings (``--lr-heal`
 ``--heal-extra`` more training windows, ``--heal-then`` more heals from its best, each on
 text no earlier stage saw) is a *variant*: its own row beside the default heal's
 (``.../update/heal~lr=...,extra=...``), same validation windows, same update.
-``--quick`` compresses the first 4 blocks only and trains at its last level only. Then
+``--quick`` compresses the last 4 blocks only and trains at its last level only. Then
 decode speed with the KV cache (batch 1 and 8) and prefill, dense vs compressed, with the
 bytes of weights each reads per token.
 
@@ -74,8 +74,8 @@ PAPER = {"model": "LLaMA-7B, WikiText-2 (SVD-LLM Table 1)", "dense": 5.68,
          "0.2": {"svd": 20061, "fwsvd": 1727, "asvd": 11.14, "svd_llm": 7.94}}
 # quick: a smoke test of every code path in about 5 min on 2 cores (runtime, not compiles,
 # dominates: each 128-token window through the 30 blocks costs about a second)
-SIZES = {"quick": dict(blocks=4, calib=8, ctx=128, eval_windows=2, fisher=2, remove=(0.2, 0.4),
-                       strs_levels=(0.5, 0.9), strs_windows=1, alphas=(0.5, 1.0), probe_windows=2,
+SIZES = {"quick": dict(blocks=4, calib=8, ctx=128, eval_windows=1, fisher=2, remove=(0.2, 0.4),
+                       strs_levels=(0.5, 0.9), strs_windows=1, alphas=(0.5, 1.0), probe_windows=1,
                        update_steps=2, heal_steps=2, heal_every=2, decode=8, heal_windows=16,
                        train_levels=(0.4,)),
          "full": dict(blocks=0, calib=64, ctx=256, eval_windows=128, fisher=16, remove=(0.2, 0.4, 0.6),
@@ -141,10 +141,13 @@ def parse_args(argv=None):
   return a
 
 
-def is_target(groups, blocks: int | None = None):
-  """The projections of ``groups`` (``attn``, ``mlp``), in the first ``blocks`` blocks."""
+def is_target(groups, blocks: int | None = None, depth: int = 30):
+  """The projections of ``groups`` (``attn``, ``mlp``), in the last ``blocks`` of the
+  model's ``depth`` blocks (the last: gradients of their factors -- the update, healing,
+  FWSVD's Fisher -- then back-propagate through those blocks only)."""
   names = [(g, n) for g in groups for n in PROJ[g]]
-  prefixes = None if blocks is None else tuple(f"params/blocks_{i}/" for i in range(blocks))
+  prefixes = None if blocks is None else tuple(
+      f"params/blocks_{i}/" for i in range(depth - blocks, depth))
   return lambda path, leaf=None: path.endswith("/kernel") and any(
       f"/{g}/{n}/kernel" in path for g, n in names) and (
           prefixes is None or path.startswith(prefixes))
@@ -222,7 +225,7 @@ def main(argv=None) -> dict:
 
   model, variables, tok = llama.load_gguf()
   fn = lambda p, ids: model.apply(p, ids)[0]  # noqa: E731
-  target = is_target(a.targets.split(","), a.blocks or None)
+  target = is_target(a.targets.split(","), a.blocks or None, model.cfg.layers)
   calib_docs = stdlib_docstrings(STDLIB_CALIB)
   known = set(calib_docs)
   eval_docs = [d for d in stdlib_docstrings() if d not in known]
@@ -673,7 +676,7 @@ def readme_block(res) -> str:
   """README's block for one run, every number from its JSON."""
   c = res["config"]
   tokens = c["eval_windows"] * c["ctx"]
-  scope = (f"the first {c['blocks']} of 30 blocks" if c.get("blocks") else "all 30 blocks")
+  scope = (f"the last {c['blocks']} of 30 blocks" if c.get("blocks") else "all 30 blocks")
   head = (f"`{res['command']}`: {res['targets']['kernels']} projections of {scope} "
           f"({res['targets']['params']:,} of {res['targets']['total']:,} params); calibration "
           f"{c['calib']} x {c['ctx']} tokens; evaluation {c['eval_windows']} x {c['ctx']} = "

@@ -87,6 +87,33 @@ def token_nll(logits_fn: Callable, params, windows) -> jax.Array:
   return _per_window(logits_fn, params, windows).mean()
 
 
+def _value_and_grad_of(loss: Callable, pick: Callable[[str, Any], bool], *, rest=None):
+  """``(params, *args) -> (loss(params, *args), grads)`` with the gradient taken only
+  w.r.t. the leaves ``pick(path, leaf)`` keeps (a :class:`jlr.LowRank` is one leaf); the
+  others enter ``loss`` as constants, so no tangent of theirs is traced and no gradient of
+  theirs computed -- a frozen embedding's alone is a (vocab x d) product per step, and
+  frozen layers in front of the trained ones are not back-propagated through. ``grads``
+  is shaped like ``params`` with ``rest`` at the other leaves (``"zeros"``: zeros of the
+  leaf's shape, what an optimizer over the whole tree expects)."""
+  def vg(params, *args):
+    flat, tdef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lowrank)
+    leaves = [x for _, x in flat]
+    idx = [i for i, (kp, x) in enumerate(flat) if pick(path_str(kp), x)]
+
+    def of(sub):
+      full = list(leaves)
+      for i, x in zip(idx, sub):
+        full[i] = x
+      return loss(jax.tree_util.tree_unflatten(tdef, full), *args)
+
+    val, sub = jax.value_and_grad(of)([leaves[i] for i in idx])
+    out = [jnp.zeros_like(x) if rest == "zeros" else rest for x in leaves]
+    for i, g in zip(idx, sub):
+      out[i] = g
+    return val, jax.tree_util.tree_unflatten(tdef, out)
+  return vg
+
+
 # ----------------------------------------------------------------------------- calibrate
 
 
@@ -175,7 +202,9 @@ def _calibrate(logits_fn, params, windows, select, batch, magnitudes, fisher, pr
                                layout=layout, mode="abs") if magnitudes else None
   fish = None
   if fisher:
-    grad = jax.jit(jax.grad(lambda p, w: token_nll(logits_fn, p, w)))
+    vg = _value_and_grad_of(lambda p, w: token_nll(logits_fn, p, w),
+                           lambda p, x: sel is None or sel(p))  # the selected kernels'
+    grad = jax.jit(lambda p, w: vg(p, w)[1])  # gradients only
     fish = stats_lib.fisher(grad, params, _bar([jnp.asarray(windows[i: i + 1])
                                                 for i in range(min(fisher, len(windows)))],
                                                "fisher", progress),
@@ -465,6 +494,11 @@ def _only(phase):
   return lambda grads: jax.tree_util.tree_map(one, grads, is_leaf=is_lowrank)
 
 
+def _factor_grad(loss):
+  """``value_and_grad`` of ``loss`` w.r.t. the ``LowRank`` leaves only, zeros elsewhere."""
+  return _value_and_grad_of(loss, lambda p, x: is_lowrank(x), rest="zeros")
+
+
 def _factors_only(params):
   """``optax.masked``'s mask: True at every ``LowRank`` leaf."""
   return jax.tree_util.tree_map(is_lowrank, params, is_leaf=is_lowrank)
@@ -516,7 +550,7 @@ def _update_step(logits_fn, lr: float):
 
   @jax.jit
   def step(p, s, w, phase):
-    loss, g = jax.value_and_grad(lambda p: token_nll(logits_fn, p, w))(p)
+    loss, g = _factor_grad(lambda p: token_nll(logits_fn, p, w))(p)
     u, s = tx.update(_only(phase)(g), s, p)
     return optax.apply_updates(p, u), s, loss
   return tx, step
@@ -630,8 +664,6 @@ def heal(logits_fn: Callable, params, train, val, *, steps: int = 300, lr: float
   sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, warmup), max(steps, warmup + 1))
   tx = optax.chain(optax.clip_by_global_norm(1.0),  # Adam moments for the factors only
                    optax.masked(optax.adamw(sched, weight_decay=weight_decay), _factors_only))
-  keep = lambda g: jax.tree_util.tree_map(  # noqa: E731
-      lambda x: x if is_lowrank(x) else jnp.zeros_like(x), g, is_leaf=is_lowrank)
 
   def loss_fn(p, w, teacher):
     if teacher is None:
@@ -642,9 +674,8 @@ def heal(logits_fn: Callable, params, train, val, *, steps: int = 300, lr: float
 
   @jax.jit
   def step(p, s, w, teacher):
-    loss, g = jax.value_and_grad(loss_fn)(p, w, teacher)
-    u, s = tx.update(keep(g), s, p)
-    u = keep(u)
+    loss, g = _factor_grad(loss_fn)(p, w, teacher)
+    u, s = tx.update(g, s, p)  # zero gradients, so zero updates, off the factors
     return optax.apply_updates(p, u), s, loss
 
   score = lambda p: float(nll(logits_fn, p, val, batch=batch).mean())  # noqa: E731

@@ -200,6 +200,29 @@ def test_perplexity_bootstrap_interval():
                              atol=0.01)
 
 
+def test_gradients_of_the_picked_leaves_are_the_full_gradient_s_and_fisher_sums_them(setup):
+  """Differentiating the projections only (the rest held constant) gives the full
+  gradient's values there; FWSVD's row weights are the squared gradient summed over each
+  kernel's columns and over the Fisher windows, one window at a time."""
+  params, windows, cal = setup
+  loss = lambda p, w: llm.token_nll(logits_fn, p, w)  # noqa: E731
+  w = jnp.asarray(windows[:1])
+  full_v, full = jax.value_and_grad(loss)(params, w)
+  v, part = llm._value_and_grad_of(loss, lambda p, x: is_proj(p))(params, w)
+  np.testing.assert_allclose(v, full_v, rtol=1e-6)
+  fg, pg = paths.flatten(full), paths.flatten(part)  # None leaves drop out of flatten
+  assert sorted(pg) == sorted(p for p in fg if is_proj(p))
+  for p in pg:
+    np.testing.assert_allclose(pg[p], fg[p], rtol=1e-4, atol=1e-7)
+  _, zeros = llm._value_and_grad_of(loss, lambda p, x: is_proj(p), rest="zeros")(params, w)
+  assert not np.any(np.asarray(paths.flatten(zeros)["params/embed/embedding"]))
+  path = "params/blocks_1/mlp/down/kernel"
+  want = sum((np.asarray(paths.flatten(jax.grad(loss)(params, jnp.asarray(windows[i: i + 1])))
+                         [path], np.float64) ** 2).sum(-1) for i in range(2))
+  assert cal.fisher[path].count == 2
+  np.testing.assert_allclose(cal.fisher[path].weights, want, rtol=1e-4)
+
+
 def test_update_moves_u_then_v_only_and_lowers_the_calibration_loss(setup):
   params, windows, cal = setup
   f = llm.factors(params, cal, "svd_llm")
