@@ -72,8 +72,9 @@ HEAL_DEFAULTS = {"lr_heal": 5e-5, "heal_extra": 0, "heal_then": ()}  # the heal 
 # SVD-LLM (Wang et al. 2024, arXiv 2403.07378) Table 1: LLaMA-7B, WikiText-2 perplexity
 PAPER = {"model": "LLaMA-7B, WikiText-2 (SVD-LLM Table 1)", "dense": 5.68,
          "0.2": {"svd": 20061, "fwsvd": 1727, "asvd": 11.14, "svd_llm": 7.94}}
-# quick: a smoke test of every code path in about 5 min on 2 cores (runtime, not compiles,
-# dominates: each 128-token window through the 30 blocks costs about a second)
+# quick: a smoke test of every code path in about 5 min on 2 cores (a third of it traces and
+# compiles, one per jitted program: its texts and probes are one window each, one compiled
+# scorer; its targets are the last blocks, so gradients back-propagate through those only)
 SIZES = {"quick": dict(blocks=4, calib=8, ctx=128, eval_windows=1, fisher=2, remove=(0.2, 0.4),
                        strs_levels=(0.5, 0.9), strs_windows=1, alphas=(0.5, 1.0), probe_windows=1,
                        update_steps=2, heal_steps=2, heal_every=2, decode=8, heal_windows=16,
