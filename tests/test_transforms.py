@@ -173,22 +173,25 @@ tree = {f"l{i}": {"kernel": jnp.asarray(rng.normal(size=s), jnp.float32)} for i,
 key = jax.random.key(0)
 rule = jlr.ranks.ratio(0.25)
 f = jax.jit(lambda t: jlr.factorize(t, rule, method="randomized", key=key))(tree)
-g = jlr.factorize(tree, rule, method="randomized", key=key)
-t = jax.jit(lambda t: jlr.truncate(t, jlr.ranks.ratio(0.1)))(g)
+t = jax.jit(lambda t: jlr.truncate(t, jlr.ranks.ratio(0.1)))(f)
 for k in tree:
-  np.testing.assert_allclose(f[k]["kernel"].matrix(), g[k]["kernel"].matrix(), atol=2e-4)
-  assert t[k]["kernel"].rank < g[k]["kernel"].rank
+  w, x = np.asarray(tree[k]["kernel"], np.float64), f[k]["kernel"]
+  s = np.linalg.svd(w, compute_uv=False)
+  err = np.linalg.norm(w - np.asarray(x.matrix(), np.float64))
+  assert err <= 1.05 * np.sqrt((s[x.rank:] ** 2).sum()), (k, err)  # near Eckart-Young
+  assert t[k]["kernel"].rank < x.rank
 print("done")
 """
 
 
-def test_jitted_factorize_of_many_batched_kernels_finishes_and_equals_eager():
+def test_jitted_factorize_of_many_batched_kernels_finishes_near_optimal():
   """Three same-shape groups of batched randomized SVDs (and batched QRs in truncate) in
   one jitted program: jaxlib 0.10's CPU LAPACK kernels deadlocked when XLA ran such
   calls side by side (``jlr.svd.sequenced``; four 256-wide kernels per group hang without
-  it, eight 128-wide ones do not). In a subprocess, so a hang fails the test. Compiled
-  at -O0 with the elemental emitters (12 s of CPU instead of 24 s): the deadlock is the
-  runtime's, and still hangs so with ``sequenced`` made a no-op."""
+  it, eight 128-wide ones do not). In a subprocess, so a hang fails the test; each result
+  within 5% of the Eckart-Young error (numpy's SVD). Compiled at -O0 with the elemental
+  emitters (12 s of CPU instead of 24 s): the deadlock is the runtime's, and still hangs
+  so with ``sequenced`` made a no-op."""
   import os
   import subprocess
   import sys
