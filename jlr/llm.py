@@ -499,6 +499,15 @@ def _factor_grad(loss):
   return _value_and_grad_of(loss, lambda p, x: is_lowrank(x), rest="zeros")
 
 
+def _require_factors(params, what: str) -> None:
+  """``update`` and ``heal`` train the ``LowRank`` leaves only: a tree without any would
+  run every step and come back unchanged."""
+  if not any(is_lowrank(x) for x in jax.tree_util.tree_leaves(params, is_leaf=is_lowrank)):
+    raise ValueError(f"{what}: params has no jlr.LowRank leaf, so nothing to train (it "
+                     "trains the factors only); compress it first (llm.factorize / "
+                     "llm.compress)")
+
+
 def _factors_only(params):
   """``optax.masked``'s mask: True at every ``LowRank`` leaf."""
   return jax.tree_util.tree_map(is_lowrank, params, is_leaf=is_lowrank)
@@ -522,6 +531,7 @@ def update(logits_fn: Callable, params, windows, *, steps: int = 100, lr: float 
   ``checkpoint``: a file the state is saved to every ``save_every`` steps and at the end,
   and resumed from by a later call with the same settings, windows and starting tree (a
   file of another call is refused, naming it)."""
+  _require_factors(params, "llm.update")
   tx, step = _update_step(logits_fn, lr)
   key = _run_fingerprint("update", params, windows,
                          dict(steps=steps, lr=lr, batch=batch, seed=seed))
@@ -661,6 +671,7 @@ def heal(logits_fn: Callable, params, train, val, *, steps: int = 300, lr: float
   the unhealed model, included: healing never returns a worse validation score).
   ``checkpoint``: a file to resume from and save to at each evaluation (a file of a call
   with other settings, windows or starting tree is refused, naming it)."""
+  _require_factors(params, "llm.heal")
   sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, warmup), max(steps, warmup + 1))
   tx = optax.chain(optax.clip_by_global_norm(1.0),  # Adam moments for the factors only
                    optax.masked(optax.adamw(sched, weight_decay=weight_decay), _factors_only))

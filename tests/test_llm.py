@@ -337,6 +337,14 @@ def test_sensitivity_rank_search_says_when_one_threshold_overshoots(setup):
   assert all(rk[p] == llm.ranks.ratio(0.5, min_rank=1).plain(lays[p]) for p in lays)
 
 
+def test_training_a_tree_without_factors_is_refused(setup):
+  params, windows, _ = setup
+  with pytest.raises(ValueError, match="llm.update: params has no jlr.LowRank leaf"):
+    llm.update(logits_fn, params, windows[:4], steps=1, progress=False)
+  with pytest.raises(ValueError, match="llm.heal: params has no jlr.LowRank leaf"):
+    llm.heal(logits_fn, params, windows[:4], windows[4:6], steps=1, progress=False)
+
+
 def test_unknown_method_and_missing_statistics_are_refused(setup):
   params, _, cal = setup
   with pytest.raises(ValueError, match="method must be one of"):
