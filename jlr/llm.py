@@ -202,9 +202,10 @@ def _calibrate(logits_fn, params, windows, select, batch, magnitudes, fisher, pr
                                layout=layout, mode="abs") if magnitudes else None
   fish = None
   if fisher:
-    vg = _value_and_grad_of(lambda p, w: token_nll(logits_fn, p, w),
-                           lambda p, x: sel is None or sel(p))  # the selected kernels'
-    grad = jax.jit(lambda p, w: vg(p, w)[1])  # gradients only
+    vg = _value_and_grad_of(  # the gradients of the selected float leaves only
+        lambda p, w: token_nll(logits_fn, p, w),
+        lambda p, x: (sel is None or sel(p)) and jnp.issubdtype(x.dtype, jnp.inexact))
+    grad = jax.jit(lambda p, w: vg(p, w)[1])
     fish = stats_lib.fisher(grad, params, _bar([jnp.asarray(windows[i: i + 1])
                                                 for i in range(min(fisher, len(windows)))],
                                                "fisher", progress),
