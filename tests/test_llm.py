@@ -486,3 +486,30 @@ def test_nll_is_numpy_cross_entropy_with_one_program_per_window_count(setup, cap
   np.testing.assert_allclose(got, truth, rtol=1e-5)
   compiled = [r.getMessage() for r in caplog.records if "Finished XLA compilation" in r.getMessage()]
   assert not [m for m in compiled if "_per_window" in m or "lambda" in m], compiled
+
+
+@pytest.mark.slow  # ~8 s alone (a full update and heal): make test-slow
+def test_readme_recipe_runs_as_written(setup, tmp_path, monkeypatch):
+  """README's ``jlr.llm`` recipe, executed as written on the tiny Llama (the names it
+  leaves to the reader bound here): every call and keyword it shows exists, its
+  checkpoints land where it says, and healing never ends worse than the update on its
+  own validation windows."""
+  import pathlib
+  import re
+  params, windows, _ = setup
+  text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+  code = re.search(r"\*\*The recipe, as library calls \(`jlr.llm`\)\*\*.*?```python\n(.*?)```",
+                   text, re.S).group(1)
+  monkeypatch.chdir(tmp_path)
+  ns = {"model": MODEL, "params": params, "is_projection": is_proj,
+        "calib_windows": windows[:8], "train_windows": windows[8:16],
+        "val_windows": windows[16:20], "test_windows": windows[20:24],
+        "probe_ppl": lambda t: float(np.exp(llm.nll(logits_fn, llm.merged(t),
+                                                    windows[16:20]).mean()))}
+  exec(compile(code, "README.md (the jlr.llm recipe)", "exec"), ns)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["calibration.pkl", "heal.pkl",
+                                                        "update.pkl"]
+  small, log = ns["small"], ns["log"]
+  assert any(jlr.is_lowrank(x) for x in jax.tree.leaves(small, is_leaf=jlr.is_lowrank))
+  assert jlr.summary(small).total_params < jlr.summary(params).total_params
+  assert min(v for _, v in log.val) <= log.val[0][1]
