@@ -87,6 +87,23 @@ def token_nll(logits_fn: Callable, params, windows) -> jax.Array:
   return _per_window(logits_fn, params, windows).mean()
 
 
+def _token_windows(windows, what: str) -> np.ndarray:
+  """``windows`` as an ``(n, T + 1)`` integer array of token ids, or a ``ValueError``
+  naming ``what``: a negative id (``-100`` / ``-1`` padding, as Hugging Face labels use)
+  would index the embedding and the log-probabilities from the end -- a wrong number,
+  not an error -- and jlr.llm has no ignore index."""
+  w = np.asarray(windows)
+  if w.ndim != 2 or w.shape[1] < 2 or not np.issubdtype(w.dtype, np.integer):
+    raise ValueError(f"{what}: windows must be an (n, T + 1) integer array of token ids "
+                     f"with T >= 1, got shape {w.shape} and dtype {w.dtype}")
+  if w.size and w.min() < 0:
+    row = int(np.argwhere(w < 0)[0][0])
+    raise ValueError(f"{what}: window {row} holds a negative token id ({int(w.min())}; "
+                     "padding or an ignore index?): every position is scored, so drop or "
+                     "refill such windows")
+  return w
+
+
 def _value_and_grad_of(loss: Callable, pick: Callable[[str, Any], bool], *, rest=None):
   """``(params, *args) -> (loss(params, *args), grads)`` with the gradient taken only
   w.r.t. the leaves ``pick(path, leaf)`` keeps (a :class:`jlr.LowRank` is one leaf); the
@@ -143,7 +160,7 @@ def calibrate(logits_fn: Callable, params, windows: Sequence, *, select=None,
   its traced jaxpr and constants, so an edited model function is not served stale
   statistics), loaded from instead of recomputed; a stale file is recomputed and
   overwritten."""
-  windows = np.asarray(windows)
+  windows = _token_windows(windows, "llm.calibrate")
   key = (_fingerprint(params, windows, select, batch, magnitudes, fisher)
          + _program_digest(logits_fn, params, windows[:batch, :-1])) if cache else None
   if cache and os.path.exists(cache):
@@ -533,6 +550,7 @@ def update(logits_fn: Callable, params, windows, *, steps: int = 100, lr: float 
   and resumed from by a later call with the same settings, windows and starting tree (a
   file of another call is refused, naming it)."""
   _require_factors(params, "llm.update")
+  windows = _token_windows(windows, "llm.update")
   tx, step = _update_step(logits_fn, lr)
   key = _run_fingerprint("update", params, windows,
                          dict(steps=steps, lr=lr, batch=batch, seed=seed))
@@ -615,7 +633,7 @@ def nll(logits_fn: Callable, params, windows, *, batch: int = 4,
   """Per-window mean NLL (nats/token) of ``windows`` (``(n, T + 1)``), as a numpy array.
   Every call runs batches of one shape, ``min(batch, n)`` windows (the last one padded
   with repeats, their scores dropped): one compiled forward per window count, not two."""
-  windows = np.asarray(windows)
+  windows = _token_windows(windows, "llm.nll")
   per, b = _per_window_fn(logits_fn), min(batch, len(windows))
   out = []
   for i in _bar(range(0, len(windows), b), "eval", progress):
@@ -673,6 +691,7 @@ def heal(logits_fn: Callable, params, train, val, *, steps: int = 300, lr: float
   ``checkpoint``: a file to resume from and save to at each evaluation (a file of a call
   with other settings, windows or starting tree is refused, naming it)."""
   _require_factors(params, "llm.heal")
+  train, val = _token_windows(train, "llm.heal (train)"), _token_windows(val, "llm.heal (val)")
   sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, warmup), max(steps, warmup + 1))
   tx = optax.chain(optax.clip_by_global_norm(1.0),  # Adam moments for the factors only
                    optax.masked(optax.adamw(sched, weight_decay=weight_decay), _factors_only))

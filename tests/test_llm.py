@@ -337,6 +337,19 @@ def test_sensitivity_rank_search_says_when_one_threshold_overshoots(setup):
   assert all(rk[p] == llm.ranks.ratio(0.5, min_rank=1).plain(lays[p]) for p in lays)
 
 
+def test_negative_or_malformed_token_windows_are_refused(setup):
+  """-100 padding would index the embedding from its end: a wrong number, so an error."""
+  params, windows, _ = setup
+  bad = windows[:4].copy()
+  bad[2, 5] = -100
+  with pytest.raises(ValueError, match=r"llm.nll: window 2 holds a negative token id \(-100"):
+    llm.nll(logits_fn, params, bad)
+  with pytest.raises(ValueError, match="llm.calibrate: window 2 holds a negative"):
+    llm.calibrate(logits_fn, params, bad, progress=False)
+  with pytest.raises(ValueError, match=r"llm.nll: windows must be an \(n, T \+ 1\) integer"):
+    llm.nll(logits_fn, params, windows[:4].astype(np.float32))
+
+
 def test_training_a_tree_without_factors_is_refused(setup):
   params, windows, _ = setup
   with pytest.raises(ValueError, match="llm.update: params has no jlr.LowRank leaf"):
