@@ -232,12 +232,16 @@ def test_cell_names_parse_typed_settings_and_the_search_grid():
 
 def test_a_converged_table_names_no_winner_while_cells_are_missing():
   """The converged table lists every method (missing cells show ``-``) and names a winner
-  only once all have results; the early tables judge the cells they have."""
+  only once all have every seed; the early tables judge the cells they have."""
   metric = report.METRICS["resnet20"]
   cols = {0.25: {"SVD + fine-tune": (0.86, 0.01, 3, [0.85, 0.86, 0.87]), "LoD": None}}
-  assert report.winners(cols, [0.25], metric, every=True) == \
-      "not yet: 1 of 2 cells of the table have results"
+  assert report.winners(cols, [0.25], metric, every=True, seeds=3) == \
+      "not yet: 1 of 2 cells of the table have all 3 seeds (1 have at least one)"
   assert report.winners(cols, [0.25], metric) == "at 25%: best SVD + fine-tune"
+  cols[0.25]["LoD"] = (0.87, 0.0, 1, [0.87])  # one seed: no spread to judge a tie by
+  assert report.winners(cols, [0.25], metric, every=True, seeds=3).startswith(
+      "not yet: 1 of 2 cells of the table have all 3 seeds (2 have")
+  assert report.winners(cols, [0.25], metric, every=True, seeds=1) == "at 25%: best LoD"
   table, _ = report.curve_table({}, [0.25], metric, every=True)
   assert len(table.splitlines()) == 3 + len(report.CURVE) + len(report.SEPARATE)
 
